@@ -1,0 +1,1 @@
+"""Quantization math: groups, sensitivity, allocation, outliers, packing (format v1)."""
