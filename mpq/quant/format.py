@@ -53,7 +53,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     g = codes.shape[-1]
     words = g // per_word
     c = codes.to(torch.int64).reshape(*codes.shape[:-1], per_word, words)
-    shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(per_word, 1)
+    shifts = (torch.arange(per_word, dtype=torch.int64, device=codes.device) * bits).view(per_word, 1)
     packed = (c << shifts).sum(dim=-2)
     packed = torch.where(packed >= 2**31, packed - 2**32, packed)
     return packed.to(torch.int32)
@@ -63,7 +63,7 @@ def unpack_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of `pack_codes`: int32 [..., W] -> uint8 [..., W * 32 / bits]."""
     per_word = 32 // bits
     w = words.to(torch.int64) & 0xFFFFFFFF
-    shifts = (torch.arange(per_word, dtype=torch.int64) * bits).view(per_word, 1)
+    shifts = (torch.arange(per_word, dtype=torch.int64, device=words.device) * bits).view(per_word, 1)
     codes = (w.unsqueeze(-2) >> shifts) & ((1 << bits) - 1)
     return codes.reshape(*words.shape[:-1], per_word * words.shape[-1]).to(torch.uint8)
 
@@ -72,13 +72,13 @@ def pack_small(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack small unsigned ints along the last dim into bytes, consecutively (value r at bits (r % p) * bits)."""
     per_byte = 8 // bits
     v = values.to(torch.int32).reshape(*values.shape[:-1], values.shape[-1] // per_byte, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=values.device) * bits
     return (v << shifts).sum(dim=-1).to(torch.uint8)
 
 
 def unpack_small(packed: torch.Tensor, bits: int) -> torch.Tensor:
     per_byte = 8 // bits
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    shifts = torch.arange(per_byte, dtype=torch.int32, device=packed.device) * bits
     v = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
     return v.reshape(*packed.shape[:-1], packed.shape[-1] * per_byte).to(torch.uint8)
 
@@ -181,7 +181,7 @@ class PackedLinear:
     def check_tile_map(self) -> None:
         """Each row tile must list every group column exactly once across idx2 and idx4; offsets in range."""
         both = torch.cat([self.idx2, self.idx4], dim=1).to(torch.int64)
-        want = torch.arange(self.groups).expand(self.row_tiles, -1)
+        want = torch.arange(self.groups, device=both.device).expand(self.row_tiles, -1)
         if not torch.equal(both.sort(dim=1).values, want):
             raise ArtifactError("tile map: idx2/idx4 are not a partition of the group columns")
         if self.oi.numel() and int(self.oi.max()) >= self.group_size:
@@ -230,7 +230,8 @@ class PackedLinear:
         if not bool((n4_per_tile == n4).all()):
             raise ValueError("every row tile must hold the same number of 4-bit tiles")
         check_geometry(N, K, g, R, n4, k)
-        order = torch.argsort(tile_bits.to(torch.int64) * (G + 1) + torch.arange(G), dim=1)  # 2-bit first, ascending
+        tile_bits = tile_bits.to(codes.device)
+        order = torch.argsort(tile_bits.to(torch.int64) * (G + 1) + torch.arange(G, device=codes.device), dim=1)  # 2-bit first, ascending
         idx2, idx4 = order[:, : G - n4], order[:, G - n4 :]
 
         def gather(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

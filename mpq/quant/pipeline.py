@@ -1,0 +1,333 @@
+"""`mpq quantize`: measure -> allocate -> quantize -> gate -> pack, for a whole model.
+
+measure: per linear, group sensitivities (2-bit with k outliers vs 4-bit) from W and the calibration
+Hessian's diagonal; allocate: one global greedy plan under the all-in budget and the pins; quantize: GPTQ
+per linear on its grid; gate: perplexity on held-back calibration windows against the float model;
+pack: format v1, written atomically as an HF-style folder.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from mpq.errors import MpqError, QualityGateError
+from mpq.quant.allocation import LinearCosts, Plan, allocate, linear_costs, parse_overrides, pin_for, tile_choice
+from mpq.quant.format import DEFAULT_TILE_ROWS, SUPPORTED_GROUP_SIZES, PackedLinear
+from mpq.quant.quantizer import LinearSpec, quantize_linear
+from mpq.quant.recipe import Recipe, load_recipe
+from mpq.quant.sensitivity import group_sensitivity
+
+LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                   "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+@dataclass
+class QuantizeOptions:
+    model: str
+    calib: str
+    out: Path
+    recipe: Recipe
+    recipe_source: str | None = None
+    cli_overrides: dict = field(default_factory=dict)
+    plan_only: bool = False
+    force: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    trust_remote_code: bool = False
+
+    @classmethod
+    def build(cls, *, model, calib, out, recipe=None, overrides=(), target_bits=None, gptq=None, group_size=None,
+              outliers=None, max_ppl_ratio=None, **rest) -> "QuantizeOptions":
+        """Recipe defaults, then command-line options on top."""
+        r = load_recipe(recipe)
+        changes = {k: v for k, v in dict(target_bits=target_bits, gptq=gptq, group_size=group_size,
+                                         outliers=outliers, max_ppl_ratio=max_ppl_ratio).items() if v is not None}
+        r = replace(r, **changes)
+        r.check()
+        return cls(model=model, calib=calib, out=Path(out), recipe=r, recipe_source=None if recipe is None else str(recipe),
+                   cli_overrides=parse_overrides(list(overrides)), **rest)
+
+    @property
+    def overrides(self) -> dict[str, int]:
+        return {**parse_overrides(self.recipe.overrides), **self.cli_overrides}
+
+
+def linear_shapes(config) -> list[tuple[str, int, int]]:
+    """(fqn, out_features, in_features) of every decoder linear, from the HF config alone."""
+    d, f = config.hidden_size, config.intermediate_size
+    hd = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * hd, config.num_key_value_heads * hd
+    shapes = {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
+              "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d), "mlp.down_proj": (d, f)}
+    return [(f"model.layers.{i}.{s}", *shapes[s]) for i in range(config.num_hidden_layers) for s in LINEAR_SUFFIXES]
+
+
+def check_layout(shapes, recipe: Recipe) -> None:
+    """Refuse, before any work, shapes the format cannot hold with this recipe."""
+    if recipe.group_size != "auto" and int(recipe.group_size) not in SUPPORTED_GROUP_SIZES:
+        raise MpqError(f"--group-size {recipe.group_size} is not supported (choose from {SUPPORTED_GROUP_SIZES})")
+    for name, n, k in shapes:
+        g = recipe.group_size_for(k)
+        if k % g:
+            raise MpqError(f"group size {g} does not divide the input dimension {k} of {name}")
+        if n % recipe.tile_rows:
+            raise MpqError(f"tile rows {recipe.tile_rows} do not divide the output dimension {n} of {name}")
+    if recipe.outliers != "auto" and not 0 <= int(recipe.outliers) <= 4:
+        raise MpqError("--outliers must be 0..4")
+
+
+def outlier_choices(recipe: Recipe) -> tuple[int, ...]:
+    return (0, 1) if recipe.outliers == "auto" else (int(recipe.outliers),)
+
+
+def measure_linear(name: str, w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> LinearCosts:
+    n, k = w.shape
+    g = recipe.group_size_for(k)
+    hdiag = torch.ones(k, device=w.device) if h is None else torch.diag(h).to(w.device)
+    sens = {kk: group_sensitivity(w, hdiag, g, kk) for kk in outlier_choices(recipe)}
+    return linear_costs(name, sens, n, k, g, recipe.tile_rows)
+
+
+def quantize_planned(name: str, w: torch.Tensor, h: torch.Tensor | None, plan_row, costs: LinearCosts, recipe: Recipe,
+                     bias: torch.Tensor | None = None):
+    spec = LinearSpec(tile_choice(costs, plan_row.n4, plan_row.outliers), plan_row.outliers, costs.group_size, costs.tile_rows)
+    return quantize_linear(w, h, spec, use_gptq=recipe.gptq, bias=bias, act_order=recipe.act_order, damp=recipe.damp)
+
+
+def quantize_state_dict(weights: dict[str, torch.Tensor], target_bits: float, recipe: Recipe | None = None,
+                        overrides: dict[str, int] | None = None) -> tuple[dict[str, PackedLinear], Plan]:
+    """Data-free quantization (identity Hessian, range-only sensitivity) of {fqn: W}; used by GPU benchmarks."""
+    recipe = recipe or Recipe(target_bits=target_bits)
+    pins = {n: b for n in weights if (b := pin_for(n, overrides or {})) is not None}
+    costs = [measure_linear(n, w, None, recipe) for n, w in weights.items()]
+    plan = allocate(costs, target_bits, pins)
+    packed = {}
+    for c, row in zip(costs, plan.linears):
+        if row.pinned != 16:
+            packed[c.name] = quantize_planned(c.name, weights[c.name], None, row, c, recipe).packed
+    return packed, plan
+
+
+def quantize_model(opts: QuantizeOptions) -> Plan:
+    from mpq.models import config_fingerprint, load_config, load_float_model, load_tokenizer, resolve_model
+    from mpq.progress import layer_progress
+
+    torch.set_flush_denormal(True)
+    recipe = opts.recipe
+    src = resolve_model(opts.model)
+    config = load_config(src, opts.trust_remote_code)
+    shapes = linear_shapes(config)
+    check_layout(shapes, recipe)
+    if opts.out.exists() and not opts.overwrite and not opts.plan_only:
+        raise MpqError(f"output folder exists: {opts.out} (pass --overwrite to replace it)")
+    calib = _open_calibration(opts.calib, config, config_fingerprint(config))
+    pins = {name: b for name, _, _ in shapes if (b := pin_for(name, opts.overrides)) is not None}
+    _check_target_reachable(shapes, recipe, pins)
+    model = load_float_model(src, torch.float32, opts.trust_remote_code)
+    layers = model.model.layers
+    started = time.time()
+
+    def hessians(i):
+        if calib is None:
+            return {}
+        from mpq.calib.capture import load_layer_hessians
+        return load_layer_hessians(Path(opts.calib), i)
+
+    costs: list[LinearCosts] = []
+    with layer_progress(len(layers), "measure") as advance:
+        for i, layer in enumerate(layers):
+            hs = hessians(i)
+            for s in LINEAR_SUFFIXES:
+                costs.append(measure_linear(f"model.layers.{i}.{s}", layer.get_submodule(s).weight.data, hs.get(s), recipe))
+            advance(i)
+    plan = allocate(costs, recipe.target_bits, pins)
+    if opts.plan_only:
+        _write_plan(opts.out, plan)
+        print_plan(plan)
+        return plan
+    results = {}
+    with layer_progress(len(layers), "quantize") as advance:
+        for i, layer in enumerate(layers):
+            hs = hessians(i)
+            for s in LINEAR_SUFFIXES:
+                name = f"model.layers.{i}.{s}"
+                idx = i * len(LINEAR_SUFFIXES) + LINEAR_SUFFIXES.index(s)
+                row, c, mod = plan.linears[idx], costs[idx], layer.get_submodule(s)
+                if row.pinned != 16:
+                    results[name] = quantize_planned(name, mod.weight.data, hs.get(s), row, c, recipe, mod.bias)
+            advance(i)
+    bits = measured_bits(results, plan)
+    print_layer_table(plan, results, len(layers))
+    print(f"all-in bits/weight over the quantized linears: {bits:.4f} (target {recipe.target_bits})")
+    gate = None
+    if calib is not None:
+        tokenizer = load_tokenizer(src, opts.trust_remote_code)
+        gate = quality_gate(model, results, calib, tokenizer, recipe, opts.force)
+    manifest = provenance(opts, src, config, model, calib, plan, bits, gate, time.time() - started)
+    tokenizer = load_tokenizer(src, opts.trust_remote_code)
+    save_quantized(opts.out, model, config, tokenizer, results, plan, manifest, opts.overwrite)
+    print(f"wrote {opts.out}")
+    return plan
+
+
+def _open_calibration(calib: str, config, fingerprint: str) -> dict | None:
+    if calib == "none":
+        return None
+    from mpq.calib.capture import read_calibration
+
+    job = read_calibration(Path(calib))
+    if job.get("fingerprint", {}).get("config") != fingerprint or job.get("num_layers") != config.num_hidden_layers:
+        raise MpqError(f"calibration folder {calib} was made for another model (config fingerprint differs)")
+    return job
+
+
+def _check_target_reachable(shapes, recipe: Recipe, pins: dict[str, int]) -> None:
+    """Refuse an unreachable --target-bits from the shapes alone, before loading or measuring anything."""
+    from mpq.quant.allocation import reachable_range
+
+    ks = outlier_choices(recipe)
+    stubs = [LinearCosts(n, o, i, recipe.group_size_for(i), recipe.tile_rows, {k: None for k in ks}, {}) for n, o, i in shapes]
+    lo, hi = reachable_range(stubs, pins)
+    if not lo - 1e-9 <= recipe.target_bits <= hi + 1e-9:
+        raise MpqError(f"--target-bits {recipe.target_bits} is outside what the format can reach here: {lo:.3f} to {hi:.3f} bits/weight")
+
+
+def measured_bits(results: dict, plan: Plan) -> float:
+    """All-in bits/weight from the packed bytes themselves (float-pinned linears count 16)."""
+    total = stored_bits = 0
+    for row in plan.linears:
+        n = row.shape[0] * row.shape[1]
+        total += n
+        stored_bits += 16 * n if row.pinned == 16 else 8 * results[row.name].packed.stored_bytes()
+    return stored_bits / total
+
+
+def dequantized_copy(model, results: dict):
+    """The float model with each quantized linear's weight replaced by its reference dequantization."""
+    import copy
+
+    q = copy.deepcopy(model)
+    for name, r in results.items():
+        q.get_submodule(name).weight.data = r.packed.dequantize().to(q.get_submodule(name).weight.dtype)
+    return q
+
+
+def quality_gate(model, results: dict, calib: dict, tokenizer, recipe: Recipe, force: bool) -> dict:
+    """Perplexity on held-back calibration windows (just past the calibration set) against the float model."""
+    from mpq.calib.data import load_token_windows
+    from mpq.evaluate import perplexity
+
+    fp = calib["fingerprint"]
+    data = fp["data"]["id"] if isinstance(fp.get("data"), dict) else fp.get("data")
+    n = fp["samples"] + recipe.gate_windows
+    windows = load_token_windows(data, tokenizer, n, fp["seq_len"], fp["seed"])[-recipe.gate_windows:]
+    windows = windows[:, : recipe.gate_seq_len]
+    fp_ppl, _ = perplexity(model, windows)
+    q_ppl, _ = perplexity(dequantized_copy(model, results), windows)
+    ratio = q_ppl / fp_ppl
+    gate = {"windows": int(windows.shape[0]), "seq_len": int(windows.shape[1]), "fp_ppl": fp_ppl, "ppl": q_ppl,
+            "ppl_ratio": ratio, "max_ppl_ratio": recipe.max_ppl_ratio, "passed": ratio <= recipe.max_ppl_ratio}
+    print(f"quality gate: ppl {q_ppl:.2f} vs float {fp_ppl:.2f} on {windows.shape[0]} held-back windows (x{ratio:.3f}, limit x{recipe.max_ppl_ratio})")
+    if not gate["passed"] and not force:
+        raise QualityGateError(f"quality gate failed: ppl x{ratio:.2f} over the float model (limit x{recipe.max_ppl_ratio}); no artifact written (--force to keep it)")
+    return gate
+
+
+def provenance(opts: QuantizeOptions, src, config, model, calib, plan: Plan, bits: float, gate, seconds: float) -> dict:
+    import hashlib
+    import platform
+
+    import transformers
+
+    import mpq
+    from mpq.versions import git_commit, triton_version
+
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    fp = (calib or {}).get("fingerprint", {})
+    return {
+        "source_model": opts.model,
+        "tool": {"mpq": mpq.__version__, "commit": git_commit(), "torch": torch.__version__,
+                 "transformers": transformers.__version__, "triton": triton_version(), "python": platform.python_version()},
+        "source": {"config_sha256": hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest(),
+                   "weights_sha256": h.hexdigest()},
+        "calibration": None if calib is None else {"path": str(opts.calib), "dataset": fp.get("data"),
+                                                   "samples": fp.get("samples"), "seq_len": fp.get("seq_len"), "seed": fp.get("seed")},
+        "recipe": opts.recipe.to_dict(), "recipe_source": opts.recipe_source, "overrides": opts.cli_overrides,
+        "plan": plan.to_dict(), "bits_per_weight": bits, "gate": gate, "quantize_seconds": round(seconds, 1),
+    }
+
+
+def save_quantized(out: Path, model, config, tokenizer, results: dict, plan: Plan, manifest: dict, overwrite: bool) -> None:
+    from mpq.artifact import save_artifact
+    from mpq.quant.format import FORMAT_VERSION, QUANT_VERSION
+
+    floats = {}
+    float_linears = []
+    quantized = set(results)
+    for name, t in model.state_dict().items():
+        module = name.rsplit(".", 1)[0]
+        if module in quantized or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue
+        if module.split(".")[-1] in {s.split(".")[-1] for s in LINEAR_SUFFIXES} and module not in float_linears:
+            float_linears.append(module)
+        floats[name] = t.detach().to(torch.float16)
+    cfg = config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    cfg["torch_dtype"] = "float16"
+    cfg["quantization_config"] = {"quant_method": "mpq", "format_version": FORMAT_VERSION, "quant_version": QUANT_VERSION,
+                                  "group_size": manifest["recipe"]["group_size"], "tile_rows": manifest["recipe"]["tile_rows"],
+                                  "target_bits": plan.target_bits, "bits_per_weight": round(manifest["bits_per_weight"], 4)}
+    manifest = dict(manifest, float_linears=float_linears)
+    save_artifact(out, config=cfg, tokenizer=tokenizer, linears={n: r.packed for n, r in results.items()}, floats=floats,
+                  manifest=manifest, overwrite=overwrite)
+
+
+def _write_plan(out: Path, plan: Plan) -> None:
+    path = out if out.suffix == ".json" else out.with_suffix(".plan.json")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(plan.to_dict(), indent=1))
+    tmp.replace(path)
+    print(f"wrote plan {path}")
+
+
+def print_plan(plan: Plan) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"plan: {plan.bits_per_weight:.4f} bits/weight (target {plan.target_bits})")
+    for col in ("linear", "shape", "4-bit frac", "outliers/grp", "pin", "bits/w", "pred. error"):
+        t.add_column(col, justify="right" if col != "linear" else "left")
+    for r in plan.linears:
+        groups = r.shape[1] // (128 if r.shape[1] % 128 == 0 else 64)
+        t.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.n4 / groups:.2f}", str(r.outliers), str(r.pinned or ""),
+                  f"{r.bits:.3f}", f"{r.predicted_error:.3g}")
+    Console().print(t)
+
+
+def print_layer_table(plan: Plan, results: dict, num_layers: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title="per decoder layer")
+    for col in ("layer", "bits/w", "4-bit frac", "outliers", "rel. output error (mean)"):
+        t.add_column(col, justify="right")
+    per = len(LINEAR_SUFFIXES)
+    for i in range(num_layers):
+        rows = plan.linears[i * per:(i + 1) * per]
+        n = sum(r.shape[0] * r.shape[1] for r in rows)
+        bits = sum(r.bits * r.shape[0] * r.shape[1] for r in rows) / n
+        qs = [results[r.name] for r in rows if r.name in results]
+        frac = sum(q.packed.n4 * q.packed.row_tiles * q.packed.group_size * q.packed.tile_rows for q in qs) / max(n, 1)
+        err = sum(q.rel_error for q in qs) / max(len(qs), 1)
+        t.add_row(str(i), f"{bits:.3f}", f"{frac:.2f}", str(sum(q.outliers_stored for q in qs)), f"{err:.4f}")
+    Console().print(t)

@@ -1,0 +1,90 @@
+"""Quantize one linear layer to format v1, given which tiles are 4-bit and how many outliers 2-bit groups keep."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mpq.quant.format import PackedLinear
+from mpq.quant.gptq import gptq_quantize
+from mpq.quant.grid import fake_quant, quantize_grid, safe_scale, search_group_ranges
+from mpq.quant.sensitivity import GroupSensitivity, group_sensitivity
+
+
+@dataclass
+class LinearSpec:
+    """What the allocator decided for one linear: its 4-bit tiles ([T, G] bool) and outliers per 2-bit group."""
+
+    tile_is_4bit: torch.Tensor
+    outliers: int
+    group_size: int
+    tile_rows: int
+
+
+@dataclass
+class LinearResult:
+    packed: PackedLinear
+    rel_error: float  # ||(W - Q) X|| / ||W X|| on the calibration Hessian (identity when data-free)
+    outliers_stored: int
+
+
+def hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> float:
+    d = (w - q).float()
+    if h is None:
+        return float(d.square().sum().sqrt() / w.float().square().sum().sqrt().clamp(min=1e-12))
+    num = torch.einsum("nk,kl,nl->", d, h, d)
+    den = torch.einsum("nk,kl,nl->", w.float(), h, w.float())
+    return float((num.clamp(min=0) / den.clamp(min=1e-12)).sqrt())
+
+
+def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *, use_gptq: bool = True,
+                    sensitivity: GroupSensitivity | None = None, bias: torch.Tensor | None = None,
+                    act_order: bool = True, damp: float = 0.01) -> LinearResult:
+    """W [N, K] float; h [K, K] (X^T X / tokens) or None for data-free (identity Hessian, no GPTQ)."""
+    w = w.float()
+    N, K = w.shape
+    g, R = spec.group_size, spec.tile_rows
+    G = K // g
+    hdiag = torch.ones(K, device=w.device) if h is None else torch.diag(h).float()
+    if sensitivity is None:
+        sensitivity = group_sensitivity(w, hdiag, g, spec.outliers)
+    is4 = spec.tile_is_4bit.to(w.device).repeat_interleave(R, dim=0)  # [N, G]
+    maxq = torch.where(is4, 15, 3)
+    outlier = sensitivity.outlier_mask & ~is4.unsqueeze(-1)  # only inside 2-bit groups
+    wg = w.reshape(N, G, g)
+    lo, hi, _ = search_group_ranges(wg, hdiag.reshape(G, g), maxq, keep=~outlier)
+    grid = quantize_grid(lo, hi, maxq)
+
+    def per_col(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(g, dim=1)
+
+    exact = outlier.reshape(N, K)
+    if use_gptq and h is not None:
+        q = gptq_quantize(w, h.float(), per_col(grid.scale), per_col(grid.zero), per_col(grid.maxq), exact, damp, act_order)
+    else:
+        q = torch.where(exact, w, fake_quant(w, per_col(grid.scale), per_col(grid.zero), per_col(grid.maxq)))
+    codes = torch.clamp(torch.round(q / safe_scale(per_col(grid.scale))) + per_col(grid.zero), 0, None)
+    codes = torch.minimum(codes, per_col(grid.maxq))
+    residual = torch.where(exact, q - per_col(grid.scale) * (codes - per_col(grid.zero)), torch.zeros_like(q))
+    offsets, values = _outlier_arrays(exact.reshape(N, G, g), residual.reshape(N, G, g), spec.outliers)
+    packed = PackedLinear.pack(
+        codes=codes.to(torch.uint8), tile_bits=torch.where(spec.tile_is_4bit, 4, 2).to(torch.uint8),
+        scale_codes=grid.scale_code, zeros=grid.zero.to(torch.uint8), super_scale2=grid.super_scale2,
+        super_scale4=grid.super_scale4, outlier_offsets=offsets, outlier_values=values, group_size=g, tile_rows=R,
+        bias=bias)
+    deq = packed.dequantize().to(w.device)
+    return LinearResult(packed, hessian_error(w, deq, None if h is None else h.float()), int(exact.sum()))
+
+
+def _outlier_arrays(mask: torch.Tensor, residual: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """[N, G, g] mask/residual -> ([N, G, k] offsets, [N, G, k] values); unused slots are (0, 0.0)."""
+    if k == 0:
+        shape = (*mask.shape[:2], 0)
+        return torch.zeros(shape, dtype=torch.uint8, device=mask.device), torch.zeros(shape, dtype=torch.float16, device=mask.device)
+    key = mask.to(torch.int64) * mask.shape[-1] * 2 - torch.arange(mask.shape[-1], device=mask.device)
+    top = torch.topk(key, k, dim=-1).indices  # masked positions first, in ascending offset
+    picked = torch.gather(mask, -1, top)
+    vals = torch.where(picked, torch.gather(residual, -1, top), torch.zeros_like(top, dtype=residual.dtype))
+    offs = torch.where(picked, top, torch.zeros_like(top))
+    return offs.to(torch.uint8), vals.to(torch.float16)

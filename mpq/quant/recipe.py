@@ -1,0 +1,79 @@
+"""Recipes: versioned YAML defaults for `mpq quantize` (recipes/NAME.yaml), loaded with a safe loader."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from mpq.errors import MpqError
+
+RECIPE_VERSION = 1
+RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
+
+
+@dataclass
+class Recipe:
+    version: int = RECIPE_VERSION
+    name: str = "default"
+    target_bits: float = 3.0
+    group_size: int | str = "auto"  # "auto": 128 where it divides the input width, else 64
+    tile_rows: int = 16
+    outliers: int | str = "auto"  # "auto": the allocator picks 0 or 1 per linear
+    gptq: bool = True
+    act_order: bool = True
+    damp: float = 0.01
+    overrides: dict = field(default_factory=dict)  # module pattern -> 2 | 4 | 16
+    max_ppl_ratio: float = 3.0  # quality gate on held-back calibration windows
+    gate_windows: int = 4
+    gate_seq_len: int = 512
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        if not isinstance(data, dict):
+            raise MpqError("recipe must be a mapping of option: value")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise MpqError(f"recipe has unknown keys {unknown} (known: {sorted(known)})")
+        if int(data.get("version", RECIPE_VERSION)) > RECIPE_VERSION:
+            raise MpqError(f"recipe version {data['version']} is newer than this mpq understands ({RECIPE_VERSION})")
+        try:
+            recipe = cls(**data)
+        except TypeError as e:
+            raise MpqError(f"bad recipe: {e}") from None
+        recipe.check()
+        return recipe
+
+    def check(self) -> None:
+        if not (self.group_size == "auto" or isinstance(self.group_size, int)):
+            raise MpqError(f"recipe group_size must be 'auto' or an integer, not {self.group_size!r}")
+        if not (self.outliers == "auto" or isinstance(self.outliers, int)):
+            raise MpqError(f"recipe outliers must be 'auto' or an integer, not {self.outliers!r}")
+        if not isinstance(self.overrides, dict):
+            raise MpqError("recipe overrides must be a mapping PATTERN: 2|4|16")
+
+    def group_size_for(self, in_features: int) -> int:
+        if self.group_size == "auto":
+            return 128 if in_features % 128 == 0 else 64
+        return int(self.group_size)
+
+
+def load_recipe(path: Path | str | None) -> Recipe:
+    """A recipe from a YAML path or a name under recipes/; None gives the built-in defaults."""
+    import yaml
+
+    if path is None:
+        return Recipe()
+    p = Path(path)
+    if not p.exists() and (RECIPE_DIR / f"{path}.yaml").exists():
+        p = RECIPE_DIR / f"{path}.yaml"
+    try:
+        data = yaml.safe_load(p.read_text())
+    except OSError:
+        raise MpqError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise MpqError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    return Recipe.from_dict(data or {})

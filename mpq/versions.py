@@ -1,0 +1,36 @@
+"""Versions and commit of the running tool, for provenance and benchmark JSON."""
+
+from __future__ import annotations
+
+import datetime
+import subprocess
+from pathlib import Path
+
+
+def git_commit() -> str:
+    """The repository commit mpq runs from ('unknown' outside a checkout; '+dirty' with local changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return (sha or "unknown") + ("+dirty" if sha and dirty else "")
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def environment() -> dict:
+    """device, date, commit and library versions: the header of every benchmark JSON."""
+    import torch
+
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "torch": torch.__version__, "triton": triton_version()}
