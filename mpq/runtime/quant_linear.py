@@ -8,14 +8,22 @@ from torch import nn
 
 from mpq.quant.format import TENSOR_NAMES, PackedLinear
 
+KERNEL_TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
+SPLIT_COUNTERS_PER_ROW_TILE = 16  # split-K scratch of the kernels (kernels.dispatch.MAX_SPLIT_TILES)
+
 
 class QuantLinear(nn.Module):
+    """Forward on CUDA is one `mpq::mixed_linear` op: no host syncs, no size-varying allocations, so a warmed-up
+    call can be captured in a CUDA graph. Warm up each M before capture (that compiles the kernels)."""
+
     def __init__(self, packed: PackedLinear):
         super().__init__()
         self.geometry = {k: v for k, v in packed.meta().items() if k != "bias"}
         for name in TENSOR_NAMES:
             self.register_buffer(name, getattr(packed, name))
         self.register_buffer("bias", packed.bias)
+        counters = torch.zeros(SPLIT_COUNTERS_PER_ROW_TILE * packed.row_tiles, dtype=torch.int32, device=packed.q2.device)
+        self.register_buffer("split_counters", counters, persistent=False)
         self._dense: torch.Tensor | None = None  # reference-path cache of the dequantized weight
 
     @property
@@ -35,6 +43,12 @@ class QuantLinear(nn.Module):
         return self._dense
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from mpq.runtime import ops  # imports triton; CPU-only users never need it
+
+            y = ops.mixed_linear(x, *(getattr(self, n) for n in KERNEL_TENSOR_ORDER), self.split_counters,
+                                 self.geometry["group_size"], self.geometry["outliers"])
+            return y if self.bias is None else y + self.bias.to(y.dtype)
         w = self.dequantized_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, w, bias)

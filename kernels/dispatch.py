@@ -1,0 +1,109 @@
+"""Pick a kernel and its configuration per (M, N, K), then launch it.
+
+Configurations are data: kernels/configs/<gpu>.json (written from the sweep in scripts/gpu_kernels.py) maps
+shape classes to measured winners; shapes it does not list fall back to `heuristic_config`. Nothing here
+autotunes at call time, so a warmed-up call is safe to capture in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import pathlib
+from dataclasses import asdict, dataclass
+
+import torch
+import triton
+
+from kernels.gemm_mixed import gemm_mixed, prefill_mixed
+from kernels.gemv_mixed import gemv_mixed
+
+CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
+TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
+MAX_SPLIT_TILES = 16  # counters hold 16 entries per row tile: activation rows (GEMV) or BM-blocks (GEMM)
+GEMV_MAX_M = 2
+GEMM_MAX_M = 64
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    kind: str  # "gemv" (CUDA cores, M tiny), "gemm" (tensor cores, skinny M), "prefill" (dequantize + cuBLAS)
+    split: int = 1
+    s2_slots: int = 8
+    s4_slots: int = 4
+    block_m: int = 16
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> KernelConfig:
+    """Enough programs to fill the chip about three times over, each with at least one chunk of slots per stream."""
+    tiles = n // 16
+    groups = k // group_size
+    if m <= GEMV_MAX_M:
+        split = 1
+        while tiles * m * split < 3 * sm_count and groups // (split * 2) >= 16:
+            split *= 2
+        return KernelConfig("gemv", split=split)
+    if m <= GEMM_MAX_M:
+        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
+        split = 1
+        while tiles * triton.cdiv(m, block_m) * split < 2 * sm_count and groups // (split * 2) >= 4:
+            split *= 2
+        return KernelConfig("gemm", split=split, block_m=block_m)
+    return KernelConfig("prefill")
+
+
+def m_bucket(m: int) -> int:
+    return 1 if m <= 1 else min(triton.next_power_of_2(m), 2 * GEMM_MAX_M)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_facts(device: torch.device) -> tuple[int, dict]:
+    """(SM count, tuned table) of a device; read once, on first use, never at import."""
+    if device.type != "cuda":
+        return 132, {}
+    props = torch.cuda.get_device_properties(device)
+    slug = props.name.lower().replace("nvidia", "").split()[0] if props.name else "unknown"
+    path = CONFIG_DIR / f"{slug}.json"
+    table = {}
+    if path.exists():
+        for row in json.loads(path.read_text())["configs"]:
+            table[(row["m_bucket"], row["n"], row["k"], row["group_size"])] = KernelConfig(**row["config"])
+    return props.multi_processor_count, table
+
+
+def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> KernelConfig:
+    sm_count, table = _device_facts(device)
+    return table.get((m_bucket(m), n, k, group_size)) or heuristic_config(m, n, k, group_size, sm_count)
+
+
+def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig) -> dict:
+    """One entry of a kernels/configs/<gpu>.json table."""
+    return {"m_bucket": m_bucket(m), "n": n, "k": k, "group_size": group_size, "config": asdict(config)}
+
+
+def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_size: int, outliers: int,
+                 counters: torch.Tensor, config: KernelConfig | None = None) -> torch.Tensor:
+    """y [M, N] = x [M, K] @ W.T for W in format v1; `tensors` in TENSOR_ORDER; counters int32, zero, >= 16 * N / 16.
+
+    x must be contiguous fp16/bf16 (fp32 also works off the tensor-core path); y has x's dtype.
+    """
+    m, n = x.shape[0], tensors[3].shape[0]
+    cfg = config or choose_config(m, n, x.shape[1], group_size, x.device)
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    if cfg.kind == "prefill":
+        return prefill_mixed(x, y, *tensors, group_size=group_size, outliers=outliers)
+    blocks = m if cfg.kind == "gemv" else triton.cdiv(m, cfg.block_m)
+    if cfg.split > 1 and blocks > MAX_SPLIT_TILES:
+        cfg = KernelConfig(cfg.kind, 1, cfg.s2_slots, cfg.s4_slots, cfg.block_m, cfg.num_warps, cfg.num_stages)
+    if counters.numel() < MAX_SPLIT_TILES * tensors[0].shape[0]:
+        raise ValueError("counters too small: need 16 int32 per row tile")
+    ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
+    if cfg.kind == "gemv":
+        return gemv_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
+                          s2_slots=cfg.s2_slots, s4_slots=cfg.s4_slots, split=cfg.split, num_warps=cfg.num_warps)
+    return gemm_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
+                      block_m=cfg.block_m, split=cfg.split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

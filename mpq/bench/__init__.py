@@ -1,0 +1,1 @@
+"""Benchmarks: `bench_kernels` (mpq bench kernels)."""

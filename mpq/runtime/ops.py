@@ -1,0 +1,25 @@
+"""The one torch custom op over the format-v1 kernels, so torch.compile and CUDA graphs see an opaque,
+shape-known call instead of Triton launches (importing this module imports triton)."""
+
+from __future__ import annotations
+
+import torch
+
+from kernels.dispatch import mixed_matmul
+
+
+@torch.library.custom_op("mpq::mixed_linear", mutates_args=())
+def mixed_linear(x: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, z2: torch.Tensor, ss2: torch.Tensor,
+                 idx2: torch.Tensor, ov: torch.Tensor, oi: torch.Tensor, q4: torch.Tensor, s4: torch.Tensor,
+                 z4: torch.Tensor, ss4: torch.Tensor, idx4: torch.Tensor, counters: torch.Tensor,
+                 group_size: int, outliers: int) -> torch.Tensor:
+    """x [..., K] @ W.T -> [..., N]. `counters` is split-K scratch the kernels leave at zero (so: not a mutation)."""
+    x2 = x.reshape(-1, x.shape[-1]).contiguous()
+    tensors = (q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4)
+    y = mixed_matmul(x2, tensors, group_size=group_size, outliers=outliers, counters=counters)
+    return y.reshape(*x.shape[:-1], ss2.shape[0])
+
+
+@mixed_linear.register_fake
+def _(x, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, counters, group_size, outliers):
+    return x.new_empty(*x.shape[:-1], ss2.shape[0])

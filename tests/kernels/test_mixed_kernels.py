@@ -1,0 +1,102 @@
+"""Every format-v1 kernel against PackedLinear.dequantize() + a float64 matmul.
+
+Runs the real kernels on CUDA, or on the CPU under TRITON_INTERPRET=1 (scripts/test.sh sets it). Shapes are
+deliberately not multiples of the block sizes; outputs are poisoned with NaN first, so an unwritten element fails.
+Bounds (relative Frobenius error): fp16 output rounding is 2^-11 ~ 5e-4 and the fp32 sums add little, so 2e-3;
+bf16 rounding is 2^-8 ~ 4e-3, so 1e-2; prefill also rounds the weight to fp16 once, still inside 2e-3.
+"""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from kernels import KernelConfig, mixed_matmul  # noqa: E402
+from kernels.dispatch import TENSOR_ORDER  # noqa: E402
+from kernels.gemm_mixed import dequantize_mixed, gemm_mixed  # noqa: E402
+from kernels.gemv_mixed import gemv_mixed  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cpu" if INTERPRET else "cuda"
+BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+# (N, K, group size, 4-bit tiles per row tile, outliers per 2-bit group)
+LAYERS = [
+    (48, 192, 64, 0, 1),    # all 2-bit
+    (48, 192, 64, 3, 0),    # all 4-bit
+    (80, 384, 128, 1, 2),   # mixed, two outliers
+    (48, 320, 64, 2, 1),    # mixed, odd slot counts (3 + 2)
+]
+
+
+def setup(make_packed, layer, m, dtype, seed):
+    n, k, g, n4, ko = layer
+    packed = make_packed(n, k, g, n4, ko, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    ref = (x.double() @ packed.dequantize(torch.float64).t()).to(torch.float64)
+    tensors = tuple(getattr(packed, name).to(DEVICE) for name in TENSOR_ORDER)
+    return packed, x.to(DEVICE), ref, tensors
+
+
+def check(y, ref, dtype):
+    y = y.double().cpu()
+    assert torch.isfinite(y).all(), "unwritten (NaN-poisoned) or non-finite outputs"
+    err = (y - ref).norm() / ref.norm()
+    assert err < BOUND[dtype], f"relative error {err:.2e}"
+
+
+def scratch(m, n, split, t):
+    ws = torch.full((split, m, n), float("nan"), device=DEVICE)
+    return ws, torch.zeros(16 * t, dtype=torch.int32, device=DEVICE)
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("m, split, slots", [(1, 1, (8, 4)), (1, 2, (2, 1)), (3, 3, (4, 2))])
+def test_gemv(make_packed, layer, m, split, slots):
+    dtype = torch.float16 if m == 1 else torch.bfloat16
+    packed, x, ref, tensors = setup(make_packed, layer, m, dtype, seed=m + split)
+    y = torch.full((m, layer[0]), float("nan"), dtype=dtype, device=DEVICE)
+    ws, counters = scratch(m, layer[0], split, packed.row_tiles)
+    gemv_mixed(x, y, ws, counters, *tensors, group_size=packed.group_size, outliers=packed.outliers,
+               s2_slots=slots[0], s4_slots=slots[1], split=split, num_warps=4)
+    check(y, ref, dtype)
+    assert not counters.any(), "split-K counters must be left at zero for the next call"
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("m, split", [(3, 2), (16, 1), (33, 3)])
+def test_gemm(make_packed, layer, m, split):
+    dtype = torch.float16
+    packed, x, ref, tensors = setup(make_packed, layer, m, dtype, seed=10 + m)
+    y = torch.full((m, layer[0]), float("nan"), dtype=dtype, device=DEVICE)
+    ws, counters = scratch(m, layer[0], split, packed.row_tiles)
+    gemm_mixed(x, y, ws, counters, *tensors, group_size=packed.group_size, outliers=packed.outliers,
+               block_m=16, split=split, num_warps=4, num_stages=2)
+    check(y, ref, dtype)
+    assert not counters.any()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
+def test_dequantize(make_packed, layer):
+    packed = make_packed(*layer, seed=7)
+    w = torch.full((layer[0], layer[1]), float("nan"), device=DEVICE)
+    tensors = tuple(getattr(packed, name).to(DEVICE) for name in TENSOR_ORDER)
+    dequantize_mixed(w, *tensors, group_size=packed.group_size, outliers=packed.outliers)
+    torch.testing.assert_close(w.cpu(), packed.dequantize(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("m, kind", [(1, "gemv"), (16, "gemm"), (33, "prefill")])
+def test_dispatch(make_packed, m, kind):
+    """The public entry point, with the default configuration of each kind, twice (counters reset)."""
+    layer = LAYERS[2]
+    packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=20 + m)
+    counters = torch.zeros(16 * packed.row_tiles, dtype=torch.int32, device=DEVICE)
+    for split in (1, 2) if kind != "prefill" else (1,):
+        y = mixed_matmul(x, tensors, group_size=packed.group_size, outliers=packed.outliers, counters=counters,
+                         config=KernelConfig(kind, split=split))
+        check(y, ref, torch.float16)
