@@ -14,40 +14,47 @@ import triton.language as tl
 
 from kernels.splitk import finish_split
 
-MAGIC = tl.constexpr(0x4B000000)  # bit pattern of the float 2**23
-MAGIC_F = tl.constexpr(8388608.0)
+MAGIC = 0x4B000000  # bit pattern of the float 2**23; a runtime argument, so that ptxas keeps it in one register
+MAGIC_F = tl.constexpr(8388608.0)  # and puts each code's mask in the LOP3's immediate (no MOV per code)
 
 
 @triton.jit
-def _accumulate_codes(p, xs, q, x_row, col0, offs_w, J0: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr):
-    """p[s, r, w] += sum over j of code(q, j) * x[col0 + (J0 + j) * W + w] for the low 16 bits of q; xs += x."""
+def _accumulate_codes(p, xs, q, x_row, col0, offs_w, magic, J0: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr):
+    """p[r, s, w] += sum over j of code_j(q) * x[col0 + (J0 + j) * W + w] for the low 16 bits of q; xs += x.
+
+    code_j * 2^(BITS*j) = float(2^23 | (q & mask_j)) - 2^23: one LOP3 and one FADD per code, no conversion.
+    The x offsets claim only 4-element contiguity so that the x slice loads in the layout of q (4 words per
+    thread), which avoids a shared-memory layout change per slice."""
     for j in tl.static_range(16 // BITS):
-        xj = tl.load(x_row + col0[:, None] + (J0 + j) * W + offs_w[None, :]).to(tl.float32)
+        offs = tl.max_contiguous(col0[:, None] + (J0 + j) * W + offs_w[None, :], [1, 4])
+        xj = tl.load(x_row + offs).to(tl.float32)
         xs += xj
         mask = ((1 << BITS) - 1) << (BITS * j)
-        code = ((q & mask) | MAGIC).to(tl.float32, bitcast=True) - MAGIC_F  # = code * 2^(BITS*j), exact
-        p += code * (xj * (1.0 / (1 << (BITS * j))))[:, None, :]
+        code = ((q & mask) | magic).to(tl.float32, bitcast=True) - MAGIC_F
+        p += code * (xj * (1.0 / (1 << (BITS * j))))[None, :, :]
     return p, xs
 
 
 @triton.jit
 def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, slot, end, offs_r, offs_w,
                 BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
-    """Codes [S, R, W], first column [S], scale code and zero [S, R] of the S slots starting at `slot`."""
+    """Codes [R, S, W], first column [S], scale code and zero [R, S] of the S slots starting at `slot`.
+
+    Rows lead so that each thread holds several rows of one (slot, word): one x value serves them all."""
     ZPB: tl.constexpr = 8 // BITS
     valid = slot < end
     ts = t * n_slots + slot
-    q = tl.load(q_ptr + (ts[:, None, None] * R + offs_r[None, :, None]) * W + offs_w[None, None, :],
-                mask=valid[:, None, None], other=0)
+    q = tl.load(q_ptr + (ts[None, :, None] * R + offs_r[:, None, None]) * W + offs_w[None, None, :],
+                mask=valid[None, :, None], other=0)
     col0 = tl.load(idx_ptr + ts, mask=valid, other=0).to(tl.int32) * G_SIZE
-    sc = tl.load(s_ptr + ts[:, None] * R + offs_r[None, :], mask=valid[:, None], other=0).to(tl.float32)
-    zb = tl.load(z_ptr + ts[:, None] * (R // ZPB) + offs_r[None, :] // ZPB, mask=valid[:, None], other=0)
-    zero = ((zb.to(tl.int32) >> ((offs_r[None, :] % ZPB) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
+    sc = tl.load(s_ptr + ts[None, :] * R + offs_r[:, None], mask=valid[None, :], other=0).to(tl.float32)
+    zb = tl.load(z_ptr + ts[None, :] * (R // ZPB) + offs_r[:, None] // ZPB, mask=valid[None, :], other=0)
+    zero = ((zb.to(tl.int32) >> ((offs_r[:, None] % ZPB) * BITS)) & ((1 << BITS) - 1)).to(tl.float32)
     return q, col0, sc, zero
 
 
 @triton.jit
-def _stream(x_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, sp,
+def _stream(x_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, sp, magic,
             BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr,
             OUTLIERS: tl.constexpr, KO_PAD: tl.constexpr):
     """This program's share of one stream (2- or 4-bit slots): returns (sum of code-scale * dot, outlier dot), [R].
@@ -61,43 +68,45 @@ def _stream(x_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, sp,
     chunks = tl.cdiv(tl.cdiv(n_slots, S), SPLIT)
     start = sp * chunks * S
     end = tl.minimum(start + chunks * S, n_slots)
-    acc = tl.zeros([S, R, W], tl.float32)
-    acc_sr = tl.zeros([S, R], tl.float32)
-    acc_o = tl.zeros([S, R], tl.float32)
-    nxt = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, start + offs_s, end, offs_r, offs_w, BITS, G_SIZE, R, W)
+    acc = tl.zeros([R, S, W], tl.float32)
+    acc_sr = tl.zeros([R, S], tl.float32)
+    acc_o = tl.zeros([R, S], tl.float32)
+    q_n, col0_n, sc_n, zero_n = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, start + offs_s, end,
+                                            offs_r, offs_w, BITS, G_SIZE, R, W)
     for c in range(chunks):
-        q, col0, sc, zero = nxt
+        q, col0, sc, zero = q_n, col0_n, sc_n, zero_n
         slot = start + c * S + offs_s
-        nxt = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, slot + S, end, offs_r, offs_w, BITS, G_SIZE, R, W)
+        q_n, col0_n, sc_n, zero_n = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, slot + S, end,
+                                                offs_r, offs_w, BITS, G_SIZE, R, W)
         if OUTLIERS > 0:
-            o_offs = ((t * n_slots + slot)[:, None, None] * R + offs_r[None, :, None]) * OUTLIERS + offs_k[None, None, :]
-            o_mask = (slot < end)[:, None, None] & (offs_k < OUTLIERS)[None, None, :]
+            o_offs = ((t * n_slots + slot)[None, :, None] * R + offs_r[:, None, None]) * OUTLIERS + offs_k[None, None, :]
+            o_mask = (slot < end)[None, :, None] & (offs_k < OUTLIERS)[None, None, :]
             ov = tl.load(ov_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
             oi = tl.load(oi_ptr + o_offs, mask=o_mask, other=0).to(tl.int32)
-            acc_o += tl.sum(ov * tl.load(x_row + col0[:, None, None] + oi).to(tl.float32), axis=2)
-        p = tl.zeros([S, R, W], tl.float32)
+            acc_o += tl.sum(ov * tl.load(x_row + col0[None, :, None] + oi).to(tl.float32), axis=2)
+        p = tl.zeros([R, S, W], tl.float32)
         xs = tl.zeros([S, W], tl.float32)
-        p, xs = _accumulate_codes(p, xs, q, x_row, col0, offs_w, 0, BITS, W)
-        p, xs = _accumulate_codes(p, xs, q >> 16, x_row, col0, offs_w, 16 // BITS, BITS, W)
+        p, xs = _accumulate_codes(p, xs, q, x_row, col0, offs_w, magic, 0, BITS, W)
+        p, xs = _accumulate_codes(p, xs, q >> 16, x_row, col0, offs_w, magic, 16 // BITS, BITS, W)
         acc += sc[:, :, None] * p
-        acc_sr -= sc * zero * tl.sum(xs, axis=1)[:, None]
-    return tl.sum(tl.sum(acc, axis=2) + acc_sr, axis=0), tl.sum(acc_o, axis=0)
+        acc_sr -= sc * zero * tl.sum(xs, axis=1)[None, :]
+    return tl.sum(tl.sum(acc, axis=2) + acc_sr, axis=1), tl.sum(acc_o, axis=1)
 
 
-@triton.jit(do_not_specialize=["M", "n2", "n4"])
+@triton.jit(do_not_specialize=["M", "n2", "n4", "magic"])
 def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr,
                  q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                  q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
-                 M, N, n2, n4, stride_xm, stride_ym,
+                 M, N, n2, n4, stride_xm, stride_ym, magic,
                  G_SIZE: tl.constexpr, R: tl.constexpr, OUTLIERS: tl.constexpr, KO_PAD: tl.constexpr,
                  S2: tl.constexpr, S4: tl.constexpr, SPLIT: tl.constexpr):
     t = tl.program_id(0)
     sp = tl.program_id(1)
     m = tl.program_id(2)
     x_row = x_ptr + m * stride_xm
-    p2, o2 = _stream(x_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, n2, sp,
+    p2, o2 = _stream(x_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, n2, sp, magic,
                      2, G_SIZE, R, S2, SPLIT, OUTLIERS, KO_PAD)
-    p4, _ = _stream(x_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, n4, sp,
+    p4, _ = _stream(x_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, n4, sp, magic,
                      4, G_SIZE, R, S4, SPLIT, 0, KO_PAD)
     rows = t * R + tl.arange(0, R)
     val = tl.load(ss2_ptr + rows).to(tl.float32) * p2 + tl.load(ss4_ptr + rows).to(tl.float32) * p4 + o2
@@ -114,7 +123,7 @@ def gemv_mixed(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss
     n2, n4 = q2.shape[1], q4.shape[1]
     _gemv_kernel[(T, split, M)](
         x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4,
-        M, N, n2, n4, x.stride(0), y.stride(0),
+        M, N, n2, n4, x.stride(0), y.stride(0), MAGIC,
         G_SIZE=group_size, R=R, OUTLIERS=outliers, KO_PAD=triton.next_power_of_2(max(outliers, 1)),
         S2=s2_slots, S4=s4_slots, SPLIT=split, num_warps=num_warps,
     )

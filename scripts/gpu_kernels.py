@@ -23,7 +23,7 @@ MAX_REL_ERR = 2e-3  # fp16 output rounding (5e-4) plus fp32 sums; the same bound
 
 def candidates(m: int) -> list[KernelConfig]:
     gemv = [KernelConfig("gemv", split=sp, s2_slots=s2, s4_slots=s2 // 2, num_warps=w)
-            for sp in (1, 2, 4, 8) for s2 in (4, 8, 16) for w in (4, 8)]
+            for sp in (1, 2, 4, 8) for s2, w in ((4, 4), (8, 4), (16, 4), (16, 8), (32, 8))]
     gemm = [KernelConfig("gemm", split=sp, block_m=16, num_warps=w, num_stages=st)
             for sp in (1, 2, 4, 8) for w in (4, 8) for st in (2, 3)]
     if m == 1:
