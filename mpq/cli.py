@@ -127,5 +127,42 @@ def dequantize(
     typer.echo(f"wrote {out}")
 
 
+@app.command()
+@one_line_errors
+def run(
+    model: str = typer.Argument(..., help="an artifact folder or a float MODEL"),
+    prompt: Optional[str] = typer.Option(None, help="prompt text (else --prompt-file, else stdin)"),
+    prompt_file: Optional[Path] = typer.Option(None),
+    max_new_tokens: int = typer.Option(128),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_p: float = typer.Option(1.0),
+    seed: int = typer.Option(0),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object last (text goes into it, not to stdout)"),
+    raw: bool = typer.Option(False, help="skip the chat template"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+):
+    """Generate text with the decode engine (one CUDA graph per decode step on the GPU), streamed, with timings."""
+    from mpq.runtime.run import RunOptions, run as run_prompt
+
+    result = run_prompt(RunOptions(model=model, prompt=prompt, prompt_file=prompt_file, max_new_tokens=max_new_tokens,
+                                   temperature=temperature, top_p=top_p, seed=seed, raw=raw, device=device,
+                                   stream=not json_out))
+    if json_out:
+        print_json_last(result)
+
+
+@bench_app.command("e2e")
+@one_line_errors
+def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here")):
+    """Batch-1 decode of a Llama-2-7B-shaped model: mpq vs this engine in fp16 vs transformers fp16."""
+    from mpq.bench.e2e import bench_e2e as run_bench
+
+    result = run_bench(json_out)
+    for r in result["rows"]:
+        typer.echo(f"{r['impl']:12s} {r['ms_per_token']:8.2f} ms/token {r['tokens_per_s']:8.1f} tokens/s {r['weight_gb']:6.2f} GB")
+    typer.echo(f"floor {result['floor_ms_per_token']:.2f} ms/token at {result['copy_tb_s']:.2f} TB/s copy bandwidth")
+    print_json_last(result)
+
+
 if __name__ == "__main__":
     app()

@@ -1,0 +1,295 @@
+"""The decode engine's Llama-family decoder, in gpt-fast's shape.
+
+`ModelArgs` comes from the HF config dict (never a folder name). Tensors come from a `WeightSource`: a float
+HF state dict (`mpq run MODEL`) or an artifact, whose quantized linears become `QuantLinear`s. Float q/k/v and
+gate/up are concatenated into one matmul each; quantized ones stay separate calls (format v1 has no concat).
+The KV cache is preallocated once (`setup_caches`) and indexed by an `input_pos` tensor, so the decode step keeps
+fixed shapes and can be captured in one CUDA graph. The small ops between matmuls are plain functions
+(`rms_norm`, `rope`, `silu_mul`) that `compile_small_ops` may swap for torch.compile'd kernels on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpq.errors import ArtifactError, MpqError
+from mpq.models import SUPPORTED_ARCHITECTURES
+from mpq.quant.format import PackedLinear
+from mpq.runtime.quant_linear import QuantLinear
+
+ROPE_TYPES = ("default", "linear", "llama3")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_embeddings: bool
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        """Read an HF config.json dict; refuse what this engine would compute wrongly rather than guess."""
+        if cfg.get("model_type") not in SUPPORTED_ARCHITECTURES:
+            raise MpqError(f"unsupported architecture '{cfg.get('model_type')}' (supported: {', '.join(SUPPORTED_ARCHITECTURES)})")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise MpqError(f"unsupported activation '{cfg.get('hidden_act')}' (the engine implements SwiGLU)")
+        if cfg.get("use_sliding_window") or (cfg.get("model_type") == "mistral" and cfg.get("sliding_window")):
+            raise MpqError("sliding-window attention is not supported by the decode engine")
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        theta = float(rope.pop("rope_theta", cfg.get("rope_theta", 10000.0)))
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind not in ROPE_TYPES:
+            raise MpqError(f"unsupported rope type '{kind}' (supported: {', '.join(ROPE_TYPES)})")
+        try:
+            dim, heads = int(cfg["hidden_size"]), int(cfg["num_attention_heads"])
+            return cls(
+                vocab_size=int(cfg["vocab_size"]), dim=dim, n_layers=int(cfg["num_hidden_layers"]), n_heads=heads,
+                n_kv_heads=int(cfg.get("num_key_value_heads") or heads), head_dim=int(cfg.get("head_dim") or dim // heads),
+                intermediate_size=int(cfg["intermediate_size"]), norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+                rope_theta=theta, rope_scaling=None if kind == "default" else rope,
+                max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+                tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            raise ArtifactError(f"config.json lacks a usable model field: {e!r}") from None
+
+
+def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
+    """Per-pair rotation frequencies (fp32, as HF computes them), with linear or llama3 scaling applied."""
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    s = args.rope_scaling
+    if s is None:
+        return inv
+    factor = float(s["factor"])
+    if s.get("rope_type", s.get("type")) == "linear":
+        return inv / factor
+    # llama3: keep high frequencies, divide low ones by `factor`, interpolate smoothly in between.
+    low, high, orig = float(s["low_freq_factor"]), float(s["high_freq_factor"]), float(s["original_max_position_embeddings"])
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > orig / low, inv / factor, inv)
+    smooth = (orig / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= orig / high) & (wavelen <= orig / low)
+    return torch.where(medium, blended, scaled)
+
+
+# ---- the small ops between matmuls (eager reference; CUDA may use compiled copies) ------------------------
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
+    """Residual add then RMSNorm, with HF's rounding: normalise in fp32, cast back, then scale."""
+    if delta is not None:
+        x = x + delta
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return x, weight * h.to(x.dtype)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q, k [B, S, heads, D] by the half-split convention HF checkpoints use; cos/sin [S, D]."""
+    cos, sin = cos[:, None, :], sin[:, None, :]
+
+    def rotate(x):
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+    return rotate(q), rotate(k)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+@dataclass
+class SmallOps:
+    add_rms_norm: object = add_rms_norm
+    rope: object = rope
+    silu_mul: object = silu_mul
+
+
+# ---- linears -------------------------------------------------------------------------------------------
+class DenseLinear(nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class FusedLinear(DenseLinear):
+    """Float linears sharing one input, run as one matmul (one launch, one weight stream); returns the parts."""
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+        super().__init__(torch.cat(weights), bias)
+        self.splits = [w.shape[0] for w in weights]
+
+    def forward(self, x):
+        return super().forward(x).split(self.splits, dim=-1)
+
+
+class SplitLinears(nn.Module):
+    """Linears sharing one input, called one by one (quantized ones cannot be concatenated)."""
+
+    def __init__(self, parts: list[nn.Module]):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+
+    def forward(self, x):
+        return tuple(p(x) for p in self.parts)
+
+
+class WeightSource:
+    """Tensors by HF name (float) and PackedLinears by HF module name, delivered on one device and dtype."""
+
+    def __init__(self, floats: dict[str, torch.Tensor], packed: dict[str, PackedLinear] | None = None, *,
+                 device: torch.device, dtype: torch.dtype):
+        self.floats, self.packed, self.device, self.dtype = floats, packed or {}, device, dtype
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.floats:
+            raise ArtifactError(f"missing tensor {name}")
+        return self.floats[name].to(device=self.device, dtype=self.dtype, copy=True)
+
+    def _bias(self, fqn: str) -> torch.Tensor | None:
+        return self.tensor(f"{fqn}.bias") if f"{fqn}.bias" in self.floats else None
+
+    def linear(self, fqn: str) -> nn.Module:
+        if fqn in self.packed:
+            return QuantLinear(self.packed[fqn].to(self.device))
+        return DenseLinear(self.tensor(f"{fqn}.weight"), self._bias(fqn))
+
+    def linears(self, fqns: list[str]) -> nn.Module:
+        if any(f in self.packed for f in fqns):
+            return SplitLinears([self.linear(f) for f in fqns])
+        return FusedLinear([self.tensor(f"{f}.weight") for f in fqns], [self._bias(f) for f in fqns])
+
+
+# ---- the decoder ---------------------------------------------------------------------------------------
+class KVCache(nn.Module):
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, heads, length, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, w: WeightSource, i: int):
+        super().__init__()
+        p = f"model.layers.{i}."
+        self.args = args
+        self.register_buffer("attn_norm", w.tensor(p + "input_layernorm.weight"))
+        self.register_buffer("mlp_norm", w.tensor(p + "post_attention_layernorm.weight"))
+        self.qkv = w.linears([p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"])
+        self.o = w.linear(p + "self_attn.o_proj")
+        self.gate_up = w.linears([p + "mlp.gate_proj", p + "mlp.up_proj"])
+        self.down = w.linear(p + "mlp.down_proj")
+        self.kv_cache: KVCache | None = None
+
+    def attention(self, h, input_pos, cos, sin, mask, ops: SmallOps):
+        a = self.args
+        B, S, _ = h.shape
+        q, k, v = self.qkv(h)
+        q, k = ops.rope(q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim), cos, sin)
+        k, v = self.kv_cache.update(input_pos, k.transpose(1, 2), v.view(B, S, a.n_kv_heads, a.head_dim).transpose(1, 2))
+        if a.n_heads != a.n_kv_heads:
+            k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+            v = v.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
+        return self.o(y.transpose(1, 2).reshape(B, S, a.n_heads * a.head_dim))
+
+    def mlp(self, h, ops: SmallOps):
+        gate, up = self.gate_up(h)
+        return self.down(ops.silu_mul(gate, up))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs, w: WeightSource):
+        super().__init__()
+        self.args = args
+        self.register_buffer("embed", w.tensor("model.embed_tokens.weight"))
+        self.layers = nn.ModuleList(Block(args, w, i) for i in range(args.n_layers))
+        self.register_buffer("norm", w.tensor("model.norm.weight"))
+        if "lm_head" in w.packed or not args.tie_embeddings:
+            self.output = w.linear("lm_head")
+        else:
+            self.output = DenseLinear(self.embed)
+        self.ops = SmallOps()
+        self.max_seq_len = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    def setup_caches(self, max_seq_len: int, batch: int = 1) -> None:
+        """Allocate the KV cache, rope tables and causal mask once, for positions < max_seq_len."""
+        a, dev = self.args, self.device
+        if max_seq_len > a.max_position_embeddings:
+            raise MpqError(f"{max_seq_len} positions exceed the model's context of {a.max_position_embeddings}")
+        self.max_seq_len = max_seq_len
+        for layer in self.layers:
+            layer.kv_cache = KVCache(batch, a.n_kv_heads, max_seq_len, a.head_dim, self.dtype, dev)
+        freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * rope_inv_freq(a)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("rope_cos", emb.cos().to(dev, self.dtype), persistent=False)
+        self.register_buffer("rope_sin", emb.sin().to(dev, self.dtype), persistent=False)
+        # additive (0 / -inf) rather than bool: SDPA would otherwise convert the mask in every layer
+        causal = torch.full((max_seq_len, max_seq_len), float("-inf"), dtype=self.dtype, device=dev).triu(1)
+        self.register_buffer("causal", causal, persistent=False)
+
+    def compile_small_ops(self) -> None:
+        """Fuse each small op into one kernel with torch.compile (CUDA only; the matmuls stay as they are)."""
+        self.ops = SmallOps(*(torch.compile(f, dynamic=False) for f in (add_rms_norm, rope, silu_mul)))
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """Logits [B, S or 1, vocab] for tokens [B, S] at positions input_pos [S]; writes the KV cache."""
+        S = tokens.shape[1]
+        ops = self.ops if S == 1 else SmallOps()  # compiled ops are specialised to the decode shape
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
+        mask = self.causal[input_pos].view(1, 1, S, self.max_seq_len)
+        x, delta = F.embedding(tokens, self.embed), None
+        for layer in self.layers:
+            x, h = ops.add_rms_norm(x, delta, layer.attn_norm, self.args.norm_eps)
+            delta = layer.attention(h, input_pos, cos, sin, mask, ops)
+            x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.args.norm_eps)
+            delta = layer.mlp(h, ops)
+        _, h = ops.add_rms_norm(x, delta, self.norm, self.args.norm_eps)
+        return self.output(h[:, -1:] if last_only else h)
+
+
+def weight_bytes(model: Transformer) -> int:
+    """Bytes of every weight tensor the model holds (shared tensors once), caches and tables excluded."""
+    seen, total = set(), 0
+    skip = ("rope_cos", "rope_sin", "causal")
+    for name, t in model.named_buffers():
+        if name in skip or ".kv_cache." in name or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total

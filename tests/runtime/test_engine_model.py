@@ -1,0 +1,101 @@
+"""The engine's decoder against transformers' forward on tiny random models, float and quantized."""
+
+import pytest
+import torch
+
+from engine_testlib import engine_from_hf, rel_err, rtn_artifact, tiny_config, tiny_hf_model
+from mpq.errors import MpqError
+from mpq.runtime.model import ModelArgs, Transformer, WeightSource, weight_bytes
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+CONFIGS = {
+    "llama-gqa-llama3-rope": ("llama", dict(rope_scaling=LLAMA3_ROPE, rope_theta=500000.0)),
+    "llama-mha-tied": ("llama", dict(num_key_value_heads=4, tie_word_embeddings=True)),
+    "llama-linear-rope": ("llama", dict(rope_scaling={"rope_type": "linear", "factor": 4.0})),
+    "qwen2-qkv-bias": ("qwen2", dict(tie_word_embeddings=True)),
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_logits_match_transformers(name):
+    kind, overrides = CONFIGS[name]
+    hf = tiny_hf_model(tiny_config(kind, **overrides))
+    if kind == "qwen2":
+        assert hf.model.layers[0].self_attn.q_proj.bias is not None  # the bias path is really exercised
+    model = engine_from_hf(hf)
+    ids = torch.randint(0, 258, (1, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = model(ids, torch.arange(100))
+    assert rel_err(out, ref) < 1e-3
+
+
+def test_incremental_decode_matches_full_forward():
+    """Prefill part of a sequence, feed the rest one token at a time through the KV cache: same logits."""
+    model = engine_from_hf(tiny_hf_model(tiny_config(rope_scaling=LLAMA3_ROPE)))
+    ids = torch.randint(0, 258, (1, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(ids, torch.arange(40))
+        steps = [model(ids[:, :30], torch.arange(30))[:, -1]]
+        steps += [model(ids[:, p:p + 1], torch.tensor([p]))[:, -1] for p in range(30, 40)]
+    assert rel_err(torch.stack(steps[1:], 1), full[:, 30:40]) < 1e-5
+    assert rel_err(steps[0], full[:, 29]) < 1e-5
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}), "rope type"),
+    (dict(model_type="gpt2"), "architecture"),
+    (dict(hidden_act="gelu"), "activation"),
+])
+def test_unsupported_configs_are_refused(change, message):
+    cfg = dict(tiny_config().to_dict(), **change)
+    with pytest.raises(MpqError, match=message):
+        ModelArgs.from_hf_config(cfg)
+
+
+def test_context_longer_than_the_model_is_refused():
+    model = engine_from_hf(tiny_hf_model(tiny_config()))
+    with pytest.raises(MpqError, match="context"):
+        model.setup_caches(257)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_artifact_logits_match_dequantized_reference(kind, tmp_path, byte_tokenizer):
+    """Engine on a saved artifact == transformers with each linear replaced by its reference dequantization."""
+    from mpq.artifact import load_artifact
+
+    hf = tiny_hf_model(tiny_config(kind))
+    packed = rtn_artifact(hf, tmp_path / "art", byte_tokenizer)
+    art = load_artifact(tmp_path / "art")
+    model = Transformer(ModelArgs.from_hf_config(art.config),
+                        WeightSource(art.floats, art.linears, device=torch.device("cpu"), dtype=torch.float32)).eval()
+    model.setup_caches(64)
+    with torch.no_grad():
+        for fqn, p in packed.items():
+            hf.get_submodule(fqn).weight.copy_(p.dequantize())
+            if p.bias is not None:
+                hf.get_submodule(fqn).bias.copy_(p.bias.float())
+        for name, t in art.floats.items():
+            hf.get_parameter(name).copy_(t.float())
+        ids = torch.randint(0, 258, (1, 50), generator=torch.Generator().manual_seed(3))
+        ref, out = hf(ids).logits, model(ids, torch.arange(50))
+    assert rel_err(out, ref) < 1e-3
+    float_model = engine_from_hf(tiny_hf_model(tiny_config(kind)))
+    assert weight_bytes(model) < weight_bytes(float_model) / 2  # packed linears, fp32 for the rest
+
+
+def test_engine_on_the_data_free_quantizer_matches_its_dequantization():
+    """The bench's path (quantize_state_dict, as `--calib none`) feeds the engine the weights the quantizer meant."""
+    from mpq.bench.e2e import quantized_source
+
+    hf = tiny_hf_model(tiny_config(intermediate_size=256))  # group sizes must divide every input dimension
+    src = quantized_source(hf.state_dict(), 2, torch.device("cpu"), torch.float32, target_bits=3.0)
+    assert len(src.packed) == 14
+    model = Transformer(ModelArgs.from_hf_config(hf.config.to_dict()), src).eval()
+    model.setup_caches(32)
+    with torch.no_grad():
+        for fqn, p in src.packed.items():
+            hf.get_submodule(fqn).weight.copy_(p.dequantize())
+        ids = torch.randint(0, 258, (1, 32), generator=torch.Generator().manual_seed(4))
+        assert rel_err(model(ids, torch.arange(32)), hf(ids).logits) < 1e-3
