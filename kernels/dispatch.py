@@ -7,10 +7,10 @@ autotunes at call time, so a warmed-up call is safe to capture in a CUDA graph.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import pathlib
-from dataclasses import asdict, dataclass
 
 import torch
 import triton
@@ -20,19 +20,18 @@ from kernels.gemv_mixed import gemv_mixed
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
-MAX_SPLIT_TILES = 16  # counters hold 16 entries per row tile: activation rows (GEMV) or BM-blocks (GEMM)
+COUNTERS_PER_ROW_TILE = 16  # split-K counters: one per (program, activation row or BM-block) of each row tile
 GEMV_MAX_M = 2
 GEMM_MAX_M = 64
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class KernelConfig:
     kind: str  # "gemv" (CUDA cores, M tiny), "gemm" (tensor cores, skinny M), "prefill" (dequantize + cuBLAS)
     split: int = 1
-    s2_slots: int = 8
-    s4_slots: int = 4
-    block_m: int = 16
-    num_warps: int = 4
+    rows: int = 8  # GEMV: rows of a 16-row tile per program
+    block_m: int = 16  # GEMM: activation rows per program
+    num_warps: int = 1
     num_stages: int = 2
 
 
@@ -42,15 +41,15 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> 
     groups = k // group_size
     if m <= GEMV_MAX_M:
         split = 1
-        while tiles * m * split < 3 * sm_count and groups // (split * 2) >= 16:
+        while tiles * 2 * m * split < 6 * sm_count and groups // (split * 2) >= 16:
             split *= 2
-        return KernelConfig("gemv", split=split)
+        return KernelConfig("gemv", split=split, rows=8, num_warps=1)
     if m <= GEMM_MAX_M:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         split = 1
         while tiles * triton.cdiv(m, block_m) * split < 2 * sm_count and groups // (split * 2) >= 4:
             split *= 2
-        return KernelConfig("gemm", split=split, block_m=block_m)
+        return KernelConfig("gemm", split=split, block_m=block_m, num_warps=4)
     return KernelConfig("prefill")
 
 
@@ -80,7 +79,7 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device)
 
 def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig) -> dict:
     """One entry of a kernels/configs/<gpu>.json table."""
-    return {"m_bucket": m_bucket(m), "n": n, "k": k, "group_size": group_size, "config": asdict(config)}
+    return {"m_bucket": m_bucket(m), "n": n, "k": k, "group_size": group_size, "config": dataclasses.asdict(config)}
 
 
 def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_size: int, outliers: int,
@@ -96,14 +95,14 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
         return y
     if cfg.kind == "prefill":
         return prefill_mixed(x, y, *tensors, group_size=group_size, outliers=outliers)
-    blocks = m if cfg.kind == "gemv" else triton.cdiv(m, cfg.block_m)
-    if cfg.split > 1 and blocks > MAX_SPLIT_TILES:
-        cfg = KernelConfig(cfg.kind, 1, cfg.s2_slots, cfg.s4_slots, cfg.block_m, cfg.num_warps, cfg.num_stages)
-    if counters.numel() < MAX_SPLIT_TILES * tensors[0].shape[0]:
-        raise ValueError("counters too small: need 16 int32 per row tile")
+    blocks = m * (16 // cfg.rows) if cfg.kind == "gemv" else triton.cdiv(m, cfg.block_m)
+    if cfg.split > 1 and blocks > COUNTERS_PER_ROW_TILE:
+        cfg = dataclasses.replace(cfg, split=1)
+    if counters.numel() < COUNTERS_PER_ROW_TILE * tensors[0].shape[0]:
+        raise ValueError(f"counters too small: need {COUNTERS_PER_ROW_TILE} int32 per row tile")
     ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
     if cfg.kind == "gemv":
         return gemv_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
-                          s2_slots=cfg.s2_slots, s4_slots=cfg.s4_slots, split=cfg.split, num_warps=cfg.num_warps)
+                          rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps)
     return gemm_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                       block_m=cfg.block_m, split=cfg.split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

@@ -1,8 +1,8 @@
 """Skinny tensor-core GEMM (M up to ~64) and the dequantize-to-workspace kernel for prefill (large M).
 
 Skinny GEMM: one program per (row tile, K-split, block of BM activation rows). For each slot it unpacks the
-16 x g tile of raw codes (exact small integers in fp16/bf16) and multiplies it with the gathered activation
-columns on tensor cores; scale and zero are applied once per group to that [16, BM] partial product, so no
+16 x g tile of (code - zero), exact small integers in fp16/bf16, and multiplies it with the gathered activation
+columns on tensor cores; the scale is applied once per group to that [16, BM] partial product, so no
 per-weight multiply by a scale. Prefill: dequantizing once into an fp16/bf16 workspace and calling cuBLAS
 costs one extra pass over N*K*2 bytes, small next to a large-M matmul.
 """
@@ -19,6 +19,20 @@ def _unpack(q, BITS: tl.constexpr, W: tl.constexpr):
     """int32 [R, W] words -> int32 [R, 32 // BITS, W] codes; [r, j, w] is column j * W + w of the group."""
     shifts = tl.arange(0, 32 // BITS) * BITS
     return (q[:, None, :] >> shifts[None, :, None]) & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _codes_minus_zero(q, zero, dtype: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr):
+    """(code - zero) as exact fp16/bf16 [R, 32 // BITS, W], without int->float conversion instructions: a code
+    ORed into the mantissa of 1024.0 (fp16) or 128.0 (bf16) is that number plus the code."""
+    if dtype == tl.bfloat16:
+        bias: tl.constexpr = 128.0
+        bits: tl.constexpr = 0x4300
+    else:
+        bias: tl.constexpr = 1024.0
+        bits: tl.constexpr = 0x6400
+    w = (_unpack(q, BITS, W).to(tl.int16) | bits).to(dtype, bitcast=True)
+    return w - (zero + bias).to(dtype)[:, None, None]
 
 
 @triton.jit
@@ -48,10 +62,8 @@ def _dot_stream(acc, acc_o, x_ptr, offs_m, m_ok, stride_xm, q_ptr, s_ptr, z_ptr,
         col0 = tl.load(idx_ptr + ts).to(tl.int32) * G_SIZE
         xt = tl.load(x_ptr + offs_m[None, :] * stride_xm + col0 + offs_k[:, None], mask=m_ok[None, :], other=0.0)
         sc, zero = _scale_zero(s_ptr, z_ptr, ts, offs_r, BITS, R)
-        wt = tl.reshape(_unpack(q, BITS, W), [R, G_SIZE]).to(xt.dtype)
-        part = tl.dot(wt, xt)
-        xs = tl.sum(xt.to(tl.float32), axis=0)
-        acc += sc[:, None] * (part - zero[:, None] * xs[None, :])
+        wt = tl.reshape(_codes_minus_zero(q, zero, xt.dtype, BITS, W), [R, G_SIZE])
+        acc += sc[:, None] * tl.dot(wt, xt)
         if OUTLIERS > 0:
             o_offs = (ts * R + offs_r[:, None]) * OUTLIERS + offs_o[None, :]
             o_mask = (offs_o < OUTLIERS)[None, :]

@@ -38,9 +38,9 @@ def _accumulate_codes(p, xs, q, x_row, col0, offs_w, magic, J0: tl.constexpr, BI
 @triton.jit
 def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, slot, end, offs_r, offs_w,
                 BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, W: tl.constexpr):
-    """Codes [R, S, W], first column [S], scale code and zero [R, S] of the S slots starting at `slot`.
+    """Codes [RB, S, W], first column [S], scale code and zero [RB, S] of the S slots starting at `slot`.
 
-    Rows lead so that each thread holds several rows of one (slot, word): one x value serves them all."""
+    Rows lead so that each thread holds all RB rows of its (slot, 4 words): one x value serves them all."""
     ZPB: tl.constexpr = 8 // BITS
     valid = slot < end
     ts = t * n_slots + slot
@@ -54,23 +54,24 @@ def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, slot, end, offs_r, off
 
 
 @triton.jit
-def _stream(x_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, sp, magic,
-            BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, S: tl.constexpr, SPLIT: tl.constexpr,
-            OUTLIERS: tl.constexpr, KO_PAD: tl.constexpr):
-    """This program's share of one stream (2- or 4-bit slots): returns (sum of code-scale * dot, outlier dot), [R].
+def _stream(x_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, offs_r, n_slots, sp, magic,
+            BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr,
+            SPLIT: tl.constexpr, OUTLIERS: tl.constexpr, KO_PAD: tl.constexpr):
+    """This program's share of one stream (2- or 4-bit slots): (sum of code-scale * dot, outlier dot), [RB].
 
-    The next chunk's loads are issued before this chunk's arithmetic, so one chunk is always in flight."""
+    The next chunk's loads are issued before this chunk's arithmetic, so one chunk is always in flight. With
+    S * W = 128 * num_warps the x slices load in the layout of the codes (4 per thread): no layout change."""
     W: tl.constexpr = G_SIZE * BITS // 32
     offs_s = tl.arange(0, S)
-    offs_r = tl.arange(0, R)
     offs_w = tl.arange(0, W)
     offs_k = tl.arange(0, KO_PAD)
-    chunks = tl.cdiv(tl.cdiv(n_slots, S), SPLIT)
-    start = sp * chunks * S
-    end = tl.minimum(start + chunks * S, n_slots)
-    acc = tl.zeros([R, S, W], tl.float32)
-    acc_sr = tl.zeros([R, S], tl.float32)
-    acc_o = tl.zeros([R, S], tl.float32)
+    per_split = tl.cdiv(tl.cdiv(n_slots, S), SPLIT) * S
+    start = sp * per_split
+    end = tl.minimum(start + per_split, n_slots)
+    chunks = tl.cdiv(tl.maximum(end - start, 0), S)
+    acc = tl.zeros([RB, S, W], tl.float32)
+    acc_sr = tl.zeros([RB, S], tl.float32)
+    acc_o = tl.zeros([RB, S], tl.float32)
     q_n, col0_n, sc_n, zero_n = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, start + offs_s, end,
                                             offs_r, offs_w, BITS, G_SIZE, R, W)
     for c in range(chunks):
@@ -84,7 +85,7 @@ def _stream(x_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, sp,
             ov = tl.load(ov_ptr + o_offs, mask=o_mask, other=0.0).to(tl.float32)
             oi = tl.load(oi_ptr + o_offs, mask=o_mask, other=0).to(tl.int32)
             acc_o += tl.sum(ov * tl.load(x_row + col0[None, :, None] + oi).to(tl.float32), axis=2)
-        p = tl.zeros([R, S, W], tl.float32)
+        p = tl.zeros([RB, S, W], tl.float32)
         xs = tl.zeros([S, W], tl.float32)
         p, xs = _accumulate_codes(p, xs, q, x_row, col0, offs_w, magic, 0, BITS, W)
         p, xs = _accumulate_codes(p, xs, q >> 16, x_row, col0, offs_w, magic, 16 // BITS, BITS, W)
@@ -99,32 +100,35 @@ def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr,
                  q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
                  M, N, n2, n4, stride_xm, stride_ym, magic,
                  G_SIZE: tl.constexpr, R: tl.constexpr, OUTLIERS: tl.constexpr, KO_PAD: tl.constexpr,
-                 S2: tl.constexpr, S4: tl.constexpr, SPLIT: tl.constexpr):
-    t = tl.program_id(0)
+                 RB: tl.constexpr, S2: tl.constexpr, S4: tl.constexpr, SPLIT: tl.constexpr):
+    pid = tl.program_id(0)  # RB rows of one row tile
     sp = tl.program_id(1)
     m = tl.program_id(2)
+    t = pid // (R // RB)
+    offs_r = (pid % (R // RB)) * RB + tl.arange(0, RB)
     x_row = x_ptr + m * stride_xm
-    p2, o2 = _stream(x_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, n2, sp, magic,
-                     2, G_SIZE, R, S2, SPLIT, OUTLIERS, KO_PAD)
-    p4, _ = _stream(x_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, n4, sp, magic,
-                     4, G_SIZE, R, S4, SPLIT, 0, KO_PAD)
-    rows = t * R + tl.arange(0, R)
+    p2, o2 = _stream(x_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, offs_r, n2, sp, magic,
+                     2, G_SIZE, R, RB, S2, SPLIT, OUTLIERS, KO_PAD)
+    p4, _ = _stream(x_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, offs_r, n4, sp, magic,
+                    4, G_SIZE, R, RB, S4, SPLIT, 0, KO_PAD)
+    rows = t * R + offs_r
     val = tl.load(ss2_ptr + rows).to(tl.float32) * p2 + tl.load(ss4_ptr + rows).to(tl.float32) * p4 + o2
     mask = rows < N
     finish_split(val, y_ptr, m * stride_ym + rows, ws_ptr, m * N + rows, mask,
-                 cnt_ptr + m * (N // R) + t, sp, M * N, SPLIT)
+                 cnt_ptr + m * tl.num_programs(0) + pid, sp, M * N, SPLIT)
 
 
 def gemv_mixed(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *,
-               group_size: int, outliers: int, s2_slots: int, s4_slots: int, split: int, num_warps: int):
-    """y[M, N] = x[M, K] @ W.T; ws: fp32 [split, M, N] (unused when split == 1); counters: int32 [>= M * N / 16], zero."""
-    M = x.shape[0]
-    N, T, R = y.shape[1], q2.shape[0], q2.shape[2]
-    n2, n4 = q2.shape[1], q4.shape[1]
-    _gemv_kernel[(T, split, M)](
+               group_size: int, outliers: int, rows: int, split: int, num_warps: int):
+    """y[M, N] = x[M, K] @ W.T; ws fp32 [split, M, N] (unused when split == 1); counters int32, zero, at least
+    M * N / rows of them when split > 1. Each program takes `rows` rows of a row tile and 128 * num_warps / W
+    slots per chunk of each stream (W = words per group row), the size at which x needs no layout change."""
+    M, N, T, R = x.shape[0], y.shape[1], q2.shape[0], q2.shape[2]
+    slots = lambda bits: max(1, 128 * num_warps // (group_size * bits // 32))  # noqa: E731
+    _gemv_kernel[(T * (R // rows), split, M)](
         x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4,
-        M, N, n2, n4, x.stride(0), y.stride(0), MAGIC,
+        M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0), MAGIC,
         G_SIZE=group_size, R=R, OUTLIERS=outliers, KO_PAD=triton.next_power_of_2(max(outliers, 1)),
-        S2=s2_slots, S4=s4_slots, SPLIT=split, num_warps=num_warps,
+        RB=rows, S2=slots(2), S4=slots(4), SPLIT=split, num_warps=num_warps,
     )
     return y

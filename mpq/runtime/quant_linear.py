@@ -9,7 +9,7 @@ from torch import nn
 from mpq.quant.format import TENSOR_NAMES, PackedLinear
 
 KERNEL_TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
-SPLIT_COUNTERS_PER_ROW_TILE = 16  # split-K scratch of the kernels (kernels.dispatch.MAX_SPLIT_TILES)
+SPLIT_COUNTERS_PER_ROW_TILE = 16  # split-K scratch of the kernels (kernels.dispatch.COUNTERS_PER_ROW_TILE)
 
 
 class QuantLinear(nn.Module):

@@ -52,18 +52,18 @@ def check(y, ref, dtype):
 
 def scratch(m, n, split, t):
     ws = torch.full((split, m, n), float("nan"), device=DEVICE)
-    return ws, torch.zeros(16 * t, dtype=torch.int32, device=DEVICE)
+    return ws, torch.zeros(16 * t * m, dtype=torch.int32, device=DEVICE)
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-@pytest.mark.parametrize("m, split, slots", [(1, 1, (8, 4)), (1, 2, (2, 1)), (3, 3, (4, 2))])
-def test_gemv(make_packed, layer, m, split, slots):
+@pytest.mark.parametrize("m, split, rows, warps", [(1, 1, 8, 1), (1, 2, 16, 2), (3, 3, 4, 1)])
+def test_gemv(make_packed, layer, m, split, rows, warps):
     dtype = torch.float16 if m == 1 else torch.bfloat16
     packed, x, ref, tensors = setup(make_packed, layer, m, dtype, seed=m + split)
     y = torch.full((m, layer[0]), float("nan"), dtype=dtype, device=DEVICE)
     ws, counters = scratch(m, layer[0], split, packed.row_tiles)
     gemv_mixed(x, y, ws, counters, *tensors, group_size=packed.group_size, outliers=packed.outliers,
-               s2_slots=slots[0], s4_slots=slots[1], split=split, num_warps=4)
+               rows=rows, split=split, num_warps=warps)
     check(y, ref, dtype)
     assert not counters.any(), "split-K counters must be left at zero for the next call"
 
@@ -71,12 +71,13 @@ def test_gemv(make_packed, layer, m, split, slots):
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("m, split", [(3, 2), (16, 1), (33, 3)])
 def test_gemm(make_packed, layer, m, split):
-    dtype = torch.float16
+    # bf16 arithmetic is wrong under the Triton interpreter (3.9: bf16 a - b gives garbage), so bf16 on CUDA only
+    dtype = torch.bfloat16 if m == 3 and not INTERPRET else torch.float16
     packed, x, ref, tensors = setup(make_packed, layer, m, dtype, seed=10 + m)
     y = torch.full((m, layer[0]), float("nan"), dtype=dtype, device=DEVICE)
     ws, counters = scratch(m, layer[0], split, packed.row_tiles)
     gemm_mixed(x, y, ws, counters, *tensors, group_size=packed.group_size, outliers=packed.outliers,
-               block_m=16, split=split, num_warps=4, num_stages=2)
+               block_m=16, split=split, num_warps=1 if m < 33 else 2, num_stages=2)
     check(y, ref, dtype)
     assert not counters.any()
 
