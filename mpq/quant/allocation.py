@@ -179,14 +179,15 @@ def tile_choice(lin: LinearCosts, n4: int, k: int) -> torch.Tensor:
     return chosen
 
 
-def linear_costs(name: str, sens_by_k: dict, out_features: int, in_features: int, group_size: int, tile_rows: int) -> LinearCosts:
-    """Build the error table from group sensitivities computed for each candidate k."""
+def linear_costs(name: str, sens_by_k: dict, out_features: int, in_features: int, group_size: int, tile_rows: int,
+                 importance: float = 1.0) -> LinearCosts:
+    """Build the error table from group sensitivities computed for each candidate k, scaled by `importance`."""
     errors, order = {}, {}
     for k, sens in sens_by_k.items():
         benefit = sens.tile_benefit(tile_rows).cpu()  # [T, G]
         srt, idx = torch.sort(benefit, dim=1, descending=True)
         base = float(sens.err2.sum())
         cum = torch.cat([torch.zeros(1), srt.sum(dim=0).cumsum(0)])
-        errors[k] = (base - cum).clamp(min=0).double()
+        errors[k] = (base - cum).clamp(min=0).double() * importance
         order[k] = idx
     return LinearCosts(name, out_features, in_features, group_size, tile_rows, errors, order)

@@ -89,7 +89,7 @@ def measure_linear(name: str, w: torch.Tensor, h: torch.Tensor | None, recipe: R
     n, k = w.shape
     g = recipe.group_size_for(k)
     hdiag = torch.ones(k, device=w.device) if h is None else torch.diag(h).to(w.device)
-    sens = {kk: group_sensitivity(w, hdiag, g, kk) for kk in outlier_choices(recipe)}
+    sens = group_sensitivity(w, hdiag, g, outlier_choices(recipe))
     return linear_costs(name, sens, n, k, g, recipe.tile_rows)
 
 

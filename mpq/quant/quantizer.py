@@ -48,7 +48,7 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
     G = K // g
     hdiag = torch.ones(K, device=w.device) if h is None else torch.diag(h).float()
     if sensitivity is None:
-        sensitivity = group_sensitivity(w, hdiag, g, spec.outliers)
+        sensitivity = group_sensitivity(w, hdiag, g, (spec.outliers,))[spec.outliers]
     is4 = spec.tile_is_4bit.to(w.device).repeat_interleave(R, dim=0)  # [N, G]
     maxq = torch.where(is4, 15, 3)
     outlier = sensitivity.outlier_mask & ~is4.unsqueeze(-1)  # only inside 2-bit groups

@@ -52,10 +52,14 @@ def choose_outliers(w: torch.Tensor, hdiag: torch.Tensor, k: int) -> tuple[torch
     return best_mask, best_err
 
 
-def group_sensitivity(w: torch.Tensor, hdiag: torch.Tensor, group_size: int, k: int) -> GroupSensitivity:
+def group_sensitivity(w: torch.Tensor, hdiag: torch.Tensor, group_size: int, ks: tuple[int, ...] = (1,)) -> dict[int, GroupSensitivity]:
+    """{k: GroupSensitivity} for each candidate outlier count k (the 4-bit error is shared)."""
     N, K = w.shape
     wg = w.reshape(N, K // group_size, group_size).float()
     hg = hdiag.reshape(K // group_size, group_size).float()
-    mask, err2 = choose_outliers(wg, hg, k)
-    err4 = search_group_ranges(wg, hg, torch.full(err2.shape, 15, device=w.device))[2]
-    return GroupSensitivity(err2, err4, mask, hg.mean(-1), wg.amax(-1) - wg.amin(-1))
+    err4 = search_group_ranges(wg, hg, torch.full((N, K // group_size), 15, device=w.device))[2]
+    out = {}
+    for k in ks:
+        mask, err2 = choose_outliers(wg, hg, k)
+        out[k] = GroupSensitivity(err2, err4, mask, hg.mean(-1), wg.amax(-1) - wg.amin(-1))
+    return out
