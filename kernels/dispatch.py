@@ -29,7 +29,7 @@ GEMM_MAX_M = 64
 class KernelConfig:
     kind: str  # "gemv" (CUDA cores, M tiny), "gemm" (tensor cores, skinny M), "prefill" (dequantize + cuBLAS)
     split: int = 1
-    rows: int = 8  # GEMV: rows of a 16-row tile per program
+    rows: int = 16  # GEMV: rows of a 16-row tile per program
     block_m: int = 16  # GEMM: activation rows per program
     num_warps: int = 1
     num_stages: int = 2
@@ -41,15 +41,15 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> 
     groups = k // group_size
     if m <= GEMV_MAX_M:
         split = 1
-        while tiles * 2 * m * split < 6 * sm_count and groups // (split * 2) >= 16:
+        while tiles * m * split < 8 * sm_count and groups // (split * 2) >= 8:
             split *= 2
-        return KernelConfig("gemv", split=split, rows=8, num_warps=1)
+        return KernelConfig("gemv", split=split, rows=16, num_warps=1)
     if m <= GEMM_MAX_M:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         split = 1
         while tiles * triton.cdiv(m, block_m) * split < 2 * sm_count and groups // (split * 2) >= 4:
             split *= 2
-        return KernelConfig("gemm", split=split, block_m=block_m, num_warps=4)
+        return KernelConfig("gemm", split=split, block_m=block_m, num_warps=1, num_stages=3)
     return KernelConfig("prefill")
 
 
