@@ -46,7 +46,11 @@ def is_artifact(spec: str) -> bool:
 
 
 def build_model(config: dict, source: WeightSource) -> Transformer:
-    return Transformer(ModelArgs.from_hf_config(config), source).eval()
+    """The engine; on CUDA its small ops are compiled (once per process: the first decode warm-up compiles)."""
+    model = Transformer(ModelArgs.from_hf_config(config), source).eval()
+    if source.device.type == "cuda":
+        model.compile_small_ops()
+    return model
 
 
 def load_engine(spec: str, device: str = "auto") -> Engine:

@@ -98,15 +98,17 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     return x, weight * h.to(x.dtype)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotate q, k [B, S, heads, D] by the half-split convention HF checkpoints use; cos/sin [S, D]."""
+def rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotate q, k [B, S, heads, D] by the half-split convention HF checkpoints use; cos/sin [S, D].
+
+    Returns q and the stacked (k, v) [2, B, S, kv heads, D], so that one kernel feeds one cache write."""
     cos, sin = cos[:, None, :], sin[:, None, :]
 
     def rotate(x):
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
-    return rotate(q), rotate(k)
+    return rotate(q), torch.stack((rotate(k), v))
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
@@ -183,16 +185,16 @@ class WeightSource:
 
 # ---- the decoder ---------------------------------------------------------------------------------------
 class KVCache(nn.Module):
+    """Keys and values in one buffer [2, B, heads, length, D]: one index_copy_ per layer and step."""
+
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
         super().__init__()
-        shape = (batch, heads, length, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("kv", torch.zeros(2, batch, heads, length, head_dim, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        self.k.index_copy_(2, input_pos, k)
-        self.v.index_copy_(2, input_pos, v)
-        return self.k, self.v
+    def update(self, input_pos: torch.Tensor, kv: torch.Tensor):
+        """kv [2, B, S, heads, D] for positions input_pos [S]; returns the whole cache's k and v."""
+        self.kv.index_copy_(3, input_pos, kv.transpose(2, 3))
+        return self.kv[0], self.kv[1]
 
 
 class Block(nn.Module):
@@ -212,8 +214,9 @@ class Block(nn.Module):
         a = self.args
         B, S, _ = h.shape
         q, k, v = self.qkv(h)
-        q, k = ops.rope(q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim), cos, sin)
-        k, v = self.kv_cache.update(input_pos, k.transpose(1, 2), v.view(B, S, a.n_kv_heads, a.head_dim).transpose(1, 2))
+        q, kv = ops.rope(q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim),
+                         v.view(B, S, a.n_kv_heads, a.head_dim), cos, sin)
+        k, v = self.kv_cache.update(input_pos, kv)
         if a.n_heads != a.n_kv_heads:
             k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
             v = v.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
