@@ -30,6 +30,7 @@ class KernelConfig:
     kind: str  # "gemv" (CUDA cores, M tiny), "gemm" (tensor cores, skinny M), "prefill" (dequantize + cuBLAS)
     split: int = 1
     rows: int = 16  # GEMV: rows of a 16-row tile per program
+    unroll: int = 4  # GEMV: codes of a half word per iteration of the innermost loop
     block_m: int = 16  # GEMM: activation rows per program
     num_warps: int = 1
     num_stages: int = 2
@@ -103,6 +104,6 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
     if cfg.kind == "gemv":
         return gemv_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
-                          rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps)
+                          rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps, unroll=cfg.unroll)
     return gemm_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                       block_m=cfg.block_m, split=cfg.split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
