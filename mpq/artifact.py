@@ -46,10 +46,15 @@ class Artifact:
 
     @property
     def bits_per_weight(self) -> float:
-        """All-in bits/weight over the quantized linears, from the stored tensors themselves."""
-        stored = sum(p.stored_bytes() for p in self.linears.values())
+        """All-in bits/weight over the decoder linears, from the stored tensors (float-pinned ones count 16)."""
+        stored = sum(8 * p.stored_bytes() for p in self.linears.values())
         weights = sum(p.out_features * p.in_features for p in self.linears.values())
-        return 8.0 * stored / weights if weights else 16.0
+        for fqn in self.manifest.get("float_linears", []):
+            w = self.floats.get(f"{fqn}.weight")
+            if w is not None:
+                stored += 16 * w.numel()
+                weights += w.numel()
+        return stored / weights if weights else 16.0
 
 
 @contextmanager

@@ -18,6 +18,18 @@ bench_app = typer.Typer(no_args_is_help=True, help="GPU benchmarks (results as J
 app.add_typer(bench_app, name="bench")
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main():
+    """Console entry point: SIGTERM behaves like Ctrl-C, so writers clean up and the CLI prints one line (exit 130)."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
+    return app()
+
+
 def one_line_errors(fn):
     """Show the tool's own errors (and Ctrl-C) as one line with an exit code, never a traceback."""
 
@@ -104,10 +116,23 @@ def eval_(
     reference: Optional[str] = typer.Option(None, help="float MODEL to compare against (KLD, top-1)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object last"),
     device: str = typer.Option("auto"),
+    early_exit: bool = typer.Option(False, "--early-exit", help="SpecEE exits vs no exits and the oracle (artifact with predictors)"),
+    prompts: int = typer.Option(32, help="--early-exit: Hamlet prompts"),
+    new_tokens: int = typer.Option(128, help="--early-exit: greedy tokens per prompt"),
+    exit_mode: str = typer.Option("both", help="--early-exit: fill | drop | both (skipped layers' KV)"),
+    exit_threshold: Optional[float] = typer.Option(None, help="--early-exit: one predictor threshold for all layers"),
 ):
     """Perplexity with a fixed protocol (and KLD / top-1 agreement against --reference)."""
     from mpq.evaluate import EvalOptions, evaluate
 
+    if early_exit:
+        from mpq.specee.evaluate import ExitEvalOptions, evaluate_exits
+
+        result = evaluate_exits(ExitEvalOptions(artifact=model, dataset=dataset, prompts=prompts, new_tokens=new_tokens,
+                                                mode=exit_mode, threshold=exit_threshold, device=device))
+        if json_out:
+            print_json_last(result)
+        return
     result = evaluate(EvalOptions(model=model, dataset=dataset, windows=windows, seq_len=seq_len, reference=reference, device=device))
     if json_out:
         print_json_last(result)
@@ -140,13 +165,14 @@ def run(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object last (text goes into it, not to stdout)"),
     raw: bool = typer.Option(False, help="skip the chat template"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    no_exit: bool = typer.Option(False, "--no-exit", help="ignore the artifact's SpecEE predictors (full depth)"),
 ):
     """Generate text with the decode engine (one CUDA graph per decode step on the GPU), streamed, with timings."""
     from mpq.runtime.run import RunOptions, run as run_prompt
 
     result = run_prompt(RunOptions(model=model, prompt=prompt, prompt_file=prompt_file, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed, raw=raw, device=device,
-                                   stream=not json_out))
+                                   stream=not json_out, no_exit=no_exit))
     if json_out:
         print_json_last(result)
 
@@ -164,5 +190,97 @@ def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="writ
     print_json_last(result)
 
 
+@app.command()
+@one_line_errors
+def verify(
+    art: Path = typer.Argument(..., help="artifact folder"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object last"),
+):
+    """Check an artifact before serving it: integrity, kernels, quality, predictors (exit 0 only if all pass)."""
+    from mpq.verify import Check, verify as run_verify
+
+    result = run_verify(art, device)
+    for c in result["checks"]:
+        typer.echo(Check(**c).line())
+    typer.echo("verify: " + ("PASS" if result["passed"] else "FAIL"))
+    if json_out:
+        print_json_last(result)
+    if not result["passed"]:
+        raise typer.Exit(1)
+
+
+@app.command()
+@one_line_errors
+def inspect(
+    artifact: Path = typer.Argument(...),
+    json_out: bool = typer.Option(False, "--json", help="print the provenance as one JSON object"),
+    plot: Optional[Path] = typer.Option(None, help="write a heatmap of the allocation (PNG)"),
+):
+    """Provenance, plan and versions of an artifact (from its manifest; no tensor is loaded)."""
+    from mpq.inspect import artifact_info, plot_allocation, print_info
+
+    info = artifact_info(artifact)
+    if plot:
+        plot_allocation(info, plot)
+    if json_out:
+        print_json_last(info)
+    else:
+        print_info(info)
+
+
+@app.command()
+@one_line_errors
+def sweep(
+    model: str = typer.Argument(...),
+    calib: str = typer.Option(..., help="calibration folder (measured once, reused for every budget)"),
+    bits: str = typer.Option("2.3,2.5,2.7,2.9,3.2,3.5,4.0", help="comma-separated all-in budgets"),
+    baselines: str = typer.Option("2,3,4", help="uniform RTN/GPTQ bit widths beside them ('' for none)"),
+    dataset: str = typer.Option("shakespeare:hamlet"),
+    windows: int = typer.Option(16),
+    seq_len: int = typer.Option(512),
+    recipe: Optional[str] = typer.Option(None),
+    json_out: bool = typer.Option(False, "--json"),
+    plot: Optional[Path] = typer.Option(None, help="bits/weight against ppl ratio (PNG)"),
+):
+    """Quantize at several budgets from one calibration and evaluate each against the float model."""
+    from mpq.sweep import SweepOptions, sweep as run_sweep
+
+    try:
+        budgets = tuple(float(b) for b in bits.split(",") if b.strip())
+        uniform = tuple(int(b) for b in baselines.split(",") if b.strip())
+    except ValueError:
+        raise MpqError("--bits takes numbers like 2.5,3.0 and --baselines integers like 2,3,4") from None
+    result = run_sweep(SweepOptions(model=model, calib=calib, bits=budgets, baseline_bits=uniform, dataset=dataset,
+                                    windows=windows, seq_len=seq_len, recipe=recipe, plot=plot))
+    if json_out:
+        print_json_last(result)
+
+
+@app.command("train-predictors")
+@one_line_errors
+def train_predictors(
+    art: Path = typer.Argument(..., help="artifact folder (the draft head and predictors are added to it)"),
+    dataset: str = typer.Option("shakespeare", help="calibration text (see mpq calibrate)"),
+    samples: int = typer.Option(24, help="token windows of calibration text"),
+    seq_len: int = typer.Option(256),
+    layers: str = typer.Option("auto", help="offline schedule: auto, or layer indices like 14,16,18"),
+    budget: Optional[int] = typer.Option(None, help="number of offline layers K (default: auto from the histogram)"),
+    draft_vocab: int = typer.Option(4096, help="reduced vocabulary of the draft head"),
+    target_agreement: float = typer.Option(0.985, help="held-out agreement the thresholds are chosen for"),
+    seed: int = typer.Option(0),
+    restart: bool = typer.Option(False, help="discard an earlier run's work folder instead of resuming it"),
+    json_out: bool = typer.Option(False, "--json"),
+):
+    """SpecEE: train the draft head, per-layer exit predictors and schedule on calibration text (resumable)."""
+    from mpq.specee.train import TrainOptions, train_predictors_cli
+
+    result = train_predictors_cli(TrainOptions(artifact=art, dataset=dataset, samples=samples, seq_len=seq_len, layers=layers,
+                                               budget=budget, draft_vocab=draft_vocab, target_agreement=target_agreement,
+                                               seed=seed, restart=restart))
+    if json_out:
+        print_json_last(result)
+
+
 if __name__ == "__main__":
-    app()
+    main()

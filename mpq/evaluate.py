@@ -108,7 +108,7 @@ def compare_logits(model, reference, windows: torch.Tensor, batch_size: int = 1)
         ref_nll -= float(ref_logp.gather(-1, targets).sum(dtype=torch.float64))
         count += targets.numel()
     ppl, ref_ppl = math.exp(nll / count), math.exp(ref_nll / count)
-    return {"kld": max(kl_sum / count, 0.0), "top1": agree / count, "ppl": ppl, "ref_ppl": ref_ppl,
+    return {"kld": max(kl_sum / count, 0.0), "top1_agreement": agree / count, "ppl": ppl, "ref_ppl": ref_ppl,
             "ppl_ratio": ppl / ref_ppl, "tokens": count}
 
 
@@ -187,6 +187,6 @@ def _print_summary(r: dict) -> None:
         table.add_row("reference perplexity", f"{r['ref_ppl']:.4f}")
         table.add_row("ppl ratio", f"{r['ppl_ratio']:.4f}")
         table.add_row("KL(ref || model), nats/token", f"{r['kld']:.5f}")
-        table.add_row("top-1 agreement", f"{100 * r['top1']:.2f}%")
+        table.add_row("top-1 agreement", f"{100 * r['top1_agreement']:.2f}%")
     table.add_row("time", f"{r['seconds']:.1f} s")
     Console(stderr=False).print(table)

@@ -150,7 +150,7 @@ def test_perplexity_equals_direct_computation(tiny, windows):
 def test_kld_of_model_against_itself_is_zero(tiny, windows):
     r = compare_logits(tiny, tiny, windows)
     assert r["kld"] == pytest.approx(0.0, abs=1e-7)
-    assert r["top1"] == 1.0 and r["ppl_ratio"] == pytest.approx(1.0) and r["tokens"] == 5 * 23
+    assert r["top1_agreement"] == 1.0 and r["ppl_ratio"] == pytest.approx(1.0) and r["tokens"] == 5 * 23
     assert r["ppl"] == pytest.approx(perplexity(tiny, windows)[0], rel=1e-6)
 
 
@@ -166,7 +166,7 @@ def test_kld_of_perturbed_model_matches_direct_kl(tiny, windows):
     top1 = (p.argmax(-1) == q.argmax(-1)).double().mean().item()
     assert r["kld"] > 1e-3
     assert r["kld"] == pytest.approx(kl, rel=1e-4)
-    assert r["top1"] == pytest.approx(top1)
+    assert r["top1_agreement"] == pytest.approx(top1)
     assert r["ppl_ratio"] == pytest.approx(perplexity(other, windows)[0] / perplexity(tiny, windows)[0], rel=1e-5)
 
 
@@ -187,7 +187,7 @@ def test_compare_streams_one_batch_at_a_time(tiny, windows):
     seen.clear()
     r5 = compare_logits(tiny, Recording(tiny_llama(seed=7)), windows, batch_size=2)
     assert seen == [2, 2, 1]
-    for k in ("kld", "top1", "ppl", "ref_ppl"):
+    for k in ("kld", "top1_agreement", "ppl", "ref_ppl"):
         assert r1[k] == pytest.approx(r5[k], rel=1e-5)
     assert r1["kld"] > 0.01
 
@@ -205,7 +205,7 @@ def test_artifact_to_hf_model_uses_dequantized_weights(tiny, artifact, windows):
         torch.testing.assert_close(model(windows).logits, want(windows).logits, rtol=1e-4, atol=1e-4)
         assert (model(windows).logits - tiny(windows).logits).abs().max() > 1e-3  # RTN did change the model
     r = compare_logits(model, tiny, windows)
-    assert r["kld"] > 0 and r["top1"] < 1
+    assert r["kld"] > 0 and r["top1_agreement"] < 1
 
 
 def test_evaluate_artifact_and_float_reference(tiny, artifact, tmp_path):
@@ -229,7 +229,7 @@ def test_evaluate_artifact_and_float_reference(tiny, artifact, tmp_path):
     assert f["kind"] == "float" and f["bits_per_weight"] == 16.0
     c = evaluate(EvalOptions(model=str(path), dataset=str(text), windows=3, seq_len=40, reference=str(ref_dir), device="cpu"))
     assert c["ppl"] == pytest.approx(r["ppl"], rel=1e-6) and c["ref_ppl"] == pytest.approx(f["ppl"], rel=1e-6)
-    assert c["ppl_ratio"] == pytest.approx(r["ppl"] / f["ppl"], rel=1e-6) and c["kld"] > 0 and 0 < c["top1"] <= 1
+    assert c["ppl_ratio"] == pytest.approx(r["ppl"] / f["ppl"], rel=1e-6) and c["kld"] > 0 and 0 < c["top1_agreement"] <= 1
 
 
 def test_cuda_requested_without_gpu(monkeypatch):

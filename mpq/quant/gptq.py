@@ -8,6 +8,8 @@ diagonal order; the grids stay those of the original group columns, so the packe
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
+
 import torch
 
 from mpq.quant.grid import fake_quant
@@ -27,6 +29,17 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
         except RuntimeError:  # torch.linalg.LinAlgError: not positive definite yet
             continue
     raise ValueError("Hessian is not positive definite even with heavy damping")
+
+
+@contextmanager
+def single_threaded():
+    """Column updates are thousands of small ops: on a CPU, thread hand-offs cost more than they save."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
@@ -49,15 +62,16 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: t
         w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
         hinv1 = hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            c = i1 + i
-            col = w1[:, i]
-            qc = fake_quant(col, scale[:, c], zero[:, c], maxq[:, c])
-            qc = torch.where(exact[:, c], col, qc)
-            q[:, c] = qc
-            e = (col - qc) / hinv1[i, i]
-            w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
-            err1[:, i] = e
+        with single_threaded() if w.device.type == "cpu" else nullcontext():
+            for i in range(i2 - i1):
+                c = i1 + i
+                col = w1[:, i]
+                qc = fake_quant(col, scale[:, c], zero[:, c], maxq[:, c])
+                qc = torch.where(exact[:, c], col, qc)
+                q[:, c] = qc
+                e = (col - qc) / hinv1[i, i]
+                w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+                err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     if act_order:
         q = q[:, torch.argsort(perm)]

@@ -115,7 +115,6 @@ def quantize_state_dict(weights: dict[str, torch.Tensor], target_bits: float, re
 
 def quantize_model(opts: QuantizeOptions) -> Plan:
     from mpq.models import config_fingerprint, load_config, load_float_model, load_tokenizer, resolve_model
-    from mpq.progress import layer_progress
 
     torch.set_flush_denormal(True)
     recipe = opts.recipe
@@ -129,7 +128,6 @@ def quantize_model(opts: QuantizeOptions) -> Plan:
     pins = {name: b for name, _, _ in shapes if (b := pin_for(name, opts.overrides)) is not None}
     _check_target_reachable(shapes, recipe, pins)
     model = load_float_model(src, torch.float32, opts.trust_remote_code)
-    layers = model.model.layers
     started = time.time()
 
     def hessians(i):
@@ -138,41 +136,55 @@ def quantize_model(opts: QuantizeOptions) -> Plan:
         from mpq.calib.capture import load_layer_hessians
         return load_layer_hessians(Path(opts.calib), i)
 
-    costs: list[LinearCosts] = []
-    with layer_progress(len(layers), "measure") as advance:
-        for i, layer in enumerate(layers):
-            hs = hessians(i)
-            for s in LINEAR_SUFFIXES:
-                costs.append(measure_linear(f"model.layers.{i}.{s}", layer.get_submodule(s).weight.data, hs.get(s), recipe))
-            advance(i)
+    costs = measure_model(model, hessians, recipe)
     plan = allocate(costs, recipe.target_bits, pins)
     if opts.plan_only:
         _write_plan(opts.out, plan)
         print_plan(plan)
         return plan
-    results = {}
-    with layer_progress(len(layers), "quantize") as advance:
-        for i, layer in enumerate(layers):
-            hs = hessians(i)
-            for s in LINEAR_SUFFIXES:
-                name = f"model.layers.{i}.{s}"
-                idx = i * len(LINEAR_SUFFIXES) + LINEAR_SUFFIXES.index(s)
-                row, c, mod = plan.linears[idx], costs[idx], layer.get_submodule(s)
-                if row.pinned != 16:
-                    results[name] = quantize_planned(name, mod.weight.data, hs.get(s), row, c, recipe, mod.bias)
-            advance(i)
+    results = quantize_model_linears(model, hessians, plan, costs, recipe)
     bits = measured_bits(results, plan)
-    print_layer_table(plan, results, len(layers))
+    print_layer_table(plan, results, config.num_hidden_layers)
     print(f"all-in bits/weight over the quantized linears: {bits:.4f} (target {recipe.target_bits})")
-    gate = None
-    if calib is not None:
-        tokenizer = load_tokenizer(src, opts.trust_remote_code)
-        gate = quality_gate(model, results, calib, tokenizer, recipe, opts.force)
-    manifest = provenance(opts, src, config, model, calib, plan, bits, gate, time.time() - started)
     tokenizer = load_tokenizer(src, opts.trust_remote_code)
+    gate = None if calib is None else quality_gate(model, results, calib, tokenizer, recipe, opts.force)
+    manifest = provenance(opts, src, config, model, calib, plan, bits, gate, time.time() - started)
+    from mpq.verify import reference_quality  # the figure `mpq verify` checks the artifact against
+    manifest["verify_reference"] = reference_quality(dequantized_copy(model, results), tokenizer)
     save_quantized(opts.out, model, config, tokenizer, results, plan, manifest, opts.overwrite)
     print(f"wrote {opts.out}")
     return plan
+
+
+def measure_model(model, hessians, recipe: Recipe) -> list[LinearCosts]:
+    """Error tables of every decoder linear, in plan order; `hessians(i)` gives layer i's {suffix: H} ({} = data-free)."""
+    from mpq.progress import layer_progress
+
+    costs = []
+    with layer_progress(len(model.model.layers), "measure") as advance:
+        for i, layer in enumerate(model.model.layers):
+            hs = hessians(i)
+            for s in LINEAR_SUFFIXES:
+                costs.append(measure_linear(f"model.layers.{i}.{s}", layer.get_submodule(s).weight.data, hs.get(s), recipe))
+            advance(i)
+    return costs
+
+
+def quantize_model_linears(model, hessians, plan: Plan, costs: list[LinearCosts], recipe: Recipe) -> dict:
+    """{fqn: LinearResult} for every linear the plan does not keep in float."""
+    from mpq.progress import layer_progress
+
+    results = {}
+    per = len(LINEAR_SUFFIXES)
+    with layer_progress(len(model.model.layers), "quantize") as advance:
+        for i, layer in enumerate(model.model.layers):
+            hs = hessians(i)
+            for j, s in enumerate(LINEAR_SUFFIXES):
+                row, c, mod = plan.linears[i * per + j], costs[i * per + j], layer.get_submodule(s)
+                if row.pinned != 16:
+                    results[row.name] = quantize_planned(row.name, mod.weight.data, hs.get(s), row, c, recipe, mod.bias)
+            advance(i)
+    return results
 
 
 def _open_calibration(calib: str, config, fingerprint: str) -> dict | None:
