@@ -19,19 +19,24 @@ MAGIC_F = tl.constexpr(8388608.0)  # and puts each code's mask in the LOP3's imm
 
 
 @triton.jit
-def _half_word(p, xs, q, x_row, base, magic, unit, J0, BITS: tl.constexpr, W: tl.constexpr, JU: tl.constexpr):
-    """p[r, s, w] += code_j(q) * x[base + (J0 + j) * W] over the 16 // BITS codes j of the low 16 bits of q.
+def _load8(x_row, offs, W: tl.constexpr):
+    """x at offs + k * W, k = 0..7, issued back to back: one cache latency per chunk, not one per slice."""
+    return (tl.load(x_row + offs), tl.load(x_row + offs + W), tl.load(x_row + offs + 2 * W),
+            tl.load(x_row + offs + 3 * W), tl.load(x_row + offs + 4 * W), tl.load(x_row + offs + 5 * W),
+            tl.load(x_row + offs + 6 * W), tl.load(x_row + offs + 7 * W))
+
+
+@triton.jit
+def _fma4(p, xs, q, x0, x1, x2, x3, magic, J0: tl.constexpr, BITS: tl.constexpr):
+    """p[r, s, w] += code_j(q) * x_j[s, w] for in-word codes j = J0..J0+3 of the low 16 bits of q; xs += x_j.
 
     code_j * 2^(BITS*j) = float(2^23 | (q & mask_j)) - 2^23: one LOP3 and one FADD per code, no conversion;
-    the power of two goes into x instead (once per x value, shared by the rows). JU codes per iteration of a
-    run-time loop keep the loop body small (a fully unrolled chunk may overflow the instruction cache)."""
-    for j0 in tl.range(0, (16 // BITS) * unit, JU, loop_unroll_factor=1):  # run-time bound: not unrolled
-        for k in tl.static_range(JU):
-            j = j0 + k
-            xk = tl.load(x_row + base + (J0 + j) * W).to(tl.float32)
-            xs += xk
-            code = ((q & (((1 << BITS) - 1) << (BITS * j))) | magic).to(tl.float32, bitcast=True) - MAGIC_F
-            p += code * (xk * ((127 - BITS * j) << 23).to(tl.float32, bitcast=True))[None, :, :]
+    the power of two goes into x_j instead (once per x value, shared by the rows)."""
+    for k in tl.static_range(4):
+        xk = (x0 if k == 0 else x1 if k == 1 else x2 if k == 2 else x3).to(tl.float32)
+        xs += xk
+        code = ((q & (((1 << BITS) - 1) << (BITS * (J0 + k)))) | magic).to(tl.float32, bitcast=True) - MAGIC_F
+        p += code * (xk * (1.0 / (1 << (BITS * (J0 + k)))))[None, :, :]
     return p, xs
 
 
@@ -66,7 +71,7 @@ def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, slot, 
 @triton.jit
 def _stream(x_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, offs_r, n_slots, sp, magic, unit,
             BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr,
-            SPLIT: tl.constexpr, OUTLIERS: tl.constexpr, KO_PAD: tl.constexpr, JU: tl.constexpr):
+            SPLIT: tl.constexpr, OUTLIERS: tl.constexpr, KO_PAD: tl.constexpr):
     """This program's share of one stream (2- or 4-bit slots): (sum of code-scale * dot, outlier dot), [RB].
 
     The next chunk's loads (codes, scales, zeros, outliers) are issued before this chunk's arithmetic, so
@@ -93,13 +98,21 @@ def _stream(x_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, offs_r, n_sl
             q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, start + (c + 1) * S + offs_s, end, offs_r,
             offs_w, BITS, G_SIZE, R, W, OUTLIERS, KO_PAD)
         base = col0[:, None] + offs_w[None, :]
+        xa0, xa1, xa2, xa3, xa4, xa5, xa6, xa7 = _load8(x_row, base, W)
         if OUTLIERS > 0:
             xo = tl.load(x_row + col0[None, :, None] + oi).to(tl.float32)
             acc_o += tl.sum(ov.to(tl.float32) * xo, axis=2)
         p = tl.zeros([RB, S, W], tl.float32)
         xs = tl.zeros([S, W], tl.float32)
-        p, xs = _half_word(p, xs, q, x_row, base, magic, unit, 0, BITS, W, JU)
-        p, xs = _half_word(p, xs, q >> 16, x_row, base, magic, unit, 16 // BITS, BITS, W, JU)
+        if BITS == 2:
+            xb0, xb1, xb2, xb3, xb4, xb5, xb6, xb7 = _load8(x_row, base + 8 * W, W)
+            p, xs = _fma4(p, xs, q, xa0, xa1, xa2, xa3, magic, 0, BITS)
+            p, xs = _fma4(p, xs, q, xa4, xa5, xa6, xa7, magic, 4, BITS)
+            p, xs = _fma4(p, xs, q >> 16, xb0, xb1, xb2, xb3, magic, 0, BITS)
+            p, xs = _fma4(p, xs, q >> 16, xb4, xb5, xb6, xb7, magic, 4, BITS)
+        else:
+            p, xs = _fma4(p, xs, q, xa0, xa1, xa2, xa3, magic, 0, BITS)
+            p, xs = _fma4(p, xs, q >> 16, xa4, xa5, xa6, xa7, magic, 0, BITS)
         acc += sc[:, :, None] * p
         acc_sr -= sc * zero * tl.sum(xs, axis=1)[None, :]
     return tl.sum(tl.sum(acc, axis=2) + acc_sr, axis=1), tl.sum(acc_o, axis=1)
@@ -111,7 +124,7 @@ def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr,
                  q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
                  M, N, n2, n4, stride_xm, stride_ym, magic, unit,
                  G_SIZE: tl.constexpr, R: tl.constexpr, OUTLIERS: tl.constexpr, KO_PAD: tl.constexpr,
-                 RB: tl.constexpr, S2: tl.constexpr, S4: tl.constexpr, SPLIT: tl.constexpr, JU: tl.constexpr):
+                 RB: tl.constexpr, S2: tl.constexpr, S4: tl.constexpr, SPLIT: tl.constexpr):
     pid = tl.program_id(0)  # RB rows of one row tile
     sp = tl.program_id(1)
     m = tl.program_id(2)
@@ -119,9 +132,9 @@ def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr,
     offs_r = (pid % (R // RB)) * RB + tl.arange(0, RB)
     x_row = x_ptr + m * stride_xm
     p2, o2 = _stream(x_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, offs_r, n2, sp, magic, unit,
-                     2, G_SIZE, R, RB, S2, SPLIT, OUTLIERS, KO_PAD, JU)
+                     2, G_SIZE, R, RB, S2, SPLIT, OUTLIERS, KO_PAD)
     p4, _ = _stream(x_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, offs_r, n4, sp, magic, unit,
-                    4, G_SIZE, R, RB, S4, SPLIT, 0, KO_PAD, min(JU, 4))
+                    4, G_SIZE, R, RB, S4, SPLIT, 0, KO_PAD)
     rows = t * R + offs_r
     val = tl.load(ss2_ptr + rows).to(tl.float32) * p2 + tl.load(ss4_ptr + rows).to(tl.float32) * p4 + o2
     mask = rows < N
@@ -130,17 +143,16 @@ def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 def gemv_mixed(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *,
-               group_size: int, outliers: int, rows: int, split: int, num_warps: int, unroll: int = 8):
+               group_size: int, outliers: int, rows: int, split: int, num_warps: int):
     """y[M, N] = x[M, K] @ W.T; ws fp32 [split, M, N] (unused when split == 1); counters int32, zero, at least
-    M * N / rows of them when split > 1. Each program takes `rows` rows of a row tile and 32 * num_warps / W
-    slots per chunk of each stream (W = words per group row), the size at which x needs no layout change;
-    `unroll` (1, 2, 4 or 8) codes of each half word per iteration of the innermost loop."""
+    M * N / rows of them when split > 1. Each program takes `rows` rows of a row tile and 128 * num_warps / W
+    slots per chunk of each stream (W = words per group row), the size at which x needs no layout change."""
     M, N, T, R = x.shape[0], y.shape[1], q2.shape[0], q2.shape[2]
     slots = lambda bits: max(1, 32 * num_warps // (group_size * bits // 32))  # noqa: E731
     _gemv_kernel[(T * (R // rows), split, M)](
         x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4,
         M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0), MAGIC, 1,
         G_SIZE=group_size, R=R, OUTLIERS=outliers, KO_PAD=triton.next_power_of_2(max(outliers, 1)),
-        RB=rows, S2=slots(2), S4=slots(4), SPLIT=split, JU=unroll, num_warps=num_warps,
+        RB=rows, S2=slots(2), S4=slots(4), SPLIT=split, num_warps=num_warps,
     )
     return y

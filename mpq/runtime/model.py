@@ -217,10 +217,7 @@ class Block(nn.Module):
         q, kv = ops.rope(q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim),
                          v.view(B, S, a.n_kv_heads, a.head_dim), cos, sin)
         k, v = self.kv_cache.update(input_pos, kv)
-        if a.n_heads != a.n_kv_heads:
-            k = k.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
-            v = v.repeat_interleave(a.n_heads // a.n_kv_heads, dim=1)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask)
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
         return self.o(y.transpose(1, 2).reshape(B, S, a.n_heads * a.head_dim))
 
     def mlp(self, h, ops: SmallOps):
