@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -117,9 +118,11 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SmallOps:
-    add_rms_norm: object = add_rms_norm
-    rope: object = rope
-    silu_mul: object = silu_mul
+    """The ops between matmuls, swappable as a set (eager here; compiled ones from `compile_small_ops`)."""
+
+    add_rms_norm: Callable = add_rms_norm
+    rope: Callable = rope
+    silu_mul: Callable = silu_mul
 
 
 # ---- linears -------------------------------------------------------------------------------------------
