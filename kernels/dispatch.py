@@ -29,8 +29,7 @@ GEMM_MAX_M = 64
 class KernelConfig:
     kind: str  # "gemv" (CUDA cores, M tiny), "gemm" (tensor cores, skinny M), "prefill" (dequantize + cuBLAS)
     split: int = 1
-    rows: int = 16  # GEMV: rows of a 16-row tile per program
-    unroll: int = 4  # GEMV: codes of a half word per iteration of the innermost loop
+    rows: int = 8  # GEMV: rows of a 16-row tile per program
     block_m: int = 16  # GEMM: activation rows per program
     num_warps: int = 1
     num_stages: int = 2
@@ -44,7 +43,7 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> 
         split = 1
         while tiles * m * split < 8 * sm_count and groups // (split * 2) >= 8:
             split *= 2
-        return KernelConfig("gemv", split=split, rows=16, num_warps=1)
+        return KernelConfig("gemv", split=split, rows=8, num_warps=1)
     if m <= GEMM_MAX_M:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         split = 1
@@ -104,6 +103,6 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
     if cfg.kind == "gemv":
         return gemv_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
-                          rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps, unroll=cfg.unroll)
+                          rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps)
     return gemm_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                       block_m=cfg.block_m, split=cfg.split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

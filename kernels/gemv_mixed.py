@@ -1,12 +1,13 @@
-"""Decode GEMV for format v1: one program per (row tile, K-split, activation row), CUDA-core FMAs.
+"""Decode GEMV for format v1: one program per (8 or 16 rows of a row tile, K-split, activation row), CUDA cores.
 
 Why this shape: every row tile holds the same number of 2-bit and 4-bit slots, so all programs do equal work,
-and one slot of one row tile is a contiguous 512 B (2-bit) or 1 KB (4-bit, g=128) block, loaded S slots at a
-time as 16-byte vectors; the scale codes, zeros and x gathers are issued next to the code loads, independent
-of them, so their latency overlaps. Codes never go through an int->float conversion instruction: a masked,
-unshifted code c*2^(b*j) ORed into the mantissa of 2^23 is exact as a float, and the power of two is folded
-into the activation slice instead (once per slice, shared by the 16 rows). Scales are applied once per group
-to the partial dot products, zeros once per group through the sum of x, 2-bit outliers in the same pass.
+and one slot of one row tile is a contiguous 512 B (2-bit) or 1 KB (4-bit, g=128) block. A warp reads S slots
+per chunk, each thread one word of every row (whole 32-byte sectors per warp), so each activation value it
+loads serves all the rows; the next chunk's codes, scale codes, zeros and outliers are loaded before this
+chunk's arithmetic. Codes never go through an int->float conversion instruction: a masked, unshifted code
+c*2^(b*j) ORed into the mantissa of 2^23 is exact as a float, and the power of two is folded into the
+activation value instead. Scales are applied once per group to the partial dot products, zeros once per
+group through the sum of x, 2-bit outliers in the same pass.
 """
 
 import triton
@@ -46,7 +47,7 @@ def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, slot, 
                 OUTLIERS: tl.constexpr, KO_PAD: tl.constexpr):
     """Codes [RB, S, W], first column [S], scale code and zero [RB, S], outliers [RB, S, KO] of S slots.
 
-    Rows lead so that each thread holds all RB rows of its (slot, 4 words): one x value serves them all."""
+    Rows lead so that each thread holds all RB rows of its (slot, word): one x value serves them all."""
     ZPB: tl.constexpr = 8 // BITS
     valid = slot < end
     ts = t * n_slots + slot
@@ -145,7 +146,7 @@ def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr,
 def gemv_mixed(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *,
                group_size: int, outliers: int, rows: int, split: int, num_warps: int):
     """y[M, N] = x[M, K] @ W.T; ws fp32 [split, M, N] (unused when split == 1); counters int32, zero, at least
-    M * N / rows of them when split > 1. Each program takes `rows` rows of a row tile and 128 * num_warps / W
+    M * N / rows of them when split > 1. Each program takes `rows` rows of a row tile and 32 * num_warps / W
     slots per chunk of each stream (W = words per group row), the size at which x needs no layout change."""
     M, N, T, R = x.shape[0], y.shape[1], q2.shape[0], q2.shape[2]
     slots = lambda bits: max(1, 32 * num_warps // (group_size * bits // 32))  # noqa: E731

@@ -22,14 +22,13 @@ MAX_REL_ERR = 2e-3  # fp16 output rounding (5e-4) plus fp32 sums; the same bound
 
 
 def candidates(m: int) -> list[KernelConfig]:
-    gemv = [KernelConfig("gemv", split=sp, rows=rows, unroll=u, num_warps=1)
-            for sp in (1, 2, 4) for rows in (8, 16) for u in (2, 4, 8)]
+    gemv = [KernelConfig("gemv", split=sp, rows=rows, num_warps=w) for sp in (1, 2, 4, 8) for rows in (8, 16) for w in (1, 2)]
     gemm = [KernelConfig("gemm", split=sp, block_m=16, num_warps=w, num_stages=st)
             for sp in (1, 2, 4, 8) for w in (1, 2) for st in (2, 3, 4)]
     if m == 1:
         return gemv
     if m <= 4:
-        return [c for c in gemv if c.rows == 8 and c.unroll == 4 and c.split <= 2] + [c for c in gemm if c.split <= 4]
+        return [c for c in gemv if c.rows == 16 and c.num_warps == 1 and c.split <= 2] + [c for c in gemm if c.split <= 4]
     return gemm
 
 

@@ -56,14 +56,14 @@ def scratch(m, n, split, t):
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-@pytest.mark.parametrize("m, split, rows, warps, unroll", [(1, 1, 8, 1, 8), (1, 2, 16, 2, 2), (3, 3, 4, 1, 4)])
-def test_gemv(make_packed, layer, m, split, rows, warps, unroll):
+@pytest.mark.parametrize("m, split, rows, warps", [(1, 1, 8, 1), (1, 2, 16, 2), (3, 3, 4, 1)])
+def test_gemv(make_packed, layer, m, split, rows, warps):
     dtype = torch.float16 if m == 1 else torch.bfloat16
     packed, x, ref, tensors = setup(make_packed, layer, m, dtype, seed=m + split)
     y = torch.full((m, layer[0]), float("nan"), dtype=dtype, device=DEVICE)
     ws, counters = scratch(m, layer[0], split, packed.row_tiles)
     gemv_mixed(x, y, ws, counters, *tensors, group_size=packed.group_size, outliers=packed.outliers,
-               rows=rows, split=split, num_warps=warps, unroll=unroll)
+               rows=rows, split=split, num_warps=warps)
     check(y, ref, dtype)
     assert not counters.any(), "split-K counters must be left at zero for the next call"
 

@@ -7,6 +7,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernels import KernelConfig, mixed_matmul  # noqa: E402
 from mpq.runtime import ops  # noqa: E402
 from mpq.runtime.quant_linear import KERNEL_TENSOR_ORDER, QuantLinear  # noqa: E402
 
@@ -52,3 +53,21 @@ def test_cuda_graph_replay(make_packed, m):
         x.copy_(torch.randn_like(x))
         graph.replay()
         torch.testing.assert_close(y, layer(x), rtol=0, atol=0)
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("config", [KernelConfig("gemv", split=3), KernelConfig("gemm", split=2)])
+def test_split_k_graph_replay(make_packed, config):
+    """Split-K under graph replay: the workspace comes from the graph's pool, the counters reset themselves."""
+    layer = QuantLinear(make_packed(80, 384, 128, 1, 2, seed=6)).cuda()
+    args = tuple(getattr(layer, n) for n in KERNEL_TENSOR_ORDER)
+    x = torch.randn(2, 384, dtype=torch.float16, device="cuda")
+    run = lambda: mixed_matmul(x, args, group_size=128, outliers=2, counters=layer.split_counters, config=config)  # noqa: E731
+    run()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = run()
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.testing.assert_close(y, run(), rtol=0, atol=0)
