@@ -32,6 +32,7 @@ class LinearCosts:
     tile_rows: int
     errors: dict[int, torch.Tensor]  # k -> [G + 1] predicted error with n4 = 0..G
     order: dict[int, torch.Tensor]  # k -> [T, G] group columns of each row tile, most benefit first
+    outlier_masks: dict[int, torch.Tensor] = field(default_factory=dict)  # k -> [N, G, g], kept for small models
 
     @property
     def groups(self) -> int:
@@ -180,7 +181,7 @@ def tile_choice(lin: LinearCosts, n4: int, k: int) -> torch.Tensor:
 
 
 def linear_costs(name: str, sens_by_k: dict, out_features: int, in_features: int, group_size: int, tile_rows: int,
-                 importance: float = 1.0) -> LinearCosts:
+                 importance: float = 1.0, keep_masks: bool = False) -> LinearCosts:
     """Build the error table from group sensitivities computed for each candidate k, scaled by `importance`."""
     errors, order = {}, {}
     for k, sens in sens_by_k.items():
@@ -190,4 +191,5 @@ def linear_costs(name: str, sens_by_k: dict, out_features: int, in_features: int
         cum = torch.cat([torch.zeros(1), srt.sum(dim=0).cumsum(0)])
         errors[k] = (base - cum).clamp(min=0).double() * importance
         order[k] = idx
-    return LinearCosts(name, out_features, in_features, group_size, tile_rows, errors, order)
+    masks = {k: sens.outlier_mask for k, sens in sens_by_k.items() if k > 0} if keep_masks else {}
+    return LinearCosts(name, out_features, in_features, group_size, tile_rows, errors, order, masks)

@@ -159,7 +159,7 @@ class PackedLinear:
         try:
             geo = {k: int(meta[k]) for k in ("out_features", "in_features", "group_size", "tile_rows", "n4", "outliers")}
             has_bias = bool(meta.get("bias", False))
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ArtifactError(f"bad linear metadata: {e!r}") from None
         check_geometry(**geo)
         want = expected_shapes(**geo)

@@ -22,6 +22,7 @@ from mpq.quant.quantizer import LinearSpec, quantize_linear
 from mpq.quant.recipe import Recipe, load_recipe
 from mpq.quant.sensitivity import group_sensitivity
 
+KEEP_MASKS_MAX_WEIGHTS = 2 * 10**9  # models up to this many linear weights keep the measure pass's outlier masks
 LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
@@ -85,18 +86,19 @@ def outlier_choices(recipe: Recipe) -> tuple[int, ...]:
     return (0, 1) if recipe.outliers == "auto" else (int(recipe.outliers),)
 
 
-def measure_linear(name: str, w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe) -> LinearCosts:
+def measure_linear(name: str, w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe, keep_masks: bool = False) -> LinearCosts:
     n, k = w.shape
     g = recipe.group_size_for(k)
     hdiag = torch.ones(k, device=w.device) if h is None else torch.diag(h).to(w.device)
     sens = group_sensitivity(w, hdiag, g, outlier_choices(recipe))
-    return linear_costs(name, sens, n, k, g, recipe.tile_rows)
+    return linear_costs(name, sens, n, k, g, recipe.tile_rows, keep_masks=keep_masks)
 
 
 def quantize_planned(name: str, w: torch.Tensor, h: torch.Tensor | None, plan_row, costs: LinearCosts, recipe: Recipe,
                      bias: torch.Tensor | None = None):
     spec = LinearSpec(tile_choice(costs, plan_row.n4, plan_row.outliers), plan_row.outliers, costs.group_size, costs.tile_rows)
-    return quantize_linear(w, h, spec, use_gptq=recipe.gptq, bias=bias, act_order=recipe.act_order, damp=recipe.damp)
+    return quantize_linear(w, h, spec, use_gptq=recipe.gptq, bias=bias, act_order=recipe.act_order, damp=recipe.damp,
+                           outlier_mask=costs.outlier_masks.get(plan_row.outliers))
 
 
 def quantize_state_dict(weights: dict[str, torch.Tensor], target_bits: float, recipe: Recipe | None = None,
@@ -161,11 +163,13 @@ def measure_model(model, hessians, recipe: Recipe) -> list[LinearCosts]:
     from mpq.progress import layer_progress
 
     costs = []
+    keep = sum(layer.get_submodule(s).weight.numel() for layer in model.model.layers for s in LINEAR_SUFFIXES) <= KEEP_MASKS_MAX_WEIGHTS
     with layer_progress(len(model.model.layers), "measure") as advance:
         for i, layer in enumerate(model.model.layers):
             hs = hessians(i)
             for s in LINEAR_SUFFIXES:
-                costs.append(measure_linear(f"model.layers.{i}.{s}", layer.get_submodule(s).weight.data, hs.get(s), recipe))
+                w = layer.get_submodule(s).weight.data
+                costs.append(measure_linear(f"model.layers.{i}.{s}", w, hs.get(s), recipe, keep))
             advance(i)
     return costs
 

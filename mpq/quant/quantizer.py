@@ -9,7 +9,7 @@ import torch
 from mpq.quant.format import PackedLinear
 from mpq.quant.gptq import gptq_quantize
 from mpq.quant.grid import fake_quant, quantize_grid, safe_scale, search_group_ranges
-from mpq.quant.sensitivity import GroupSensitivity, group_sensitivity
+from mpq.quant.sensitivity import choose_outliers
 
 
 @dataclass
@@ -39,7 +39,7 @@ def hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> f
 
 
 def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *, use_gptq: bool = True,
-                    sensitivity: GroupSensitivity | None = None, bias: torch.Tensor | None = None,
+                    outlier_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                     act_order: bool = True, damp: float = 0.01) -> LinearResult:
     """W [N, K] float; h [K, K] (X^T X / tokens) or None for data-free (identity Hessian, no GPTQ)."""
     w = w.float()
@@ -47,11 +47,11 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
     g, R = spec.group_size, spec.tile_rows
     G = K // g
     hdiag = torch.ones(K, device=w.device) if h is None else torch.diag(h).float()
-    if sensitivity is None:
-        sensitivity = group_sensitivity(w, hdiag, g, (spec.outliers,))[spec.outliers]
+    if outlier_mask is None:  # [N, G, g]: the k outliers each group would keep as a 2-bit group
+        outlier_mask = choose_outliers(w.reshape(N, G, g), hdiag.reshape(G, g), spec.outliers)[0]
     is4 = spec.tile_is_4bit.to(w.device).repeat_interleave(R, dim=0)  # [N, G]
     maxq = torch.where(is4, 15, 3)
-    outlier = sensitivity.outlier_mask & ~is4.unsqueeze(-1)  # only inside 2-bit groups
+    outlier = outlier_mask.to(w.device) & ~is4.unsqueeze(-1)  # only inside 2-bit groups
     wg = w.reshape(N, G, g)
     lo, hi, _ = search_group_ranges(wg, hdiag.reshape(G, g), maxq, keep=~outlier)
     grid = quantize_grid(lo, hi, maxq)
