@@ -21,7 +21,7 @@ from mpq.errors import ArtifactError, MpqError
 JOB_FILE = "calibration.json"
 HIDDEN_FILE = "hidden.safetensors"
 CALIB_VERSION = 1
-CHECKPOINT_SECONDS = 60.0
+CHECKPOINT_SECONDS = 60.0  # MPQ_CHECKPOINT_SECONDS overrides it (tests checkpoint every layer)
 # Layers run in bf16 (AMX/tensor cores: ~6x the fp32 rate on the CPUs here); Hessians are summed in fp32.
 CAPTURE_DTYPE = torch.bfloat16
 # Linears that read the same input share one Hessian.
@@ -59,16 +59,22 @@ def pick_device(spec: str) -> torch.device:
 
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def estimate_memory(config, samples: int, seq_len: int) -> tuple[float, float]:
@@ -177,13 +183,22 @@ def calibrate(cfg: CalibrationConfig, progress=None) -> Path:
     check_memory(host_gb, dev_gb, device)
     tokenizer = load_tokenizer(src, cfg.trust_remote_code)
     windows = load_token_windows(cfg.dataset, tokenizer, cfg.samples, cfg.seq_len, cfg.seed)
-    fingerprint = {"model": cfg.model, "config": config_fingerprint(config), "data": dataset_fingerprint(cfg.dataset),
+    fingerprint = {"model": cfg.model, "config": config_fingerprint(config), "dataset": cfg.dataset,
+                   "data": dataset_fingerprint(cfg.dataset),
                    "samples": cfg.samples, "seq_len": cfg.seq_len, "seed": cfg.seed, "dtype": str(CAPTURE_DTYPE)}
     out = Path(cfg.out)
+    created, fresh = not out.exists(), not (out / JOB_FILE).exists()
     job = _open_job(out, fingerprint, config.num_hidden_layers)
     if job.get("complete"):
         return out
-    model = load_float_model(src, CAPTURE_DTYPE, cfg.trust_remote_code)
+    try:
+        model = load_float_model(src, CAPTURE_DTYPE, cfg.trust_remote_code)
+    except BaseException:
+        if fresh:  # unreadable weights (or a stop) before any work: leave no trace of this run
+            (out / JOB_FILE).unlink(missing_ok=True)
+            if created:
+                out.rmdir()
+        raise
     layers = model.model.layers
     if job["next_layer"] == 0:
         with torch.no_grad():
@@ -202,12 +217,11 @@ def calibrate(cfg: CalibrationConfig, progress=None) -> Path:
             layers[i] = layer.to("cpu")
             hidden = torch.cat(outs)
             job["next_layer"] = i + 1
-            if time.monotonic() - last_save > CHECKPOINT_SECONDS or i + 1 == len(layers):
-                job["invalid"] = True
-                atomic_write_text(out / JOB_FILE, json.dumps(job, indent=1))
-                atomic_save_tensors(out / HIDDEN_FILE, {"hidden": hidden})
+            every = float(os.environ.get("MPQ_CHECKPOINT_SECONDS", CHECKPOINT_SECONDS))
+            if time.monotonic() - last_save >= every or i + 1 == len(layers):
+                # the checkpoint names its own layer, so a stop between these two writes still resumes
+                atomic_save_tensors(out / HIDDEN_FILE, {"hidden": hidden}, metadata={"layer": str(i + 1)})
                 job["hidden_layer"] = i + 1
-                del job["invalid"]
                 atomic_write_text(out / JOB_FILE, json.dumps(job, indent=1))
                 last_save = time.monotonic()
             advance(i)
@@ -230,7 +244,7 @@ def _open_job(out: Path, fingerprint: dict, num_layers: int) -> dict:
             raise MpqError(f"{out} holds a calibration of other inputs (model, data or settings differ); choose another --out")
         if job.get("complete"):
             print(f"calibration in {out} is already complete")
-        job["next_layer"] = job.get("hidden_layer", 0)
+        job["next_layer"] = _checkpoint_layer(out, job)
         if job["next_layer"]:
             print(f"resuming from layer {job['next_layer']}")
         return job
@@ -238,9 +252,22 @@ def _open_job(out: Path, fingerprint: dict, num_layers: int) -> dict:
         raise MpqError(f"output folder exists and is not a calibration of these inputs: {out}")
     out.mkdir(parents=True, exist_ok=True)
     job = {"version": CALIB_VERSION, "fingerprint": fingerprint, "num_layers": num_layers, "next_layer": 0,
-           "hidden_layer": 0, "complete": False, "input_groups": {k: list(v) for k, v in INPUT_GROUPS.items()}}
+           "hidden_layer": 0, "complete": False, "dataset": fingerprint["dataset"], "input_groups": {k: list(v) for k, v in INPUT_GROUPS.items()}}
     atomic_write_text(path, json.dumps(job, indent=1))
     return job
+
+
+def _checkpoint_layer(out: Path, job: dict) -> int:
+    """The layer the hidden-state checkpoint holds the input of (its own metadata wins over the job file)."""
+    from safetensors import safe_open
+
+    if job.get("complete") or not (out / HIDDEN_FILE).exists():
+        return job.get("hidden_layer", 0)
+    try:
+        with safe_open(str(out / HIDDEN_FILE), framework="pt") as f:
+            return int((f.metadata() or {})["layer"])
+    except Exception:
+        raise ArtifactError(f"{out}: hidden-state checkpoint unreadable; delete the folder to start over") from None
 
 
 def _load_hidden(out: Path, job: dict) -> torch.Tensor:

@@ -281,22 +281,42 @@ def _too_few(corpus: Corpus, n_tokens: int, samples: int, seq_len: int) -> MpqEr
                     f"{samples} requested (lower --samples/--windows or --seq-len)")
 
 
-def load_token_windows(dataset: str, tokenizer, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
-    """[samples, seq_len] non-overlapping windows at seed-chosen positions (same seed -> same windows).
+def _window_starts(n_tokens: int, samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """Uniform non-overlapping placements: sorted random gaps share the slack; window i starts at gap_i + i * seq_len."""
+    gen = torch.Generator().manual_seed(int(seed))
+    gaps = torch.randint(0, n_tokens - samples * seq_len + 1, (samples,), generator=gen).sort().values
+    return gaps + torch.arange(samples) * seq_len
 
-    Positions are uniform over non-overlapping placements: sorted random gaps share the slack
-    (tokens not covered by any window), window i starts at gap_i + i * seq_len. Returned in text order.
-    """
+
+def load_token_windows(dataset: str, tokenizer, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """[samples, seq_len] non-overlapping windows at seed-chosen positions (same seed -> same windows), in text order."""
     _check_counts(samples, seq_len)
     corpus = load_corpus(dataset, "calib")
     tokens = tokenize_corpus(corpus, tokenizer)
-    slack = tokens.numel() - samples * seq_len
-    if slack < 0:
+    if tokens.numel() < samples * seq_len:
         raise _too_few(corpus, tokens.numel(), samples, seq_len)
-    gen = torch.Generator().manual_seed(int(seed))
-    gaps = torch.randint(0, slack + 1, (samples,), generator=gen).sort().values
-    starts = gaps + torch.arange(samples) * seq_len
+    starts = _window_starts(tokens.numel(), samples, seq_len, seed)
     return tokens[starts.unsqueeze(1) + torch.arange(seq_len)].clone()
+
+
+def held_out_windows(dataset: str, tokenizer, samples: int, seq_len: int, seed: int, count: int,
+                     window_len: int | None = None) -> torch.Tensor:
+    """Up to `count` windows that overlap none of the calibration windows `load_token_windows` draws with the
+    same arguments (taken from the largest uncovered stretches); empty when calibration covers everything."""
+    window_len = window_len or seq_len
+    tokens = tokenize_corpus(load_corpus(dataset, "calib"), tokenizer)
+    starts = _window_starts(tokens.numel(), samples, seq_len, seed).tolist()
+    edges = [0] + [s + seq_len for s in starts]
+    free = sorted(((nxt - end, end) for end, nxt in zip(edges, starts + [tokens.numel()]) if nxt - end >= window_len), reverse=True)
+    picked = []
+    for length, begin in free:
+        for j in range(length // window_len):
+            if len(picked) < count:
+                picked.append(begin + j * window_len)
+    if not picked:
+        return torch.empty(0, window_len, dtype=torch.long)
+    starts_t = torch.tensor(sorted(picked))
+    return tokens[starts_t.unsqueeze(1) + torch.arange(window_len)].clone()
 
 
 def eval_windows(dataset: str, tokenizer, windows: int = 16, seq_len: int = 512) -> torch.Tensor:

@@ -9,6 +9,7 @@ pack: format v1, written atomically as an HF-style folder.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -145,6 +146,10 @@ def quantize_model(opts: QuantizeOptions) -> Plan:
         print_plan(plan)
         return plan
     results = quantize_model_linears(model, hessians, plan, costs, recipe)
+    if os.environ.get("MPQ_TEST_BREAK_QUANTIZATION") == "1":  # test hook: the gate must catch a broken result
+        for r in results.values():
+            r.packed.ss2.mul_(64)
+            r.packed.ss4.mul_(64)
     bits = measured_bits(results, plan)
     print_layer_table(plan, results, config.num_hidden_layers)
     print(f"all-in bits/weight over the quantized linears: {bits:.4f} (target {recipe.target_bits})")
@@ -233,16 +238,17 @@ def dequantized_copy(model, results: dict):
     return q
 
 
-def quality_gate(model, results: dict, calib: dict, tokenizer, recipe: Recipe, force: bool) -> dict:
-    """Perplexity on held-back calibration windows (just past the calibration set) against the float model."""
-    from mpq.calib.data import load_token_windows
+def quality_gate(model, results: dict, calib: dict, tokenizer, recipe: Recipe, force: bool) -> dict | None:
+    """Perplexity on held-back calibration windows (none overlaps a calibration window) against the float model."""
+    from mpq.calib.data import held_out_windows
     from mpq.evaluate import perplexity
 
     fp = calib["fingerprint"]
-    data = fp["data"]["id"] if isinstance(fp.get("data"), dict) else fp.get("data")
-    n = fp["samples"] + recipe.gate_windows
-    windows = load_token_windows(data, tokenizer, n, fp["seq_len"], fp["seed"])[-recipe.gate_windows:]
-    windows = windows[:, : recipe.gate_seq_len]
+    windows = held_out_windows(fp["dataset"], tokenizer, fp["samples"], fp["seq_len"], fp["seed"], recipe.gate_windows,
+                               min(recipe.gate_seq_len, fp["seq_len"]))
+    if windows.shape[0] == 0:
+        print("quality gate skipped: the calibration windows cover the whole dataset, none is held back")
+        return None
     fp_ppl, _ = perplexity(model, windows)
     q_ppl, _ = perplexity(dequantized_copy(model, results), windows)
     ratio = q_ppl / fp_ppl
@@ -274,7 +280,7 @@ def provenance(opts: QuantizeOptions, src, config, model, calib, plan: Plan, bit
                  "transformers": transformers.__version__, "triton": triton_version(), "python": platform.python_version()},
         "source": {"config_sha256": hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode()).hexdigest(),
                    "weights_sha256": h.hexdigest()},
-        "calibration": None if calib is None else {"path": str(opts.calib), "dataset": fp.get("data"),
+        "calibration": None if calib is None else {"path": str(opts.calib), "dataset": fp.get("dataset"), "data": fp.get("data"),
                                                    "samples": fp.get("samples"), "seq_len": fp.get("seq_len"), "seed": fp.get("seed")},
         "recipe": opts.recipe.to_dict(), "recipe_source": opts.recipe_source, "overrides": opts.cli_overrides,
         "plan": plan.to_dict(), "bits_per_weight": bits, "gate": gate, "quantize_seconds": round(seconds, 1),
