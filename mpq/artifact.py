@@ -144,8 +144,10 @@ def read_safetensors_header(path: Path) -> dict:
             continue
         try:
             dtype = _DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            start, end = (int(o) for o in info["data_offsets"])
+            shape, offsets = list(info["shape"]), list(info["data_offsets"])
+            if not all(type(v) is int for v in shape + offsets):  # JSON floats, Infinity and booleans are not sizes
+                raise TypeError
+            start, end = offsets
         except (KeyError, TypeError, ValueError):
             raise ArtifactError(f"{path.name}: malformed entry for tensor {name!r}") from None
         numel = 1
@@ -202,7 +204,7 @@ def read_manifest(path: Path) -> tuple[dict, dict, list[Path]]:
     if not isinstance(manifest, dict) or not isinstance(config, dict):
         raise ArtifactError("manifest or config is not an object")
     version = manifest.get("format_version")
-    if not isinstance(version, int):
+    if type(version) is not int:
         raise ArtifactError("manifest has no format version")
     if version > FORMAT_VERSION:
         raise ArtifactError(f"artifact format v{version} is newer than this mpq (reads up to v{FORMAT_VERSION}); upgrade mpq")
