@@ -95,8 +95,14 @@ def load_float_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust
 
     load_config(src, trust_remote_code)
     hf_logging.disable_progress_bar()
+    kw = src.hf_kwargs()
+    if not src.gguf_file:
+        kw["use_safetensors"] = True  # never unpickle weights (pytorch_model.bin) from an untrusted folder
+        if src.local and not any(Path(src.path).glob("*.safetensors")):
+            raise MpqError(f"no safetensors weights in '{src.spec}' (pickle checkpoints such as pytorch_model.bin "
+                           "are never loaded: convert them to safetensors)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, trust_remote_code=trust_remote_code, **src.hf_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
     except Exception as e:
         raise MpqError(f"could not load model weights from '{src.spec}': {str(e).splitlines()[0][:200]}") from None
     return model.eval()
