@@ -10,29 +10,35 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import pathlib
 
 import torch
 import triton
 
 from kernels.gemm_mixed import gemm_mixed, prefill_mixed
+from kernels.gemv_h2 import gemv_h2
 from kernels.gemv_mixed import gemv_mixed
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
 COUNTERS_PER_ROW_TILE = 16  # split-K counters: one per (program, activation row or BM-block) of each row tile
 GEMV_MAX_M = 2
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMM_MAX_M = 64
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    kind: str  # "gemv" (CUDA cores, M tiny), "gemm" (tensor cores, skinny M), "prefill" (dequantize + cuBLAS)
+    kind: str  # "gemv"/"gemv2" (CUDA cores, M tiny; gemv2 decodes in fp16x2, fp16 x on CUDA only, else it runs
+    # as gemv), "gemm" (tensor cores, skinny M), "prefill" (dequantize + cuBLAS)
     split: int = 1
     rows: int = 8  # GEMV: rows of a 16-row tile per program
     block_m: int = 16  # GEMM: activation rows per program
     num_warps: int = 1
     num_stages: int = 2
+    pairs: int = 1  # GEMV2: word pairs of each row per thread (2: two threads share a program's rows)
+    early4: bool = False  # GEMV2: the 4-bit stream's first chunk loaded before the 2-bit stream runs
 
 
 def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> KernelConfig:
@@ -43,7 +49,7 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> 
         split = 1
         while tiles * m * split < 8 * sm_count and groups // (split * 2) >= 8:
             split *= 2
-        return KernelConfig("gemv", split=split, rows=8, num_warps=1)
+        return KernelConfig("gemv2", split=split, rows=8, num_warps=1)  # runs as "gemv" unless x is fp16 on CUDA
     if m <= GEMM_MAX_M:
         block_m = 16 if m <= 16 else 32 if m <= 32 else 64
         split = 1
@@ -95,12 +101,18 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
         return y
     if cfg.kind == "prefill":
         return prefill_mixed(x, y, *tensors, group_size=group_size, outliers=outliers)
-    blocks = m * (16 // cfg.rows) if cfg.kind == "gemv" else triton.cdiv(m, cfg.block_m)
+    if cfg.kind == "gemv2" and (x.dtype != torch.float16 or INTERPRET):
+        cfg = dataclasses.replace(cfg, kind="gemv")  # the fp16x2 path needs fp16 x and a GPU (inline PTX)
+    blocks = m * (16 // cfg.rows) if cfg.kind.startswith("gemv") else triton.cdiv(m, cfg.block_m)
     if cfg.split > 1 and blocks > COUNTERS_PER_ROW_TILE:
         cfg = dataclasses.replace(cfg, split=1)
     if counters.numel() < COUNTERS_PER_ROW_TILE * tensors[0].shape[0]:
         raise ValueError(f"counters too small: need {COUNTERS_PER_ROW_TILE} int32 per row tile")
     ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
+    if cfg.kind == "gemv2":
+        return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
+                       rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,
+                       pairs=cfg.pairs if group_size >= 64 else 1, early4=cfg.early4, fast=True)
     if cfg.kind == "gemv":
         return gemv_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                           rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps)

@@ -1,10 +1,12 @@
 """On the GPU machine: kernel tests on CUDA, a configuration sweep on the Llama-2-7B shapes, then the benchmark.
 
 Usage (from the repo root): PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR [--skip-tests] [--skip-sweep]
+       PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --quick   (a few minutes: see `quick`)
 Writes OUT_DIR/pytest.log, OUT_DIR/sweep.jsonl (every candidate: time, error), OUT_DIR/configs-<gpu>.json (the
 winners, also installed as kernels/configs/<gpu>.json for the benchmark) and OUT_DIR/kernels-<gpu>.json.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -26,7 +28,7 @@ def candidates(m: int) -> list[KernelConfig]:
     gemm = [KernelConfig("gemm", split=sp, block_m=16, num_warps=w, num_stages=st)
             for sp in (1, 2, 4, 8) for w in (1, 2) for st in (2, 3, 4)]
     if m == 1:
-        return gemv
+        return gemv + GEMV2_CANDIDATES
     if m <= 4:
         return [c for c in gemv if c.rows == 16 and c.num_warps == 1 and c.split <= 2] + [c for c in gemm if c.split <= 4]
     return gemm
@@ -65,10 +67,94 @@ def sweep(out: pathlib.Path, shapes, ms=(1, 4, 16)) -> list[dict]:
     return winners
 
 
+GEMV2_CANDIDATES = [KernelConfig("gemv2", split=sp, rows=r, num_warps=w, pairs=p, early4=e)
+                    for r, p, w, sp, e in ((8, 1, 1, 1, False), (8, 1, 1, 1, True), (8, 1, 2, 1, False),
+                                           (16, 1, 2, 1, False), (16, 1, 1, 1, False), (4, 1, 1, 1, False),
+                                           (4, 1, 1, 1, True), (8, 1, 1, 2, False), (8, 1, 1, 4, False),
+                                           (16, 1, 1, 2, False), (16, 1, 2, 2, False), (16, 2, 1, 4, False),
+                                           (16, 2, 2, 1, False), (4, 1, 1, 2, False), (8, 1, 2, 2, False))]
+
+
+def quick(out: pathlib.Path, gpu: str) -> None:
+    """M = 1: the tuned GEMV against GEMV2 candidates on the same card (winners into the table); every kernel
+    (default configs, M = 1, 2, 16, 64) checked on CUDA against PackedLinear.dequantize(); then the benchmark
+    rows of M = 1 and 16 on the three shapes (same method as the full run) -> OUT/kernels-<gpu>-quick.json."""
+    import time
+
+    t0 = time.time()
+    table_path = CONFIG_DIR / f"{gpu}.json"
+    table = json.loads(table_path.read_text())
+    log = (out / "quick-sweep.jsonl").open("w")
+    for n, k in bench.SHAPES:
+        layers = [bench.random_layer(n, k, 1, "cuda", seed=i) for i in range(bench.ROTATE)]
+        args = [tuple(getattr(p, t) for t in TENSOR_ORDER) for p in layers]
+        counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
+        ref_w = layers[0].dequantize(torch.float32)
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        ref = x.float() @ ref_w.t()
+        row = next(r for r in table["configs"] if (r["m_bucket"], r["n"], r["k"]) == (1, n, k))
+        base = KernelConfig(**row["config"])
+        results = []
+        for cfg in [base] + GEMV2_CANDIDATES:
+            run = lambda: [mixed_matmul(x, a, group_size=128, outliers=1, counters=counters, config=cfg)  # noqa: E731
+                           for a in args]
+            try:
+                y = run()[0].float()
+                err = float((y - ref).norm() / ref.norm())
+                us = bench._graph_us(run) if err < MAX_REL_ERR else float("inf")
+            except Exception as e:
+                err, us = float("nan"), float("inf")
+                print(f"{n}x{k} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            results.append((us, cfg))
+            log.write(json.dumps({"n": n, "k": k, "m": 1, "config": cfg.__dict__, "us": us, "rel_err": err}) + "\n")
+            log.flush()
+            print(f"{n}x{k} m=1 {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
+                  f"pairs={cfg.pairs} early4={cfg.early4}: {us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]",
+                  flush=True)
+        best = min(results, key=lambda r: r[0])
+        row["config"] = dataclasses.asdict(best[1])
+        del layers, args
+        torch.cuda.empty_cache()
+    text = json.dumps(table, indent=1)
+    (out / f"configs-{gpu}.json").write_text(text)
+    table_path.write_text(text)
+    _device_facts.cache_clear()
+    for n, k in bench.SHAPES:  # every kernel, default configurations, against the dequantized reference
+        layer = bench.random_layer(n, k, 1, "cuda", seed=100)
+        args = tuple(getattr(layer, t) for t in TENSOR_ORDER)
+        counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
+        w = layer.dequantize(torch.float32)
+        for m in (1, 2, 16, 64):
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+            y = mixed_matmul(x, args, group_size=128, outliers=1, counters=counters).float()
+            ref = x.float() @ w.t()
+            err = float((y - ref).norm() / ref.norm())
+            print(f"check {n}x{k} m={m}: rel err {err:.2e} {'ok' if err < MAX_REL_ERR else 'FAIL'}", flush=True)
+        x = torch.randn(2, k, device="cuda", dtype=torch.float16)
+        for cfg in (KernelConfig("gemv2", rows=16, pairs=2, split=2), KernelConfig("gemv2", rows=4, early4=True)):
+            y = mixed_matmul(x, args, group_size=128, outliers=1, counters=counters, config=cfg).float()
+            err = float((y - x.float() @ w.t()).norm() / (x.float() @ w.t()).norm())
+            print(f"check {n}x{k} m=2 {cfg}: rel err {err:.2e} {'ok' if err < MAX_REL_ERR else 'FAIL'}", flush=True)
+    print(f"[{time.time() - t0:.0f}s] benchmark", flush=True)
+    bench.bench_kernels(out / f"kernels-{gpu}-quick.json", ms=(1, 16))
+    print(f"[{time.time() - t0:.0f}s] pytest -k 'gemv_h2 or dispatch' on CUDA", flush=True)
+    try:
+        res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels",
+                              "-k", "gemv_h2 or dispatch"], capture_output=True, text=True,
+                             timeout=max(10, 200 - (time.time() - t0)), env={**os.environ, "TRITON_INTERPRET": "0"})
+        (out / "pytest-quick.log").write_text(res.stdout + res.stderr)
+        print(res.stdout[-600:], flush=True)
+    except subprocess.TimeoutExpired:
+        print("pytest: out of time", flush=True)
+    print(f"[{time.time() - t0:.0f}s] done", flush=True)
+
+
 def main() -> None:
     out = pathlib.Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name().lower().replace("nvidia", "").split()[0]
+    if "--quick" in sys.argv:
+        return quick(out, gpu)
     if "--skip-tests" not in sys.argv:
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"],

@@ -16,6 +16,7 @@ triton = pytest.importorskip("triton")
 from kernels import KernelConfig, mixed_matmul  # noqa: E402
 from kernels.dispatch import TENSOR_ORDER  # noqa: E402
 from kernels.gemm_mixed import dequantize_mixed, gemm_mixed  # noqa: E402
+from kernels.gemv_h2 import gemv_h2  # noqa: E402
 from kernels.gemv_mixed import gemv_mixed  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -69,6 +70,21 @@ def test_gemv(make_packed, layer, m, split, rows, warps):
 
 
 @pytest.mark.parametrize("layer", LAYERS)
+@pytest.mark.parametrize("m, split, rows, warps, pairs, early4",
+                         [(1, 1, 8, 1, 1, True), (1, 2, 16, 2, 2, False), (2, 3, 4, 1, 2, True)])
+def test_gemv_h2(make_packed, layer, m, split, rows, warps, pairs, early4):
+    """The fp16x2 GEMV: its inline-PTX path on CUDA, its plain fp32 path (same layout, same sums) everywhere."""
+    packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=30 + m + split)
+    for fast in (False, True) if not INTERPRET else (False,):
+        y = torch.full((m, layer[0]), float("nan"), dtype=torch.float16, device=DEVICE)
+        ws, counters = scratch(m, layer[0], split, packed.row_tiles)
+        gemv_h2(x, y, ws, counters, *tensors, group_size=packed.group_size, outliers=packed.outliers,
+                rows=rows, split=split, num_warps=warps, pairs=pairs, early4=early4, fast=fast)
+        check(y, ref, torch.float16)
+        assert not counters.any()
+
+
+@pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("m, split", [(3, 2), (16, 1), (33, 3)])
 def test_gemm(make_packed, layer, m, split):
     # bf16 arithmetic is wrong under the Triton interpreter (3.9: bf16 a - b gives garbage), so bf16 on CUDA only
@@ -91,7 +107,7 @@ def test_dequantize(make_packed, layer):
     torch.testing.assert_close(w.cpu(), packed.dequantize(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("m, kind", [(1, "gemv"), (16, "gemm"), (33, "prefill")])
+@pytest.mark.parametrize("m, kind", [(1, "gemv"), (2, "gemv2"), (16, "gemm"), (33, "prefill")])
 def test_dispatch(make_packed, m, kind):
     """The public entry point, with the default configuration of each kind, twice (counters reset)."""
     layer = LAYERS[2]

@@ -1,0 +1,230 @@
+"""Decode GEMV v2 for format v1: codes decoded two at a time in packed fp16x2 (fp16 activations, CUDA only).
+
+Same programs as gemv_mixed (RB rows of a row tile, S slots per chunk, next chunk's loads in flight), but each
+thread owns a *pair* of adjacent words (2p, 2p+1) of each of its rows, loaded as one int64. A PRMT joins the low
+(then high) 16 bits of the two words, so the two fp16 lanes hold the codes of columns j*W + 2p and j*W + 2p + 1:
+one int32 load of x (two adjacent fp16) is the activation pair of that code pair, for all the thread's rows.
+Per code pair: one LOP3, (u & mask) | magic, with magic = 2^(10-b) for a code at bit b (no shift for bits
+0..9), which is the exact fp16 pair magic + c; one HFMA2, v/16 - (magic + z)/16 = (c - z)/16, exact; one HFMA2
+into an fp16x2 partial of at most 8 products per lane (the 1/16 keeps it finite for |x| < ~4e4; undone once per
+program). Partials go to fp32 per (row, slot, pair), the group scale is applied in fp32. About 2 instructions
+per weight in the code loop (fp32 decode: >= 3). FAST=False: the same sums in fp32, no inline PTX (interpreter).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.splitk import finish_split
+
+_LOP = "lop3.b32 t, {u}, {mask}, {magic}, 0xEA;"  # (u & mask) | magic
+
+
+def _asm(bits: int) -> str:
+    """PTX for one (row, slot, word pair): $0 = sum over the pair's codes of (c - z)/16 * x, in fp32."""
+    n_x = 32 // bits
+    # (shift of the joined half, [(mask, magic, zero multiplier)]) per code, codes in order j = 0, 1, ...
+    if bits == 2:
+        plan = [(0, m) for m in range(5)] + [(10, m) for m in range(3)]
+        k_of = {m: (4 ** m, 0x6400 - 0x800 * m) for m in range(5)}  # magic 2^(10-2m): 1024, 256, 64, 16, 4
+    else:
+        plan = [(0, 0), (0, 1), (8, 0), (8, 1)]
+        k_of = {0: (1, 0x6400), 1: (16, 0x5400)}  # magic 1024 (bits 0-3), 64 (bits 4-7)
+    mask_of = lambda m: ((1 << bits) - 1) << (bits * m) | (((1 << bits) - 1) << (bits * m)) << 16  # noqa: E731
+    lines = ["{", ".reg .b32 a, b, u, v, t, s16, acc0, acc1, " + ", ".join(f"k{m}" for m in k_of) + ";",
+             ".reg .b16 h0, h1, h2, h3;", ".reg .f32 f0, f1, f2, f3;",
+             "mov.b64 {a, b}, $1;", "mov.b32 s16, 0x2C002C00;"]  # 1/16 in both halves
+    for m, (mul, magic) in k_of.items():  # k_m = -(magic + z)/16: exponent - 4, sign set, z in the mantissa
+        lines.append(f"mad.lo.u32 k{m}, $2, {mul * 65537}, 0x{((magic - 0x1000) | 0x8000) * 65537:08X};")
+    for half, sel in enumerate(("0x5410", "0x7632")):
+        lines.append(f"prmt.b32 u, a, b, {sel};")
+        for i, (shift, m) in enumerate(plan):
+            src = "u"
+            if shift:
+                if (shift, m) == plan[[p[0] for p in plan].index(shift)]:
+                    lines.append(f"shr.u32 v, u, {shift};")
+                src = "v"
+            xj = f"${3 + half * len(plan) + i}"
+            lines.append(_LOP.format(u=src, mask=f"0x{mask_of(m):08X}", magic=f"0x{k_of[m][1] * 65537:08X}"))
+            lines.append(f"fma.rn.f16x2 t, t, s16, k{m};")  # (c - z) / 16, exact
+            acc = f"acc{half}"
+            lines.append(f"mul.rn.f16x2 {acc}, t, {xj};" if i == 0 else f"fma.rn.f16x2 {acc}, t, {xj}, {acc};")
+    assert 3 + 2 * len(plan) == 3 + n_x
+    lines += ["mov.b32 {h0, h1}, acc0;", "mov.b32 {h2, h3}, acc1;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;",
+              "cvt.f32.f16 f2, h2;", "cvt.f32.f16 f3, h3;", "add.f32 f0, f0, f1;", "add.f32 f2, f2, f3;",
+              "add.f32 $0, f0, f2;", "}"]
+    return "\n".join(lines)
+
+
+ASM2 = tl.constexpr(_asm(2))
+ASM4 = tl.constexpr(_asm(4))
+CONS2 = tl.constexpr("=f,l,r" + ",r" * 16)
+CONS4 = tl.constexpr("=f,l,r" + ",r" * 8)
+
+
+@triton.jit
+def _x8(p, base, STEP: tl.constexpr):
+    """x pairs at base + k * STEP, k = 0..7, issued back to back."""
+    x0, x1, x2, x3 = (tl.load(p + base), tl.load(p + base + STEP), tl.load(p + base + 2 * STEP),
+                      tl.load(p + base + 3 * STEP))
+    x4, x5, x6, x7 = (tl.load(p + base + 4 * STEP), tl.load(p + base + 5 * STEP), tl.load(p + base + 6 * STEP),
+                      tl.load(p + base + 7 * STEP))
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, slot, end, offs_r, offs_ru, offs_p,
+                BITS: tl.constexpr, R: tl.constexpr, P: tl.constexpr, PT: tl.constexpr):
+    """Word pairs p and p + P/PT of RB rows [RB, S, P/PT]; group column, scale code, zero [.., S, P/PT] (each
+    thread loads its own copies, so nothing changes layout; offs_ru hides row contiguity for the same reason)."""
+    ZPB: tl.constexpr = 8 // BITS
+    valid = (slot < end)[None, :, None]
+    ts = (t * n_slots + slot)[None, :, None]
+    r = offs_ru[:, None, None]
+    zp = offs_p[None, None, :] * 0
+    q_offs = (ts * R + offs_r[:, None, None]) * P + offs_p[None, None, :]
+    q0 = tl.load(q_ptr + q_offs, mask=valid, other=0)
+    q1 = tl.load(q_ptr + q_offs + P // PT, mask=valid, other=0) if PT == 2 else q0
+    col0 = tl.load(idx_ptr + ts + zp, mask=valid, other=0).to(tl.int32)
+    sc = tl.load(s_ptr + ts * R + r + zp, mask=valid, other=0).to(tl.float32)
+    zb = tl.load(z_ptr + ts * (R // ZPB) + r // ZPB + zp, mask=valid, other=0).to(tl.int32)
+    zero = (zb >> ((r % ZPB) * BITS)) & ((1 << BITS) - 1)
+    return q0, q1, col0, sc, zero
+
+
+@triton.jit
+def _dot(x32_row, base, q, zero, BITS: tl.constexpr, W: tl.constexpr):
+    """sum over one word pair's codes of (c - z)/16 * x, fp32 [RB, S, P/PT] (inline PTX, see _asm)."""
+    a0, a1, a2, a3, a4, a5, a6, a7 = _x8(x32_row, base, W // 2)
+    if BITS == 2:
+        b0, b1, b2, b3, b4, b5, b6, b7 = _x8(x32_row, base + 4 * W, W // 2)
+        return tl.inline_asm_elementwise(ASM2, CONS2, [q, zero, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4,
+                                                       b5, b6, b7], dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        return tl.inline_asm_elementwise(ASM4, CONS4, [q, zero, a0, a1, a2, a3, a4, a5, a6, a7],
+                                         dtype=tl.float32, is_pure=True, pack=1)
+
+
+@triton.jit
+def _dot_plain(x_row, col0, offs_p, q, zero, BITS: tl.constexpr, W: tl.constexpr, G_SIZE: tl.constexpr):
+    """The same sums in fp32 without inline asm: (c - z)/16 * x over the codes of each word pair."""
+    part = (q * 0).to(tl.float32)
+    xb = x_row + col0 * G_SIZE + 2 * offs_p[None, None, :]
+    for j in tl.static_range(32 // BITS):
+        x0 = tl.load(xb + j * W).to(tl.float32)
+        x1 = tl.load(xb + j * W + 1).to(tl.float32)
+        c0 = ((q >> (BITS * j)) & ((1 << BITS) - 1)).to(tl.int32) - zero
+        c1 = ((q >> (32 + BITS * j)) & ((1 << BITS) - 1)).to(tl.int32) - zero
+        part += c0.to(tl.float32) * x0 + c1.to(tl.float32) * x1
+    return part * 0.0625
+
+
+@triton.jit
+def _first(q_ptr, s_ptr, z_ptr, idx_ptr, t, offs_r, n_slots, sp, unit, BITS: tl.constexpr, G_SIZE: tl.constexpr,
+           R: tl.constexpr, S: tl.constexpr, PT: tl.constexpr, SPLIT: tl.constexpr):
+    """This program's slot range [start, end) of one stream and its first chunk's loads."""
+    P: tl.constexpr = G_SIZE * BITS // 64
+    per_split = tl.cdiv(tl.cdiv(n_slots, S), SPLIT) * S
+    start = sp * per_split
+    end = tl.minimum(start + per_split, n_slots)
+    q0, q1, col0, sc, zero = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, start + tl.arange(0, S), end,
+                                         offs_r, offs_r * unit, tl.arange(0, P // PT) * unit, BITS, R, P, PT)
+    return start, end, q0, q1, col0, sc, zero
+
+
+@triton.jit
+def _stream(x_row, x32_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, offs_r, n_slots, unit,
+            start, end, q0n, q1n, col0_n, sc_n, zero_n,
+            BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr,
+            PT: tl.constexpr, OUTLIERS: tl.constexpr, FAST: tl.constexpr):
+    """Slots [start, end) of one stream, first chunk already loaded: (sum of scale-code * dot, outlier dot),
+    [RB]. Each thread takes PT word pairs (p, p + P/PT) of each of its rows; x pairs are loaded once per
+    thread and serve all its rows. The next chunk's loads are issued before this chunk's arithmetic."""
+    W: tl.constexpr = G_SIZE * BITS // 32
+    P: tl.constexpr = W // 2
+    PP: tl.constexpr = P // PT
+    offs_s = tl.arange(0, S)
+    offs_p = tl.arange(0, PP) * unit  # unit = 1 at run time: a pair of each row per thread, not 2 of one row
+    offs_ru = offs_r * unit
+    chunks = tl.cdiv(tl.maximum(end - start, 0), S)
+    acc = tl.zeros([RB, S, PP], tl.float32)
+    acc_o = tl.zeros([RB, S, PP], tl.float32)
+    for c in range(chunks):
+        q0, q1, col0, sc, zero = q0n, q1n, col0_n, sc_n, zero_n
+        q0n, q1n, col0_n, sc_n, zero_n = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots,
+                                                     start + (c + 1) * S + offs_s, end, offs_r, offs_ru, offs_p,
+                                                     BITS, R, P, PT)
+        slot = start + c * S + offs_s
+        o_mask = (slot < end)[None, :, None] & (offs_p == 0)[None, None, :]  # each outlier once, on the p=0 thread
+        o_offs = ((t * n_slots + slot)[None, :, None] * R + offs_ru[:, None, None]) * OUTLIERS + offs_p[None, None, :]
+        for k in tl.static_range(OUTLIERS):
+            ov = tl.load(ov_ptr + o_offs + k, mask=o_mask, other=0.0).to(tl.float32)
+            oi = tl.load(oi_ptr + o_offs + k, mask=o_mask, other=0).to(tl.int32)
+            acc_o += ov * tl.load(x_row + col0 * G_SIZE + oi, mask=o_mask, other=0.0).to(tl.float32)
+        if FAST:
+            base = col0 * (G_SIZE // 2) + offs_p[None, None, :]  # [1, S, PP] index of x pairs (int32)
+            part = _dot(x32_row, base, q0, zero, BITS, W)
+            if PT == 2:
+                part += _dot(x32_row, base + PP, q1, zero, BITS, W)
+        else:
+            part = _dot_plain(x_row, col0, offs_p, q0, zero, BITS, W, G_SIZE)
+            if PT == 2:
+                part += _dot_plain(x_row, col0, offs_p + PP, q1, zero, BITS, W, G_SIZE)
+        acc += sc * part
+    return tl.sum(tl.sum(acc, axis=2), axis=1) * 16.0, tl.sum(tl.sum(acc_o, axis=2), axis=1)
+
+
+@triton.jit(do_not_specialize=["M", "n2", "n4", "unit"])
+def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
+                    q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
+                    q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
+                    M, N, n2, n4, stride_xm, stride_ym, unit,
+                    G_SIZE: tl.constexpr, R: tl.constexpr, OUTLIERS: tl.constexpr, RB: tl.constexpr,
+                    S2: tl.constexpr, S4: tl.constexpr, PT: tl.constexpr, SPLIT: tl.constexpr,
+                    EARLY4: tl.constexpr, FAST: tl.constexpr):
+    pid = tl.program_id(0)  # RB rows of one row tile
+    sp = tl.program_id(1)
+    m = tl.program_id(2)
+    t = pid // (R // RB)
+    offs_r = (pid % (R // RB)) * RB + tl.arange(0, RB)
+    x_row = x_ptr + m * stride_xm
+    x32_row = x32_ptr + m * (stride_xm // 2)
+    b0, e0, a0, a1, a2, a3, a4 = _first(q2_ptr, s2_ptr, z2_ptr, idx2_ptr, t, offs_r, n2, sp, unit, 2, G_SIZE, R, S2,
+                                        PT, SPLIT)
+    if EARLY4:  # the 4-bit stream's first loads in flight during the 2-bit stream
+        b1, e1, c0, c1, c2, c3, c4 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, t, offs_r, n4, sp, unit, 4, G_SIZE, R,
+                                            S4, PT, SPLIT)
+    p2, o2 = _stream(x_row, x32_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, offs_r, n2, unit,
+                     b0, e0, a0, a1, a2, a3, a4, 2, G_SIZE, R, RB, S2, PT, OUTLIERS, FAST)
+    if not EARLY4:
+        b1, e1, c0, c1, c2, c3, c4 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, t, offs_r, n4, sp, unit, 4, G_SIZE, R,
+                                            S4, PT, SPLIT)
+    p4, _ = _stream(x_row, x32_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, offs_r, n4, unit,
+                    b1, e1, c0, c1, c2, c3, c4, 4, G_SIZE, R, RB, S4, PT, 0, FAST)
+    rows = t * R + offs_r
+    val = tl.load(ss2_ptr + rows).to(tl.float32) * p2 + tl.load(ss4_ptr + rows).to(tl.float32) * p4 + o2
+    mask = rows < N
+    finish_split(val, y_ptr, m * stride_ym + rows, ws_ptr, m * N + rows, mask,
+                 cnt_ptr + m * tl.num_programs(0) + pid, sp, M * N, SPLIT)
+
+
+def gemv_h2(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *,
+            group_size: int, outliers: int, rows: int, split: int, num_warps: int, pairs: int = 1,
+            early4: bool = False, fast: bool):
+    """Same contract as gemv_mixed; `pairs` word pairs of each row per thread (1 or 2; with 2, two threads
+    share the rows); `early4`: the 4-bit stream's first chunk is loaded before the 2-bit stream starts; `fast`
+    (inline PTX, fp16 x on CUDA only) or the plain fp32 path."""
+    M, N, T, R = x.shape[0], y.shape[1], q2.shape[0], q2.shape[2]
+    # S slots * P / pairs pair threads * pairs row threads = 32 * num_warps, P = g * bits / 64 pairs per group row
+    slots = lambda bits: max(1, 64 * num_warps // (group_size * bits // 32))  # noqa: E731
+    assert group_size * 2 // 64 % pairs == 0 and rows % pairs == 0
+    x32 = x.view(torch.int32) if fast else x
+    _gemv_h2_kernel[(T * (R // rows), split, M)](
+        x, x32, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi, q4.view(torch.int64), s4, z4,
+        ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0), 1,
+        G_SIZE=group_size, R=R, OUTLIERS=outliers, RB=rows, S2=slots(2), S4=slots(4), PT=pairs, SPLIT=split,
+        EARLY4=early4, FAST=fast,
+        num_warps=num_warps,
+    )
+    return y
+
