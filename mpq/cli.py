@@ -179,8 +179,19 @@ def run(
 
 @bench_app.command("e2e")
 @one_line_errors
-def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here")):
+def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here"),
+              early_exit: bool = typer.Option(False, "--early-exit", help="SpecEE exits, trace-driven (see --trace)"),
+              trace: Path = typer.Option(Path("benchmarks/results/specee-trace-smollm2.json"),
+                                         help="--early-exit: JSON of `mpq eval --early-exit --json` whose exit histogram is replayed")):
     """Batch-1 decode of a Llama-2-7B-shaped model: mpq vs this engine in fp16 vs transformers fp16."""
+    if early_exit:
+        from mpq.specee.bench import bench_early_exit
+
+        r = bench_early_exit(trace, json_out)
+        typer.echo(f"{r['label']}\nno exits {r['ms_per_token_no_exit']:.3f} ms/token, exits {r['ms_per_token_exit']:.3f} "
+                   f"ms/token: speed-up {r['speedup']:.3f}x vs ideal {r['ideal_speedup']:.3f}x ({r['speedup_vs_ideal']:.3f} of ideal)")
+        print_json_last(r)
+        return
     from mpq.bench.e2e import bench_e2e as run_bench
 
     result = run_bench(json_out)
@@ -242,6 +253,7 @@ def sweep(
     recipe: Optional[str] = typer.Option(None),
     json_out: bool = typer.Option(False, "--json"),
     plot: Optional[Path] = typer.Option(None, help="bits/weight against ppl ratio (PNG)"),
+    ablation: Optional[float] = typer.Option(None, help="also quantize at this budget without outliers and without GPTQ"),
 ):
     """Quantize at several budgets from one calibration and evaluate each against the float model."""
     from mpq.sweep import SweepOptions, sweep as run_sweep
@@ -252,7 +264,7 @@ def sweep(
     except ValueError:
         raise MpqError("--bits takes numbers like 2.5,3.0 and --baselines integers like 2,3,4") from None
     result = run_sweep(SweepOptions(model=model, calib=calib, bits=budgets, baseline_bits=uniform, dataset=dataset,
-                                    windows=windows, seq_len=seq_len, recipe=recipe, plot=plot))
+                                    windows=windows, seq_len=seq_len, recipe=recipe, plot=plot, ablation_bits=ablation))
     if json_out:
         print_json_last(result)
 

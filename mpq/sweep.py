@@ -4,7 +4,7 @@ beside uniform RTN and GPTQ points, all against the float model on the same wind
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -23,6 +23,7 @@ class SweepOptions:
     seq_len: int = 512
     recipe: str | None = None
     plot: Path | None = None
+    ablation_bits: float | None = None  # also run mpq without outliers and without GPTQ at this budget
 
 
 def _cached_hessians(calib: str, num_layers: int):
@@ -94,11 +95,18 @@ def sweep(opts: SweepOptions) -> dict:
         print(f"{method:5s} {bits:6.3f} b/w  ppl {point['ppl']:10.2f}  x{point['ppl_ratio']:8.3f}  "
               f"KLD {point['kld']:.4f}  top-1 {point['top1_agreement']:.3f}", flush=True)
 
-    for target in opts.bits:
+    def add_mpq(target: float, r, variant_costs, variant: str):
         t0 = time.time()
-        plan = allocate(costs, target, {})
-        results = quantize_model_linears(model, hessians, plan, costs, recipe)
-        add("mpq", measured_bits(results, plan), dequantized_copy(model, results), t0, target_bits=target)
+        plan = allocate(variant_costs, target, {})
+        results = quantize_model_linears(model, hessians, plan, variant_costs, r)
+        add("mpq", measured_bits(results, plan), dequantized_copy(model, results), t0, target_bits=target, variant=variant)
+
+    for target in opts.bits:
+        add_mpq(target, recipe, costs, "default")
+    if opts.ablation_bits is not None:
+        add_mpq(opts.ablation_bits, replace(recipe, gptq=False), costs, "no-gptq")
+        no_outliers = replace(recipe, outliers=0)
+        add_mpq(opts.ablation_bits, no_outliers, measure_model(model, hessians, no_outliers), "no-outliers")
     for b in opts.baseline_bits:
         for method, use_gptq in (("rtn", False), ("gptq", True)):
             t0 = time.time()
@@ -120,7 +128,8 @@ def plot_sweep(result: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     styles = {"mpq": ("o-", "mpq (2/4-bit tiles + outliers, GPTQ)"), "gptq": ("s", "uniform GPTQ"), "rtn": ("^", "uniform RTN")}
     for method, (style, label) in styles.items():
-        pts = sorted((p["bits_per_weight"], p["ppl_ratio"]) for p in result["points"] if p["method"] == method)
+        pts = sorted((p["bits_per_weight"], p["ppl_ratio"]) for p in result["points"]
+                     if p["method"] == method and p.get("variant", "default") == "default")
         if pts:
             ax.plot(*zip(*pts), style, label=label)
     ax.set_yscale("log")
