@@ -26,6 +26,7 @@ class RunOptions:
     raw: bool = False  # skip the chat template
     device: str = "auto"
     stream: bool = True  # print text to stdout as it is generated
+    no_exit: bool = False  # ignore SpecEE predictors in the artifact (full depth)
 
 
 def read_prompt(opts: RunOptions) -> str:
@@ -93,7 +94,15 @@ def run(opts: RunOptions) -> dict:
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     stream = TextStream(engine.tokenizer, opts.stream)
-    result = gen.generate(prompt, opts.max_new_tokens, sampling, seed=opts.seed, eos_ids=eos_ids(engine), on_tokens=stream)
+    exit_run = None
+    if not opts.no_exit:  # an artifact with SpecEE predictors decodes with exits
+        from mpq.specee.decode import run_with_exits
+
+        exit_run = run_with_exits(engine, opts.model, prompt, opts.max_new_tokens, sampling, eos_ids(engine), stream)
+    if exit_run is not None:
+        result = exit_run[0]
+    else:
+        result = gen.generate(prompt, opts.max_new_tokens, sampling, seed=opts.seed, eos_ids=eos_ids(engine), on_tokens=stream)
     if opts.stream:
         sys.stdout.write("\n")
     out = {
@@ -109,6 +118,8 @@ def run(opts: RunOptions) -> dict:
         "device": torch.cuda.get_device_name() if cuda else "cpu",
         "stopped_on_eos": result.stopped_on_eos,
     }
+    if exit_run is not None:
+        out["early_exit"] = exit_run[1]
     Console(stderr=True).print(
         f"[dim]{out['prompt_tokens']} prompt tokens, prefill {out['prefill_ms']:.1f} ms; {out['tokens']} new tokens, "
         f"decode {out['decode_ms_per_token']:.2f} ms/token ({out['decode_tokens_per_s'] or 0:.1f} tokens/s); "

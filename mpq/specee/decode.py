@@ -1,0 +1,302 @@
+"""Exit-aware decoding on the engine's Transformer (SpecEE): draft top-4, then layer by layer, at the scheduled
+layers, the 12 features and the predictor; on a predicted exit the full LM head at that layer, taken only if its
+argmax is one of the draft tokens.
+
+The skipped layers' KV at the exit position is filled from the exit hidden state (each skipped layer's k/v
+projection of its own attention norm of that state, all layers in one batched matmul where the weights are dense),
+so later tokens attend to a complete cache. `mode="drop"` is the paper's behaviour instead: those positions are
+masked out of the skipped layers' attention.
+
+The layer loop calls the engine's own Block pieces (norm weights, attention with its KV cache, MLP), in the
+order Transformer.forward does, so at full depth it reproduces the engine's logits. On the host the decision at
+each scheduled layer is a sync; on CPU that is free, on the GPU see mpq/specee/bench.py.
+
+Automatic fallback: every `window` tokens the decoder compares the time its exits saved (skipped layers times the
+measured time per layer) with the time the machinery cost (draft head, features + predictors, rejected
+verifications, KV filling); when the machinery costs more, it decodes the rest at full depth and says so.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mpq.errors import MpqError
+from mpq.runtime.model import SmallOps, Transformer, rope_inv_freq
+from mpq.specee.bundle import SpecEE
+from mpq.specee.draft import _rotate, rope_tables
+from mpq.specee.features import draft_logits, features, final_norm
+from mpq.specee.schedule import OnlineSchedule
+
+MODES = ("fill", "drop")
+PARTS = ("draft", "predict", "verify_rejected", "fill")
+
+
+@dataclass
+class ExitStats:
+    num_layers: int
+    tokens: int = 0
+    layers: int = 0  # executed decoder layers, summed over tokens
+    exits: Counter = field(default_factory=Counter)  # executed layers per token -> count
+    predictor_calls: int = 0
+    verifications: int = 0
+    rejections: int = 0
+    ms: dict = field(default_factory=lambda: {p: 0.0 for p in (*PARTS, "layers", "verify_accepted", "head")})
+    fallback: str | None = None
+    prefill_ms: float = 0.0
+    decode_ms: float = 0.0  # wall time of the decode steps
+
+    @property
+    def mean_layers(self) -> float:
+        return self.layers / self.tokens if self.tokens else float("nan")
+
+    def overhead_ms_per_token(self) -> dict:
+        n = max(self.tokens, 1)
+        return {p: self.ms[p] / n for p in PARTS}
+
+    def to_dict(self) -> dict:
+        return {"mean_layers": self.mean_layers, "num_layers": self.num_layers, "tokens": self.tokens,
+                "exit_histogram": {str(k): v for k, v in sorted(self.exits.items())},
+                "predictor_calls": self.predictor_calls, "predictor_calls_per_token": self.predictor_calls / max(self.tokens, 1),
+                "verifications": self.verifications, "verification_rejections": self.rejections,
+                "overhead_ms_per_token": self.overhead_ms_per_token(), "fallback": self.fallback,
+                "decode_ms_per_token": self.decode_ms / max(self.tokens, 1)}
+
+
+def lm_head_weight(model: Transformer) -> torch.Tensor:
+    out = model.output
+    return out.weight if hasattr(out, "weight") else out.dequantized_weight(model.dtype)
+
+
+def kv_projection(layer, dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """Dense [2*kv_dim, D] k/v weights (and bias) of a Block, or None when they are quantized on the GPU."""
+    qkv = layer.qkv
+    if hasattr(qkv, "splits"):  # FusedLinear
+        nq = qkv.splits[0]
+        return qkv.weight[nq:], None if qkv.bias is None else qkv.bias[nq:]
+    k, v = qkv.parts[1], qkv.parts[2]
+    if k.weight.is_cuda if hasattr(k, "weight") else k.q2.is_cuda:
+        return None
+    ws = [p.weight if hasattr(p, "weight") else p.dequantized_weight(dtype) for p in (k, v)]
+    bs = [p.bias for p in (k, v)]
+    bias = None if all(b is None for b in bs) else torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(ws, bs)])
+    return torch.cat(ws), bias
+
+
+class ExitDecoder:
+    """Greedy (or sampled) decoding of one sequence with exits; owns the model's caches while it runs."""
+
+    def __init__(self, model: Transformer, specee: SpecEE | None, max_seq_len: int, mode: str = "fill",
+                 exits: bool = True, auto_fallback: bool = True, window: int = 16, threshold: float | None = None):
+        if mode not in MODES:
+            raise MpqError(f"unknown exit mode '{mode}' ({' | '.join(MODES)})")
+        if exits and specee is None:
+            raise MpqError("exit-aware decoding needs predictors (mpq train-predictors)")
+        self.model, self.sp, self.mode, self.exits_on = model, specee, mode, exits
+        self.auto_fallback, self.window, self.threshold = auto_fallback, window, threshold
+        a = model.args
+        self.L, self.eps = a.n_layers, a.norm_eps
+        self.max_seq_len = max_seq_len
+        model.setup_caches(max_seq_len)
+        dev, dt = model.device, model.dtype
+        self.lm_w = lm_head_weight(model)
+        if specee is not None:
+            specee.draft.to(device=dev, dtype=dt)
+            specee.predictors.to(device=dev, dtype=torch.float32)
+            specee.draft.bind_rows(self.lm_w)
+            specee.draft.setup_cache(max_seq_len, dev, dt)
+            cos, sin = rope_tables(rope_inv_freq(a), max_seq_len)
+            self.d_cos, self.d_sin = cos.to(dev, dt), sin.to(dev, dt)
+            self.thresholds = {layer: float(specee.predictors.threshold[s]) if threshold is None else threshold
+                               for layer, s in specee.predictors.slot.items()}
+        self._stack_kv()
+        self.dropped = torch.zeros(self.L, max_seq_len, dtype=dt, device=dev) if mode == "drop" else None
+
+    def _stack_kv(self) -> None:
+        projs = [kv_projection(layer, self.model.dtype) for layer in self.model.layers]
+        self.kv_w = None if any(p is None for p in projs) else torch.stack([p[0] for p in projs])
+        self.kv_b = None if self.kv_w is None or projs[0][1] is None else torch.stack([p[1] for p in projs])
+        self.attn_norms = torch.stack([layer.attn_norm for layer in self.model.layers])
+
+    # ---- the engine's layer, piece by piece --------------------------------------------------------------
+    def run_layer(self, i: int, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, ops: SmallOps) -> torch.Tensor:
+        layer = self.model.layers[i]
+        cos, sin = self.model.rope_cos[pos], self.model.rope_sin[pos]
+        if self.dropped is not None:
+            mask = mask + self.dropped[i]
+        x, h = ops.add_rms_norm(x, None, layer.attn_norm, self.eps)
+        x, h = ops.add_rms_norm(x, layer.attention(h, pos, cos, sin, mask, ops), layer.mlp_norm, self.eps)
+        return x + layer.mlp(h, ops)
+
+    def fill_kv(self, x: torch.Tensor, pos: torch.Tensor, first: int) -> None:
+        """K/V of layers [first, L) at position pos, computed from the exit residual x [1, 1, D]."""
+        if first >= self.L:
+            return
+        a = self.model.args
+        h = x.reshape(1, -1).float()
+        h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        hs = self.attn_norms[first:] * h  # [n, D]: each skipped layer's own attention norm
+        if self.kv_w is not None:
+            kv = torch.bmm(self.kv_w[first:], hs.unsqueeze(-1)).squeeze(-1)
+            if self.kv_b is not None:
+                kv = kv + self.kv_b[first:]
+        else:  # quantized on the GPU: the layers' own k/v linears, one pair per layer
+            kv = torch.stack([torch.cat((layer.qkv.parts[1](hs[j]), layer.qkv.parts[2](hs[j])), -1)
+                              for j, layer in enumerate(self.model.layers[first:])])
+        n, kvd = kv.shape[0], a.n_kv_heads * a.head_dim
+        k = kv[:, :kvd].view(n, 1, a.n_kv_heads, a.head_dim)
+        v = kv[:, kvd:].view(n, 1, a.n_kv_heads, a.head_dim)
+        k = _rotate(k, self.model.rope_cos[pos], self.model.rope_sin[pos])
+        for j, layer in enumerate(self.model.layers[first:]):
+            layer.kv_cache.update(pos, torch.stack((k[j], v[j]))[:, None])
+
+    # ---- one sequence -----------------------------------------------------------------------------------
+    def _prefill(self, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full depth over the prompt; returns (last-position logits [V], normed final hidden rows [S, D])."""
+        dev = self.model.device
+        S = len(prompt)
+        tokens = torch.tensor([prompt], device=dev)
+        pos = torch.arange(S, device=dev)
+        mask = self.model.causal[pos].view(1, 1, S, self.max_seq_len)
+        x = F.embedding(tokens, self.model.embed)
+        for i in range(self.L):
+            x = self.run_layer(i, x, pos, mask, SmallOps())
+        hn = final_norm(x[0], self.model.norm, self.eps)
+        if self.sp is not None and S > 1:
+            self.sp.draft.step(hn[:-1], self.model.embed[tokens[0, 1:]], 0, self.d_cos, self.d_sin)
+        return self.model.output(hn[-1]), hn
+
+    def _timed(self, part: str, t0: float) -> float:
+        t = time.perf_counter()
+        self.stats.ms[part] += 1000 * (t - t0)
+        return t
+
+    def step(self, token: int, t: int, h_prev: torch.Tensor, exits: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Decode x_t at position t. Returns (logits [V] used for the next token, normed hidden [D], executed layers)."""
+        model, st = self.model, self.stats
+        dev = model.device
+        emb = model.embed[token]
+        t0 = time.perf_counter()
+        if exits:
+            top4 = self.sp.draft.propose(self.sp.draft.step(h_prev[None], emb[None], t - 1, self.d_cos, self.d_sin))
+            rows = self.lm_w[top4]
+            top4_set = set(top4.tolist())
+            sched = self.online.layers()
+            t0 = self._timed("draft", t0)
+        pos = torch.tensor([t], device=dev)
+        mask = model.causal[pos].view(1, 1, 1, self.max_seq_len)
+        x, p_prev, ops = emb.view(1, 1, -1), None, model.ops
+        for i in range(self.L - 1):
+            x = self.run_layer(i, x, pos, mask, ops)
+            if not exits or i not in sched:
+                continue
+            t0 = self._timed("layers", t0)
+            hn = final_norm(x.view(-1), model.norm, self.eps)
+            feat, p_prev = features(draft_logits(hn, rows), p_prev)
+            fire = float(self.sp.predictors.prob(i, feat)) > self.thresholds[i]
+            st.predictor_calls += 1
+            t0 = self._timed("predict", t0)
+            if not fire:
+                continue
+            logits = model.output(hn)
+            st.verifications += 1
+            if int(logits.argmax()) in top4_set:
+                t0 = self._timed("verify_accepted", t0)
+                self.online.record_exit(i)
+                if self.mode == "fill":
+                    self.fill_kv(x, pos, i + 1)
+                else:
+                    self.dropped[i + 1:, t] = float("-inf")
+                self._timed("fill", t0)
+                return logits, hn, i + 1
+            st.rejections += 1
+            t0 = self._timed("verify_rejected", t0)
+        x = self.run_layer(self.L - 1, x, pos, mask, ops)
+        t0 = self._timed("layers", t0)
+        hn = final_norm(x.view(-1), model.norm, self.eps)
+        logits = model.output(hn)
+        self._timed("head", t0)
+        if exits:
+            self.online.record_exit(self.L - 1)
+        return logits, hn, self.L
+
+    def _check_fallback(self) -> bool:
+        """True when exits should be turned off: over the tokens so far they cost more time than they saved."""
+        st = self.stats
+        if not self.auto_fallback or st.tokens < self.window or st.tokens % self.window:
+            return False
+        per_layer = st.ms["layers"] / max(st.layers, 1)
+        saved = (st.tokens * self.L - st.layers) * per_layer
+        cost = sum(st.ms[p] for p in PARTS)
+        if cost < saved:
+            return False
+        st.fallback = (f"exits do not pay here: over {st.tokens} tokens they saved {saved:.1f} ms and cost {cost:.1f} ms; "
+                       "decoding the rest at full depth")
+        return True
+
+    @torch.inference_mode()
+    def generate(self, prompt: list[int], max_new_tokens: int, force: list[int] | None = None,
+                 eos_ids: set[int] = frozenset(), targets: list[int] | None = None,
+                 on_token=None) -> tuple[list[int], ExitStats, list[float]]:
+        """Greedy continuation of prompt. With `force`, the fed tokens are force[k] (teacher forcing) while the
+        returned tokens are the decoder's own predictions. With `targets`, also returns -log p(target) per step."""
+        S = len(prompt)
+        if S + max_new_tokens > self.max_seq_len:
+            raise MpqError(f"prompt ({S}) + {max_new_tokens} new tokens exceed the cache of {self.max_seq_len}")
+        self.stats = ExitStats(self.L)
+        if self.sp is not None:
+            self.online = OnlineSchedule(self.sp.offline, self.sp.predictors.layers)
+        if self.dropped is not None:
+            self.dropped.zero_()
+        t0 = time.perf_counter()
+        logits, hn = self._prefill(prompt)
+        h_prev = hn[-1]
+        t1 = time.perf_counter()
+        self.stats.prefill_ms = 1000 * (t1 - t0)
+        out, nll = [], []
+        exits = self.exits_on
+        for k in range(max_new_tokens):
+            tok = int(logits.argmax())
+            out.append(tok)
+            if on_token is not None:
+                on_token([tok])
+            if targets is not None:
+                nll.append(float(-torch.log_softmax(logits.float(), -1)[targets[k]]))
+            if tok in eos_ids and force is None or k == max_new_tokens - 1:
+                break
+            fed = tok if force is None else force[k]
+            logits, h_prev, n = self.step(fed, S + k, h_prev, exits)
+            self.stats.tokens += 1
+            self.stats.layers += n
+            self.stats.exits[n] += 1
+            if exits and self._check_fallback():
+                exits = False
+        self.stats.decode_ms = 1000 * (time.perf_counter() - t1)
+        return out, self.stats, nll
+
+
+def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sampling, eos: set[int], on_tokens,
+                   mode: str = "fill"):
+    """`mpq run` with exits: (Generation, stats dict), or None where the artifact has no predictors. Exits are
+    defined for greedy decoding; with sampling it says so and leaves decoding to the engine."""
+    import sys
+    from pathlib import Path
+
+    from mpq.runtime.generate import Generation
+    from mpq.specee.bundle import has_specee, load_specee
+
+    if engine.kind != "artifact" or not has_specee(Path(spec)):
+        return None
+    if sampling.temperature > 0:
+        print("note: exit-aware decoding is greedy-only; sampling at full depth", file=sys.stderr)
+        return None
+    dec = ExitDecoder(engine.model, load_specee(Path(spec), engine.config), len(prompt) + max_new_tokens + 1, mode=mode)
+    out, st, _ = dec.generate(prompt, max_new_tokens, eos_ids=eos, on_token=on_tokens)
+    if st.fallback:
+        print(f"note: {st.fallback}", file=sys.stderr)
+    gen = Generation(out, len(prompt), st.prefill_ms, st.decode_ms, st.tokens, stopped_on_eos=bool(out) and out[-1] in eos)
+    return gen, st.to_dict()

@@ -1,0 +1,100 @@
+"""The exit decoder's layer loop against the engine, and KV filling against a reference built from the engine's
+own linears (float and quantized artifacts)."""
+
+import pytest
+import torch
+
+from engine_testlib import engine_from_hf, rtn_artifact, tiny_config, tiny_hf_model
+from mpq.runtime.generate import Generator
+from mpq.runtime.model import SmallOps
+from mpq.specee.decode import ExitDecoder
+
+
+@pytest.fixture(scope="module")
+def float_model():
+    hf = tiny_hf_model(tiny_config(num_hidden_layers=4), seed=3)
+    return engine_from_hf(hf)
+
+
+@pytest.fixture(scope="module")
+def quant_model(tmp_path_factory, byte_tokenizer):
+    from mpq.runtime.loader import load_engine
+
+    hf = tiny_hf_model(tiny_config(num_hidden_layers=4, hidden_size=128, intermediate_size=256), seed=4)
+    out = tmp_path_factory.mktemp("art") / "a"
+    rtn_artifact(hf, out, byte_tokenizer)
+    return load_engine(str(out), "cpu").model
+
+
+def test_full_depth_loop_reproduces_the_engine(float_model):
+    prompt = list(range(30, 50))
+    want = Generator(float_model, 64).generate(prompt, 16).tokens
+    got, stats, _ = ExitDecoder(float_model, None, 64, exits=False).generate(prompt, 16)
+    assert got == want
+    assert stats.mean_layers == 4 and stats.tokens == 15
+
+
+def _decode_rest(dec, tokens, start):
+    """Full-depth logits of tokens fed at positions start, start+1, ..."""
+    model, out = dec.model, []
+    for k, tok in enumerate(tokens):
+        pos = torch.tensor([start + k])
+        mask = model.causal[pos].view(1, 1, 1, -1)
+        x = model.embed[tok].view(1, 1, -1)
+        for i in range(dec.L):
+            x = dec.run_layer(i, x, pos, mask, SmallOps())
+        out.append(model.output(model.norm * torch.nn.functional.rms_norm(x.view(-1), (x.shape[-1],), eps=model.args.norm_eps)))
+    return torch.stack(out)
+
+
+def _reference_fill(model, x, pos, first):
+    """What the skipped layers would have written at pos, each layer's own q/k/v linears applied to its attention
+    norm of the exit state, rotated by the engine's own rope."""
+    ops = SmallOps()
+    a = model.args
+    for layer in model.layers[first:]:
+        _, h = ops.add_rms_norm(x, None, layer.attn_norm, a.norm_eps)
+        q, k, v = layer.qkv(h)
+        _, kv = ops.rope(q.view(1, 1, a.n_heads, a.head_dim), k.view(1, 1, a.n_kv_heads, a.head_dim),
+                         v.view(1, 1, a.n_kv_heads, a.head_dim), model.rope_cos[pos], model.rope_sin[pos])
+        layer.kv_cache.update(pos, kv)
+
+
+@pytest.mark.parametrize("which", ["float_model", "quant_model"])
+@pytest.mark.parametrize("exit_after", [1, 2])
+def test_forced_exit_then_continue_matches_reference_fill(request, which, exit_after):
+    model = request.getfixturevalue(which)
+    prompt, rest = list(range(60, 80)), [7, 99, 150, 3]
+    results = []
+    for fill in ("decoder", "reference", "none"):
+        dec = ExitDecoder(model, None, 64, exits=False)
+        dec._prefill(prompt)
+        t = len(prompt)
+        pos = torch.tensor([t])
+        mask = model.causal[pos].view(1, 1, 1, -1)
+        x = model.embed[42].view(1, 1, -1)
+        for i in range(exit_after):  # the forced exit: token 42 at position t runs `exit_after` layers only
+            x = dec.run_layer(i, x, pos, mask, SmallOps())
+        if fill == "decoder":
+            dec.fill_kv(x, pos, exit_after)
+        elif fill == "reference":
+            _reference_fill(model, x, pos, exit_after)
+        else:
+            for layer in model.layers[exit_after:]:
+                layer.kv_cache.kv[:, :, :, t].zero_()
+        results.append(_decode_rest(dec, rest, t + 1))
+    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
+    assert (results[0] - results[2]).abs().max() > 1e-3  # the filled entries matter: the check can fail
+
+
+def test_drop_mode_masks_the_skipped_positions(float_model):
+    dec = ExitDecoder(float_model, None, 64, mode="drop", exits=False)
+    dec._prefill(list(range(60, 80)))
+    dec.dropped[2:, 19] = float("-inf")  # position 19 dropped from layers 2 and 3
+    for layer in float_model.layers[2:]:
+        layer.kv_cache.kv[:, :, :, 19].normal_()  # whatever is there must not matter
+    a = _decode_rest(dec, [5, 6], 20)
+    for layer in float_model.layers[2:]:
+        layer.kv_cache.kv[:, :, :, 19].normal_()
+    b = _decode_rest(dec, [5, 6], 20)
+    torch.testing.assert_close(a, b)

@@ -1,0 +1,112 @@
+"""train-predictors end to end on a tiny quantized artifact: stages, resume, the artifact add-on, the decoder
+with exits, `mpq run` / `mpq eval --early-exit`, and refusal of predictors that belong to other weights."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from engine_testlib import rtn_artifact, tiny_config, tiny_hf_model
+from mpq.errors import MpqError
+from mpq.specee.train import TrainOptions, train_predictors_cli
+
+TEXT = "".join(f"To be, or not to be, that is the question {i % 7}: whether 'tis nobler in the mind.\n" for i in range(300))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, byte_tokenizer):
+    root = tmp_path_factory.mktemp("specee")
+    hf = tiny_hf_model(tiny_config(num_hidden_layers=5, hidden_size=64), seed=2)
+    art = root / "art"
+    rtn_artifact(hf, art, byte_tokenizer)
+    (root / "text.txt").write_text(TEXT)
+    opts = dict(artifact=art, dataset=str(root / "text.txt"), samples=6, seq_len=40, draft_vocab=48, draft_inter=64,
+                draft_epochs=3, pred_epochs=3)
+    summary = train_predictors_cli(TrainOptions(**opts))
+    return root, art, opts, summary
+
+
+def test_training_writes_a_loadable_addon(trained):
+    from mpq.specee.bundle import load_specee
+
+    root, art, _, summary = trained
+    assert len(summary["predictors"]["layer_metrics"]) == 4
+    assert 0 < summary["draft"]["vocab_size"] <= 48
+    sp = load_specee(art)
+    assert sp.predictors.layers == list(range(4))
+    assert all(0 <= s <= 3 for s in sp.offline)
+    assert ((sp.predictors.threshold >= 0) & (sp.predictors.threshold <= 1.01)).all()
+    manifest_keys = json.loads((root / "art.specee-work" / "job.json").read_text())["done"]
+    assert manifest_keys == ["collect", "draft", "predictors", "write"]
+
+
+def test_resume_skips_done_stages_and_refuses_other_inputs(trained):
+    root, art, opts, _ = trained
+    collected = (root / "art.specee-work" / "collect.pt").stat().st_mtime_ns
+    train_predictors_cli(TrainOptions(**opts))
+    assert (root / "art.specee-work" / "collect.pt").stat().st_mtime_ns == collected
+    with pytest.raises(MpqError, match="other inputs"):
+        train_predictors_cli(TrainOptions(**dict(opts, samples=5)))
+
+
+def test_exit_decoding_runs_and_counts(trained):
+    from mpq.runtime.loader import load_engine
+    from mpq.specee.bundle import load_specee
+    from mpq.specee.decode import ExitDecoder
+
+    _, art, _, _ = trained
+    model = load_engine(str(art), "cpu").model
+    prompt = list(b"To be, or not to be, that is")
+    full, _, _ = ExitDecoder(model, None, 96, exits=False).generate(prompt, 20)
+    dec = ExitDecoder(model, load_specee(art), 96, threshold=0.0, auto_fallback=False)  # every scheduled layer fires
+    out, st, _ = dec.generate(prompt, 20, force=full)
+    assert st.tokens == 19 and st.verifications == st.predictor_calls >= st.rejections
+    accepted = st.verifications - st.rejections
+    assert st.layers == 5 * 19 - sum((5 - k) * v for k, v in st.exits.items())
+    assert sum(v for k, v in st.exits.items() if k < 5) == accepted
+    none, st0, _ = ExitDecoder(model, load_specee(art), 96, threshold=1.5).generate(prompt, 20)
+    assert none == full and st0.mean_layers == 5 and st0.verifications == 0
+
+
+def test_mismatched_predictors_are_refused(trained, tmp_path):
+    from safetensors import safe_open
+
+    from mpq.artifact import read_manifest, write_tensors
+    from mpq.specee.bundle import load_specee
+
+    _, art, _, _ = trained
+    _, manifest, files = read_manifest(art)
+    with safe_open(str(files[0]), framework="pt") as st:
+        tensors = {n: st.get_tensor(n) for n in st.keys()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.01  # other weights, same predictors
+    other = tmp_path / "other"
+    shutil.copytree(art, other)
+    write_tensors(other, tensors, {k: v for k, v in manifest.items() if k != "tensors"})
+    with pytest.raises(MpqError, match="another artifact"):
+        load_specee(other)
+
+
+def test_cli_run_json_and_eval_early_exit(trained):
+    from typer.testing import CliRunner
+
+    from mpq.cli import app
+
+    root, art, _, _ = trained
+    r = CliRunner().invoke(app, ["run", str(art), "--prompt", "To be, or", "--max-new-tokens", "12", "--raw",
+                                 "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.output.strip().splitlines()[-1])["early_exit"]
+    assert stats["tokens"] == 11 and 1 <= stats["mean_layers"] <= 5
+    r = CliRunner().invoke(app, ["run", str(art), "--prompt", "To be", "--max-new-tokens", "4", "--raw", "--device", "cpu",
+                                 "--json", "--no-exit"])
+    assert r.exit_code == 0 and "early_exit" not in json.loads(r.output.strip().splitlines()[-1])
+    r = CliRunner().invoke(app, ["eval", str(art), "--early-exit", "--dataset", str(root / "text.txt"), "--prompts", "2",
+                                 "--new-tokens", "8", "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.output.strip().splitlines()[-1])
+    for key in ("mean_layers", "oracle_layers", "num_layers", "agreement", "ppl_exit", "ppl_no_exit", "overhead_fraction"):
+        assert key in res
+    assert res["num_layers"] == 5 and 1 <= res["oracle_layers"] <= res["num_layers"]
+    assert set(res["overhead_split"]) == {"draft_head", "features_predictors", "verify_rejected", "kv_filling"}
+    assert "drop" in res and 0 <= res["drop"]["agreement"] <= 1
