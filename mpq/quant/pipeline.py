@@ -92,7 +92,12 @@ def measure_linear(name: str, w: torch.Tensor, h: torch.Tensor | None, recipe: R
     g = recipe.group_size_for(k)
     hdiag = torch.ones(k, device=w.device) if h is None else torch.diag(h).to(w.device)
     sens = group_sensitivity(w, hdiag, g, outlier_choices(recipe))
-    return linear_costs(name, sens, n, k, g, recipe.tile_rows, keep_masks=keep_masks)
+    importance = 1.0
+    if recipe.allocation == "relative":  # error relative to the linear's output energy tr(W H W^T)
+        wf = w.float()
+        energy = wf.square().sum() if h is None else torch.einsum("nk,kl,nl->", wf, h.to(w.device).float(), wf)
+        importance = 1.0 / float(energy.clamp(min=1e-12))
+    return linear_costs(name, sens, n, k, g, recipe.tile_rows, importance, keep_masks)
 
 
 def quantize_planned(name: str, w: torch.Tensor, h: torch.Tensor | None, plan_row, costs: LinearCosts, recipe: Recipe,

@@ -19,6 +19,7 @@ class Recipe:
     group_size: int | str = "auto"  # "auto": 128 where it divides the input width, else 64
     tile_rows: int = 16
     outliers: int | str = "auto"  # "auto": the allocator picks 0 or 1 per linear
+    allocation: str = "relative"  # rank errors relative to each linear's output energy, or "absolute"
     gptq: bool = True
     act_order: bool = True
     damp: float = 0.01
@@ -52,6 +53,8 @@ class Recipe:
             raise MpqError(f"recipe group_size must be 'auto' or an integer, not {self.group_size!r}")
         if not (self.outliers == "auto" or isinstance(self.outliers, int)):
             raise MpqError(f"recipe outliers must be 'auto' or an integer, not {self.outliers!r}")
+        if self.allocation not in ("relative", "absolute"):
+            raise MpqError(f"recipe allocation must be 'relative' or 'absolute', not {self.allocation!r}")
         if not isinstance(self.overrides, dict):
             raise MpqError("recipe overrides must be a mapping PATTERN: 2|4|16")
 
