@@ -127,3 +127,25 @@ def test_calibrate_stopped_between_checkpoint_writes_resumes(tmp_path, tiny_mode
     for i in range(2):
         a, b = load_file(str(out / f"layer_{i:03d}.safetensors")), load_file(str(fresh / f"layer_{i:03d}.safetensors"))
         assert all((a[k] == b[k]).all() for k in a)
+
+
+def test_train_predictors_interrupted_while_writing_keeps_the_artifact_and_resumes(tmp_path, artifact, small_text):
+    """SIGTERM while the specee tensors are being written into the artifact: the artifact stays byte for byte as it
+    was, no temporary folder is left, the finished stages are kept, and a rerun completes a verifiable artifact."""
+    import json
+    import shutil
+
+    art = tmp_path / "art"
+    shutil.copytree(artifact, art)
+    before = {p.name: p.read_bytes() for p in art.iterdir()}
+    args = ["train-predictors", art, "--dataset", small_text, "--samples", "4", "--seq-len", "64", "--draft-vocab", "64"]
+    code, err = run_until(args, "writing tensors", signal.SIGTERM, delay=0.0, env={"MPQ_TEST_SLOW_WRITE": "30"})
+    assert code == 130, err
+    assert {p.name: p.read_bytes() for p in art.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["art", "art.specee-work"], "no temporary folder left"
+    done = json.loads((tmp_path / "art.specee-work" / "job.json").read_text())["done"]
+    assert done and "write" not in done
+
+    assert invoke(args).exit_code == 0
+    res = invoke(["verify", art, "--device", "cpu"])
+    assert res.exit_code == 0 and "predictors  PASS" in res.stdout, res.output
