@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 from pathlib import Path
 
 
 def git_commit() -> str:
-    """The repository commit mpq runs from ('unknown' outside a checkout; '+dirty' with local changes)."""
+    """The repository commit mpq runs from ('+dirty' with local changes); $MPQ_COMMIT where the copy has no .git."""
+    if os.environ.get("MPQ_COMMIT"):
+        return os.environ["MPQ_COMMIT"]
     root = Path(__file__).resolve().parents[1]
     try:
         sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5).stdout.strip()
