@@ -2,18 +2,14 @@
 `inspect --json`, pictures, and a sweep that reuses one calibration."""
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
-sys.path.insert(0, str(Path(__file__).parent / "robustness"))
-from tinymodel import hamlet_text, save_tiny_model  # noqa: E402
+from tinymodel import hamlet_text, save_tiny_model  # tests/robustness, on the path through tests/conftest.py
 
-from mpq.artifact import load_artifact  # noqa: E402
-from mpq.cli import app  # noqa: E402
+from mpq.artifact import load_artifact
+from mpq.cli import app
 
 
 def invoke(*args, env=None):
