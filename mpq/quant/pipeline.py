@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -18,7 +19,8 @@ import torch
 
 from mpq.errors import MpqError, QualityGateError
 from mpq.quant.allocation import LinearCosts, Plan, allocate, linear_costs, parse_overrides, pin_for, tile_choice
-from mpq.quant.format import DEFAULT_TILE_ROWS, SUPPORTED_GROUP_SIZES, PackedLinear
+from mpq.quant.format import SUPPORTED_GROUP_SIZES, PackedLinear
+from mpq.quant.gptq import single_threaded
 from mpq.quant.quantizer import LinearSpec, quantize_linear
 from mpq.quant.recipe import Recipe, load_recipe
 from mpq.quant.sensitivity import group_sensitivity
@@ -173,8 +175,9 @@ def measure_model(model, hessians, recipe: Recipe) -> list[LinearCosts]:
     from mpq.progress import layer_progress
 
     costs = []
+    cpu_threads = single_threaded() if next(model.parameters()).device.type == "cpu" else nullcontext()
     keep = sum(layer.get_submodule(s).weight.numel() for layer in model.model.layers for s in LINEAR_SUFFIXES) <= KEEP_MASKS_MAX_WEIGHTS
-    with layer_progress(len(model.model.layers), "measure") as advance:
+    with layer_progress(len(model.model.layers), "measure") as advance, cpu_threads:
         for i, layer in enumerate(model.model.layers):
             hs = hessians(i)
             for s in LINEAR_SUFFIXES:
@@ -190,7 +193,8 @@ def quantize_model_linears(model, hessians, plan: Plan, costs: list[LinearCosts]
 
     results = {}
     per = len(LINEAR_SUFFIXES)
-    with layer_progress(len(model.model.layers), "quantize") as advance:
+    cpu_threads = single_threaded() if next(model.parameters()).device.type == "cpu" else nullcontext()
+    with layer_progress(len(model.model.layers), "quantize") as advance, cpu_threads:
         for i, layer in enumerate(model.model.layers):
             hs = hessians(i)
             for j, s in enumerate(LINEAR_SUFFIXES):
