@@ -31,7 +31,6 @@ INPUT_GROUPS = {
     "mlp_in": ("mlp.gate_proj", "mlp.up_proj"),
     "down_in": ("mlp.down_proj",),
 }
-LINEAR_TO_INPUT = {lin: key for key, lins in INPUT_GROUPS.items() for lin in lins}
 
 
 @dataclass
