@@ -92,7 +92,7 @@ def check_memory(host_gb: float, device_gb: float, device: torch.device) -> None
     except (ValueError, OSError):
         avail = float("inf")
     if host_gb > avail:
-        raise MpqError(f"calibration needs about {host_gb:.1f} GB of host RAM, {avail:.1f} GB free: lower --samples or --seq-len")
+        raise MpqError(f"this needs about {host_gb:.1f} GB of host RAM, {avail:.1f} GB free: lower --samples or --seq-len, or use a larger machine")
     if device.type == "cuda":
         free = torch.cuda.mem_get_info()[0] / 1e9
         if device_gb > free:

@@ -137,6 +137,7 @@ def quantize_model(opts: QuantizeOptions) -> Plan:
     calib = _open_calibration(opts.calib, config, config_fingerprint(config))
     pins = {name: b for name, _, _ in shapes if (b := pin_for(name, opts.overrides)) is not None}
     _check_target_reachable(shapes, recipe, pins)
+    _check_host_memory(config, shapes)
     model = load_float_model(src, torch.float32, opts.trust_remote_code)
     started = time.time()
 
@@ -225,6 +226,17 @@ def _check_target_reachable(shapes, recipe: Recipe, pins: dict[str, int]) -> Non
     lo, hi = reachable_range(stubs, pins)
     if not lo - 1e-9 <= recipe.target_bits <= hi + 1e-9:
         raise MpqError(f"--target-bits {recipe.target_bits} is outside what the format can reach here: {lo:.3f} to {hi:.3f} bits/weight")
+
+
+def _check_host_memory(config, shapes) -> None:
+    """Print the peak host RAM estimate (fp32 model, its dequantized copy for the gate, masks) and refuse if it won't fit."""
+    from mpq.calib.capture import check_memory
+
+    linear = sum(n * k for _, n, k in shapes)
+    other = 2 * config.vocab_size * config.hidden_size
+    host_gb = (2 * 4 * (linear + other) + linear) / 1e9 + 1.0
+    print(f"memory estimate: {host_gb:.1f} GB host")
+    check_memory(host_gb, 0.0, torch.device("cpu"))
 
 
 def measured_bits(results: dict, plan: Plan) -> float:

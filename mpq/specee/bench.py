@@ -156,12 +156,15 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
 
     try:
         src = json.loads(Path(trace_json).read_text())
-        hist, src_layers = src["exit_histogram"], int(src["num_layers"])
+        src_layers = int(src["num_layers"])
+        hists = {"measured_exits": src["exit_histogram"]}
+        if "oracle_histogram" in src:  # also replay the exit oracle: what perfect exits would give
+            hists["oracle"] = src["oracle_histogram"]
     except (OSError, ValueError, KeyError, TypeError):
         raise MpqError(f"{trace_json}: not the JSON of `mpq eval --early-exit --json` (needs exit_histogram, num_layers)") from None
     config = LlamaConfig(**LLAMA2_7B)
     L, dev = config.num_hidden_layers, torch.device("cuda")
-    trace = scaled_trace(hist, src_layers, L, new_tokens)
+    traces = {name: scaled_trace(h, src_layers, L, new_tokens) for name, h in hists.items()}
     hf = random_hf_model(config)
     sd = {k: v.detach() for k, v in hf.state_dict().items()}
     del hf
@@ -178,26 +181,28 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     _quantized_draft(model, draft, dev)
     draft.to(dev, torch.float16)
     draft.bind_rows(model.output.weight)
-    exit_hist = torch.bincount(torch.tensor(trace) - 1, minlength=L).float()
+    exit_hist = torch.bincount(torch.tensor(traces["measured_exits"]) - 1, minlength=L).float()
     offline = auto_layers(exit_hist, call_cost=0.05)
     preds = ExitPredictors(list(range(L - 1))).to(dev)
     step = GraphStep(model, draft, preds, offline, prompt_tokens + 2 * new_tokens + 8)
+    rows = []
     with torch.inference_mode():
-        for e in sorted(set(trace) | {L}):
+        for e in sorted(set().union(*traces.values()) | {L}):
             step.capture(e)
-        step.time(trace[:16], prompt_tokens)  # warm
-        exit_ms = step.time(trace, prompt_tokens)
+        step.time(traces["measured_exits"][:16], prompt_tokens)  # warm
         full_machinery_ms = step.time([L] * new_tokens, prompt_tokens)
-    mean_layers = sum(trace) / len(trace)
-    ideal = L / mean_layers
+        for name, trace in traces.items():
+            ms = step.time(trace, prompt_tokens)
+            mean_layers = sum(trace) / len(trace)
+            rows.append({"trace": name, "mean_layers": mean_layers, "ideal_speedup": L / mean_layers, "ms_per_token_exit": ms,
+                         "speedup": base / ms, "speedup_vs_ideal": base / ms / (L / mean_layers)})
     result = {"label": "TRACE-DRIVEN: exit layers replayed from the small model's measured histogram, scaled to 32 layers",
               "device": torch.cuda.get_device_name(), "commit": _commit(), "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "trace_source": str(trace_json), "source_layers": src_layers, "num_layers": L, "new_tokens": new_tokens,
-              "mean_layers": mean_layers, "ideal_speedup": ideal, "offline_layers": offline,
-              "ms_per_token_no_exit": base, "ms_per_token_exit": exit_ms, "ms_per_token_machinery_full_depth": full_machinery_ms,
-              "speedup": base / exit_ms, "speedup_vs_ideal": base / exit_ms / ideal,
-              "overhead_fraction_at_full_depth": full_machinery_ms / base - 1,
+              **{k: v for k, v in rows[0].items() if k != "trace"}, "offline_layers": offline,
+              "ms_per_token_no_exit": base, "ms_per_token_machinery_full_depth": full_machinery_ms,
+              "overhead_fraction_at_full_depth": full_machinery_ms / base - 1, "rows": rows,
               "note": "one graph per exit layer; live decoding adds a host sync per predicted layer, not measured here"}
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -143,6 +143,7 @@ def evaluate_exits(opts: ExitEvalOptions) -> dict:
         nll += base.generate(w[:1], len(w) - 1, force=w[1:], targets=w[1:])[2]
     result = {"artifact": opts.artifact, "dataset": opts.dataset, "prompts": opts.prompts, "prompt_len": opts.prompt_len,
               "new_tokens": opts.new_tokens, "num_layers": model.args.n_layers, "oracle_layers": sum(oracle) / len(oracle),
+              "oracle_histogram": {str(k): oracle.count(k) for k in sorted(set(oracle))},
               "ppl_no_exit": math.exp(sum(nll) / len(nll)), "ms_per_token_no_exit": full_step,
               "offline_layers": sp.offline, "device": str(model.device)}
     modes = ("fill", "drop") if opts.mode == "both" else (opts.mode,)

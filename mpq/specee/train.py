@@ -46,6 +46,7 @@ class TrainOptions:
     draft_vocab: int = 4096
     draft_inter: int = 768
     draft_epochs: int = 12
+    draft_samples: int = 0  # extra calibration windows for the draft head only (no per-layer labels)
     pred_epochs: int = 40
     target_agreement: float = 0.985  # simulated on held-out tokens; picks the thresholds
     work: Path | None = None
@@ -145,6 +146,36 @@ def _draft_inputs(hidden, argmax, n, T, seed):
     return hidden[pick, torch.arange(N)].view(n, T, -1)
 
 
+def _final_hidden(ctx: Ctx, samples: int, T: int, seed: int) -> dict:
+    """Final-normed hidden states of `samples` more calibration windows (cached in the work folder)."""
+    from mpq.calib.data import load_token_windows
+    from mpq.runtime.model import SmallOps
+    from mpq.specee.decode import ExitDecoder, lm_head_weight
+
+    path = ctx.work / "draft-data.pt"
+    if path.is_file():
+        return torch.load(path)
+    model = ctx.engine.model
+    windows = load_token_windows(ctx.opts.dataset, ctx.engine.tokenizer, samples, T, seed)
+    runner = ExitDecoder(model, None, T, exits=False)
+    pos = torch.arange(T)
+    mask = model.causal[pos].view(1, 1, T, -1)
+    out = torch.empty(samples, T, model.args.dim)
+    top = torch.empty(samples, T, dtype=torch.int32)
+    lm_w = lm_head_weight(model).to(torch.bfloat16)
+    with layer_progress(samples, "draft data (final hidden states)") as advance, torch.inference_mode():
+        for w in range(samples):
+            x = F.embedding(windows[w:w + 1], model.embed)
+            for i in range(model.args.n_layers):
+                x = runner.run_layer(i, x, pos, mask, SmallOps())
+            out[w] = final_norm(x[0], model.norm, model.args.norm_eps)
+            top[w] = (out[w].to(lm_w.dtype) @ lm_w.t()).argmax(-1).int()
+            advance(w, f"window {w + 1}/{samples}")
+    data = {"tokens": windows, "hidden": out, "argmax": top}
+    _save(path, data)
+    return data
+
+
 def choose_vocab(argmax_final: torch.Tensor, size: int) -> tuple[torch.Tensor, float]:
     counts = torch.bincount(argmax_final.long())
     size = min(size, int((counts > 0).sum()))
@@ -158,7 +189,9 @@ def train_draft(ctx: Ctx) -> None:
     tokens, hidden, argmax = data["tokens"], data["hidden"], data["argmax"]
     n, T = tokens.shape
     L, a = argmax.shape[0], model.args
-    vocab, coverage = choose_vocab(argmax[-1], o.draft_vocab)
+    extra = _final_hidden(ctx, o.draft_samples, T, o.seed + 7) if o.draft_samples else None
+    predicted = argmax[-1] if extra is None else torch.cat((argmax[-1], extra["argmax"].reshape(-1)))
+    vocab, coverage = choose_vocab(predicted, o.draft_vocab)
     from mpq.specee.decode import lm_head_weight
 
     draft = DraftHead(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, o.draft_inter, a.norm_eps, vocab, seed=o.seed)
@@ -169,9 +202,14 @@ def train_draft(ctx: Ctx) -> None:
     h_in = _draft_inputs(hidden, argmax, n, T, o.seed)[:, :-1].float()
     emb = model.embed[tokens[:, 1:]].float()
     final = hidden[-1].view(n, T, -1)[:, 1:].float()
+    if extra is not None:  # more text for the draft only: final hidden states, no per-layer labels (cheap)
+        h_in = torch.cat((h_in, extra["hidden"][:, :-1]))
+        emb = torch.cat((emb, model.embed[extra["tokens"][:, 1:]].float()))
+        final = torch.cat((final, extra["hidden"][:, 1:]))
     with torch.no_grad():
         target = F.log_softmax(final @ draft.rows.t(), -1)
-    n_val = max(1, n // 8)
+    n_val, n_lab = max(1, n // 8), n  # held-out: the first windows of the labelled set (the predictors' too)
+    n = h_in.shape[0]
     opt = torch.optim.AdamW([p for p in draft.parameters()], lr=1e-3, weight_decay=0.01)
     gen = torch.Generator().manual_seed(o.seed)
     batch = 4
@@ -192,7 +230,7 @@ def train_draft(ctx: Ctx) -> None:
     draft.eval()
     with torch.no_grad():
         top4 = draft.propose(draft(h_in[:n_val], emb[:n_val], cos, sin))
-    truth = argmax[-1].view(n, T)[:n_val, 1:].long()
+    truth = argmax[-1].view(n_lab, T)[:n_val, 1:].long()
     recall = float((top4 == truth[..., None]).any(-1).float().mean())
     top1 = float((top4[..., 0] == truth).float().mean())
     ctx.state["draft"] = {"vocab_size": int(vocab.numel()), "vocab_coverage": coverage, "inter": o.draft_inter,
