@@ -177,6 +177,19 @@ def run(
         print_json_last(result)
 
 
+@bench_app.command("kernels")
+@one_line_errors
+def bench_kernels(json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here")):
+    """Format-v1 kernels vs fp16 cuBLAS, the built-in int4 kernel and a copy, on Llama-2-7B shapes (graph-timed)."""
+    import torch
+
+    from mpq.bench.kernels import bench_kernels as run_bench
+
+    if not torch.cuda.is_available():
+        raise MpqError("mpq bench kernels needs a CUDA GPU")
+    run_bench(json_out)
+
+
 @bench_app.command("e2e")
 @one_line_errors
 def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here"),
