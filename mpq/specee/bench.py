@@ -157,7 +157,7 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     try:
         src = json.loads(Path(trace_json).read_text())
         src_layers = int(src["num_layers"])
-        hists = {"measured_exits": src["exit_histogram"]}
+        hists = {src.get("trace_kind", "measured_exits"): src["exit_histogram"]}
         if "oracle_histogram" in src:  # also replay the exit oracle: what perfect exits would give
             hists["oracle"] = src["oracle_histogram"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -181,7 +181,8 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     _quantized_draft(model, draft, dev)
     draft.to(dev, torch.float16)
     draft.bind_rows(model.output.weight)
-    exit_hist = torch.bincount(torch.tensor(traces["measured_exits"]) - 1, minlength=L).float()
+    first = next(iter(traces.values()))
+    exit_hist = torch.bincount(torch.tensor(first) - 1, minlength=L).float()
     offline = auto_layers(exit_hist, call_cost=0.05)
     preds = ExitPredictors(list(range(L - 1))).to(dev)
     step = GraphStep(model, draft, preds, offline, prompt_tokens + 2 * new_tokens + 8)
@@ -189,14 +190,15 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     with torch.inference_mode():
         for e in sorted(set().union(*traces.values()) | {L}):
             step.capture(e)
-        step.time(traces["measured_exits"][:16], prompt_tokens)  # warm
+        step.time(first[:16], prompt_tokens)  # warm
         full_machinery_ms = step.time([L] * new_tokens, prompt_tokens)
         for name, trace in traces.items():
             ms = step.time(trace, prompt_tokens)
             mean_layers = sum(trace) / len(trace)
             rows.append({"trace": name, "mean_layers": mean_layers, "ideal_speedup": L / mean_layers, "ms_per_token_exit": ms,
                          "speedup": base / ms, "speedup_vs_ideal": base / ms / (L / mean_layers)})
-    result = {"label": "TRACE-DRIVEN: exit layers replayed from the small model's measured histogram, scaled to 32 layers",
+    result = {"label": "TRACE-DRIVEN: exit layers replayed from a histogram measured on the small model, scaled to 32 layers",
+              "trace_kind": rows[0]["trace"],
               "device": torch.cuda.get_device_name(), "commit": _commit(), "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "trace_source": str(trace_json), "source_layers": src_layers, "num_layers": L, "new_tokens": new_tokens,

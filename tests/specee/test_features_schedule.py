@@ -61,3 +61,11 @@ def test_online_schedule_adds_neighbours_of_the_last_five_exits():
     assert sched.layers() == {10, 12, 14}  # the exit at 5 fell out of the history
     sched.record_exit(19)
     assert 21 not in sched.layers() and 17 in sched.layers()
+
+
+def test_trace_is_scaled_to_the_target_depth():
+    from mpq.specee.bench import scaled_trace
+
+    trace = scaled_trace({"15": 300, "30": 100}, 30, 32, 4000, seed=1)
+    assert set(trace) == {16, 32}
+    assert abs(trace.count(16) / len(trace) - 0.75) < 0.03
