@@ -66,10 +66,37 @@ class Ctx:
     state: dict = field(default_factory=dict)
 
 
-def _save(path: Path, obj) -> None:
+def _save(path: Path, obj: dict) -> None:
+    """A work file: tensors (top level, or one dict deep) through safetensors, everything else as JSON metadata;
+    never pickle, so a tampered work folder cannot run code."""
+    from safetensors.torch import save_file
+
+    tensors, rest = {}, {}
+    for key, value in obj.items():
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value.contiguous()
+        elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
+            tensors.update({f"{key}/{k}": v.contiguous() for k, v in value.items()})
+        else:
+            rest[key] = value
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
+    save_file(tensors, str(tmp), metadata={"json": json.dumps(rest)})
     os.replace(tmp, path)
+
+
+def _load(path: Path) -> dict:
+    """Inverse of `_save`."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        obj = json.loads((f.metadata() or {}).get("json", "{}"))
+        for name in f.keys():
+            if "/" in name:
+                outer, inner = name.split("/", 1)
+                obj.setdefault(outer, {})[inner] = f.get_tensor(name)
+            else:
+                obj[name] = f.get_tensor(name)
+    return obj
 
 
 def _write_job(work: Path, job: dict) -> None:
@@ -119,7 +146,7 @@ def collect(ctx: Ctx) -> None:
                 hidden[i, sl] = hn.half()
                 argmax[i, sl] = (hn.to(lm_w.dtype) @ lm_w.t()).argmax(-1).int()
             advance(w, f"window {w + 1}/{n}")
-    _save(ctx.work / "collect.pt", {"tokens": windows, "hidden": hidden, "argmax": argmax})
+    _save(ctx.work / "collect.safetensors", {"tokens": windows, "hidden": hidden, "argmax": argmax})
 
 
 def earliest_match(match: torch.Tensor) -> torch.Tensor:
@@ -152,9 +179,9 @@ def _final_hidden(ctx: Ctx, samples: int, T: int, seed: int) -> dict:
     from mpq.runtime.model import SmallOps
     from mpq.specee.decode import ExitDecoder, lm_head_weight
 
-    path = ctx.work / "draft-data.pt"
+    path = ctx.work / "draft-data.safetensors"
     if path.is_file():
-        return torch.load(path)
+        return _load(path)
     model = ctx.engine.model
     windows = load_token_windows(ctx.opts.dataset, ctx.engine.tokenizer, samples, T, seed)
     runner = ExitDecoder(model, None, T, exits=False)
@@ -185,7 +212,7 @@ def choose_vocab(argmax_final: torch.Tensor, size: int) -> tuple[torch.Tensor, f
 
 def train_draft(ctx: Ctx) -> None:
     o, model = ctx.opts, ctx.engine.model
-    data = torch.load(ctx.work / "collect.pt")
+    data = _load(ctx.work / "collect.safetensors")
     tokens, hidden, argmax = data["tokens"], data["hidden"], data["argmax"]
     n, T = tokens.shape
     L, a = argmax.shape[0], model.args
@@ -235,7 +262,7 @@ def train_draft(ctx: Ctx) -> None:
     top1 = float((top4[..., 0] == truth).float().mean())
     ctx.state["draft"] = {"vocab_size": int(vocab.numel()), "vocab_coverage": coverage, "inter": o.draft_inter,
                           "heldout_top4_recall": recall, "heldout_top1": top1, "heldout_windows": n_val}
-    _save(ctx.work / "draft.pt", {"tensors": draft.tensors(), "metrics": ctx.state["draft"]})
+    _save(ctx.work / "draft.safetensors", {"tensors": draft.tensors(), "metrics": ctx.state["draft"]})
 
 
 # ---- predictors ------------------------------------------------------------------------------------------
@@ -318,8 +345,8 @@ def train_predictors(ctx: Ctx) -> None:
     from mpq.specee.decode import lm_head_weight
 
     o, model = ctx.opts, ctx.engine.model
-    data = torch.load(ctx.work / "collect.pt")
-    saved = torch.load(ctx.work / "draft.pt")
+    data = _load(ctx.work / "collect.safetensors")
+    saved = _load(ctx.work / "draft.safetensors")
     a = model.args
     draft = DraftHead.from_tensors(saved["tensors"], a.n_heads, a.n_kv_heads, a.norm_eps)
     draft.bind_rows(lm_head_weight(model).detach())
@@ -426,7 +453,7 @@ def _finish_predictors(ctx, pred, layer_logits, ok, verified, n_val, L, feats, l
         "offline_layers": offline, "call_cost_layers": call_cost, "layer_metrics": metrics, "sweep": sweep,
         "chosen_precision": best[2], "simulated_mean_layers": best[1], "heldout_oracle_layers": oracle_mean,
         "heldout_schedule_ideal_layers": ideal, "heldout_tokens": n_val}
-    _save(ctx.work / "predictors.pt", {"tensors": pred.tensors(), "layers": pred.layers, "meta": ctx.state["predictors"]})
+    _save(ctx.work / "predictors.safetensors", {"tensors": pred.tensors(), "layers": pred.layers, "meta": ctx.state["predictors"]})
 
 
 # ---- write and driver ------------------------------------------------------------------------------------
@@ -435,7 +462,7 @@ def write(ctx: Ctx) -> None:
     from mpq.specee.bundle import write_specee
 
     o = ctx.opts
-    d, p = torch.load(ctx.work / "draft.pt"), torch.load(ctx.work / "predictors.pt")
+    d, p = _load(ctx.work / "draft.safetensors"), _load(ctx.work / "predictors.safetensors")
     tensors = {**d["tensors"], **p["tensors"], "specee.offline_layers": torch.tensor(p["meta"]["offline_layers"])}
     meta = {"predictor_layers": p["layers"], "offline_layers": p["meta"]["offline_layers"], "draft": d["metrics"],
             "predictors": p["meta"], "data": {"dataset": dataset_fingerprint(o.dataset), "samples": o.samples,

@@ -43,9 +43,9 @@ def test_training_writes_a_loadable_addon(trained):
 
 def test_resume_skips_done_stages_and_refuses_other_inputs(trained):
     root, art, opts, _ = trained
-    collected = (root / "art.specee-work" / "collect.pt").stat().st_mtime_ns
+    collected = (root / "art.specee-work" / "collect.safetensors").stat().st_mtime_ns
     train_predictors_cli(TrainOptions(**opts))
-    assert (root / "art.specee-work" / "collect.pt").stat().st_mtime_ns == collected
+    assert (root / "art.specee-work" / "collect.safetensors").stat().st_mtime_ns == collected
     with pytest.raises(MpqError, match="other inputs"):
         train_predictors_cli(TrainOptions(**dict(opts, samples=5)))
 
