@@ -84,7 +84,7 @@ def sweep(opts: SweepOptions) -> dict:
     windows = eval_windows(opts.dataset, tokenizer, opts.windows, opts.seq_len)
     fp_ppl, _ = perplexity(model, windows)
     hessians = _cached_hessians(opts.calib, model.config.num_hidden_layers)
-    costs = measure_model(model, hessians, recipe)
+    costs = measure_model(model, hessians, recipe) if opts.bits or opts.ablation_bits is not None else []
     points = []
 
     def add(method: str, bits: float, qmodel, started: float, **extra):
