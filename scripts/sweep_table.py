@@ -24,7 +24,7 @@ def main(path: str) -> None:
         elif variant == "no-gptq":
             name = "mpq 2/4 + outliers, without GPTQ"
         print(f"| {name} | {p['bits_per_weight']:.3f} | {p['ppl']:.2f} | {p['ppl_ratio']:.3f} | {p['kld']:.3f} | "
-              f"{p['top1_agreement']:.3f} | {p['seconds']} |")
+              f"{p['top1_agreement']:.3f} | {p['seconds'] if p.get('seconds') is not None else 'not recorded'} |")
 
 
 if __name__ == "__main__":
