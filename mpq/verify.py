@@ -296,16 +296,59 @@ def check_quality(art, path: Path, device: torch.device) -> Check:
 # ---- 4. predictors --------------------------------------------------------------------------------------
 
 
-def check_predictors(art) -> Check:
+AGREEMENT_PROMPTS, AGREEMENT_PROMPT_LEN, AGREEMENT_NEW_TOKENS = 2, 32, 16
+AGREEMENT_TOLERANCE = 0.05  # a few dozen tokens: allow this much below the rate recorded at training
+
+
+def recorded_agreement(meta: dict) -> float | None:
+    """The simulated greedy agreement of the chosen thresholds, as `train-predictors` recorded it."""
+    pred = meta.get("predictors") or {}
+    for row in pred.get("sweep") or []:
+        if row.get("precision") == pred.get("chosen_precision"):
+            return float(row["agreement"])
+    return None
+
+
+def exit_agreement(path: Path, device: torch.device) -> float:
+    """Teacher-forced greedy agreement of exit decoding with full-depth decoding on the first Hamlet prompts."""
+    from mpq.calib.data import eval_windows
+    from mpq.runtime.loader import load_engine
+    from mpq.specee.bundle import load_specee
+    from mpq.specee.decode import ExitDecoder
+
+    engine = load_engine(str(path), str(device))
+    prompts = eval_windows("shakespeare:hamlet", engine.tokenizer, AGREEMENT_PROMPTS, AGREEMENT_PROMPT_LEN + AGREEMENT_NEW_TOKENS)
+    spec = load_specee(path, engine.config)
+    same = total = 0
+    for row in prompts.tolist():
+        prompt, n = row[:AGREEMENT_PROMPT_LEN], AGREEMENT_NEW_TOKENS
+        full, _, _ = ExitDecoder(engine.model, None, len(row) + 1, exits=False).generate(prompt, n)
+        with_exits, _, _ = ExitDecoder(engine.model, spec, len(row) + 1, auto_fallback=False).generate(prompt, n, force=full)
+        same += sum(a == b for a, b in zip(full, with_exits))
+        total += len(full)
+    return same / total
+
+
+def check_predictors(art, path: Path, device: torch.device) -> Check:
     if not art.extras:
         return Check("predictors", "n/a", "no specee.* tensors")
-    if not isinstance(art.manifest.get("specee"), dict):
+    meta = art.manifest.get("specee")
+    if not isinstance(meta, dict):
         return Check("predictors", "fail", f"{len(art.extras)} specee.* tensors but no 'specee' manifest entry")
     bad = sorted(n for n, t in art.extras.items() if t.is_floating_point() and not torch.isfinite(t).all())
     if bad:
         return Check("predictors", "fail", f"non-finite values in {', '.join(bad[:3])}")
-    n = sum(t.numel() for t in art.extras.values())
-    return Check("predictors", "pass", f"{len(art.extras)} tensors ({n} values) finite, manifest entry present")
+    recorded = recorded_agreement(meta)
+    if recorded is None:
+        return Check("predictors", "fail", "no agreement rate recorded by train-predictors")
+    try:
+        agreement = exit_agreement(path, device)
+    except MpqError as e:
+        return Check("predictors", "fail", f"predictors do not load: {e}")
+    ok = agreement >= recorded - AGREEMENT_TOLERANCE
+    return Check("predictors", "pass" if ok else "fail",
+                 f"exit decoding agrees with full depth on {100 * agreement:.1f}% of greedy tokens "
+                 f"(recorded {100 * recorded:.1f}%, tolerance {100 * AGREEMENT_TOLERANCE:.0f} points)")
 
 
 # ---- the command ------------------------------------------------------------------------------------------
@@ -325,7 +368,7 @@ def verify(path: Path | str, device: str = "auto") -> dict:
         checks += [Check(n, "skipped", "integrity failed") for n in ("kernels", "quality", "predictors")]
     else:
         for name, fn in (("kernels", lambda: check_kernels(art, dev)), ("quality", lambda: check_quality(art, path, dev)),
-                         ("predictors", lambda: check_predictors(art))):
+                         ("predictors", lambda: check_predictors(art, path, dev))):
             try:
                 checks.append(fn())
             except ArtifactError as e:
