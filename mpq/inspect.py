@@ -27,9 +27,8 @@ def allocation_grid(plan: dict) -> tuple[list[list[float]], list[list[float]]]:
     outl = [[0.0] * len(MODULES) for _ in range(layers)]
     for r in rows:
         i, j = int(r["name"].split(".")[2]), MODULES.index(r["name"].rsplit(".", 1)[1])
-        n, k = r["shape"]
-        g = 128 if k % 128 == 0 else 64
-        groups = k // g
+        k = r["shape"][1]
+        groups = r.get("groups") or k // (128 if k % 128 == 0 else 64)  # plans before the field: the default rule
         if r["pinned"] == 16:
             frac[i][j], outl[i][j] = float("nan"), 0.0
             continue

@@ -55,9 +55,10 @@ class LinearPlan:
     bits: float
     predicted_error: float
     shape: tuple[int, int] = (0, 0)
+    groups: int = 1  # group columns of the linear (the 4-bit fraction is n4 / groups)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "n4": self.n4, "outliers": self.outliers,
+        return {"name": self.name, "shape": list(self.shape), "groups": self.groups, "n4": self.n4, "outliers": self.outliers,
                 "pinned": self.pinned, "bits_per_weight": round(self.bits, 4), "predicted_error": self.predicted_error}
 
 
@@ -167,7 +168,7 @@ def allocate(linears: list[LinearCosts], target_bits: float, pins: dict[str, int
         pin = pins.get(lin.name)
         bits = 16.0 if pin == 16 else lin.bits(n4, k)
         err = 0.0 if pin == 16 else float(lin.errors.get(k, lin.errors[0])[n4])
-        plan.linears.append(LinearPlan(lin.name, n4, k, pin, bits, err, (lin.out_features, lin.in_features)))
+        plan.linears.append(LinearPlan(lin.name, n4, k, pin, bits, err, (lin.out_features, lin.in_features), lin.groups))
     return plan
 
 

@@ -351,8 +351,7 @@ def print_plan(plan: Plan) -> None:
     for col in ("linear", "shape", "4-bit frac", "outliers/grp", "pin", "bits/w", "pred. error"):
         t.add_column(col, justify="right" if col != "linear" else "left")
     for r in plan.linears:
-        groups = r.shape[1] // (128 if r.shape[1] % 128 == 0 else 64)
-        t.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.n4 / groups:.2f}", str(r.outliers), str(r.pinned or ""),
+        t.add_row(r.name, f"{r.shape[0]}x{r.shape[1]}", f"{r.n4 / r.groups:.2f}", str(r.outliers), str(r.pinned or ""),
                   f"{r.bits:.3f}", f"{r.predicted_error:.3g}")
     Console().print(t)
 
