@@ -79,6 +79,26 @@ def atomic_folder(out: Path, overwrite: bool = False):
         raise
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_tensors(folder: Path, tensors: dict[str, torch.Tensor], manifest: dict, shard_bytes: int = SHARD_BYTES) -> None:
     """Write tensors as safetensors shards, recording dtype/shape/shard/sha256 of each in the manifest."""
     from safetensors.torch import save_file
@@ -158,6 +178,21 @@ def read_safetensors_header(path: Path) -> dict:
         if not 0 <= start <= end <= data_size or end - start != numel * torch.empty((), dtype=dtype).element_size():
             raise ArtifactError(f"{path.name}: tensor {name!r} claims bytes beyond the file (truncated or corrupted)")
     return header
+
+
+def is_artifact(path: str) -> bool:
+    """An mpq artifact folder (its safetensors carry the mpq manifest), as opposed to a float model."""
+    p = Path(path).expanduser()
+    if not p.is_dir() or not (p / "config.json").is_file():
+        return False
+    shards = sorted(p.glob("model*.safetensors"))
+    if not shards:
+        return False
+    try:
+        meta = read_safetensors_header(shards[0]).get("__metadata__") or {}
+    except MpqError:
+        return "quantization_config" in (p / "config.json").read_text(errors="replace")
+    return isinstance(meta, dict) and MANIFEST_KEY in meta
 
 
 def _shard_files(path: Path) -> list[Path]:

@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mpq.artifact import is_artifact
+from mpq.devices import resolve_device
 from mpq.errors import MpqError
 
 
@@ -29,25 +31,6 @@ class EvalOptions:
     reference: str | None = None
     device: str = "auto"
     batch_size: int = 1
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto -> cuda if available else cpu; an explicit cuda without a GPU is an error, not a silent fallback."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        return torch.device("cpu")
-    if device == "cuda" or device.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise MpqError("CUDA requested but no GPU is available")
-        try:
-            dev = torch.device(device)
-        except RuntimeError:
-            raise MpqError(f"bad device '{device}'") from None
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise MpqError(f"no GPU {dev.index} (found {torch.cuda.device_count()})")
-        return dev
-    raise MpqError(f"unknown device '{device}' (use auto, cpu or cuda)")
 
 
 def _device_of(model) -> torch.device:
@@ -110,23 +93,6 @@ def compare_logits(model, reference, windows: torch.Tensor, batch_size: int = 1)
     ppl, ref_ppl = math.exp(nll / count), math.exp(ref_nll / count)
     return {"kld": max(kl_sum / count, 0.0), "top1_agreement": agree / count, "ppl": ppl, "ref_ppl": ref_ppl,
             "ppl_ratio": ppl / ref_ppl, "tokens": count}
-
-
-def is_artifact(path: str) -> bool:
-    """An mpq artifact folder (its safetensors carry the mpq manifest), as opposed to a float model."""
-    from mpq.artifact import MANIFEST_KEY, read_safetensors_header
-
-    p = Path(path).expanduser()
-    if not p.is_dir() or not (p / "config.json").is_file():
-        return False
-    shards = sorted(p.glob("model*.safetensors"))
-    if not shards:
-        return False
-    try:
-        meta = read_safetensors_header(shards[0]).get("__metadata__") or {}
-    except MpqError:
-        return "quantization_config" in (p / "config.json").read_text(errors="replace")
-    return isinstance(meta, dict) and MANIFEST_KEY in meta
 
 
 def load_for_eval(spec: str, device: torch.device):

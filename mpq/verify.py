@@ -356,7 +356,7 @@ def check_predictors(art, path: Path, device: torch.device) -> Check:
 
 def verify(path: Path | str, device: str = "auto") -> dict:
     """Run every check; later checks are skipped (and fail) when integrity fails. Returns a JSON-able dict."""
-    from mpq.evaluate import resolve_device
+    from mpq.devices import resolve_device
 
     path = Path(path).expanduser()
     dev = resolve_device(device)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from mpq.artifact import atomic_save_tensors, atomic_write_text
+from mpq.devices import resolve_device
 from mpq.errors import ArtifactError, MpqError
 
 JOB_FILE = "calibration.json"
@@ -44,36 +46,6 @@ class CalibrationConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     batch_size: int = 8
-
-
-def pick_device(spec: str) -> torch.device:
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if spec == "cuda" and not torch.cuda.is_available():
-        raise MpqError("CUDA requested but no GPU is available (use --device cpu)")
-    if spec not in ("cpu", "cuda"):
-        raise MpqError(f"unknown device '{spec}' (auto, cpu or cuda)")
-    return torch.device(spec)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # a failed or interrupted write leaves nothing behind
-
-
-def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save_file
-
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def estimate_memory(config, samples: int, seq_len: int) -> tuple[float, float]:
@@ -174,7 +146,7 @@ def calibrate(cfg: CalibrationConfig, progress=None) -> Path:
 
     if cfg.samples <= 0 or cfg.seq_len <= 1:
         raise MpqError("--samples must be positive and --seq-len at least 2")
-    device = pick_device(cfg.device)
+    device = resolve_device(cfg.device)
     src = resolve_model(cfg.model)
     config = load_config(src, cfg.trust_remote_code)
     host_gb, dev_gb = estimate_memory(config, cfg.samples, cfg.seq_len)

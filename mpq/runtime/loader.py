@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mpq.artifact import is_artifact
 from mpq.errors import MpqError
 from mpq.runtime.model import ModelArgs, Transformer, WeightSource
 
@@ -32,17 +32,6 @@ def resolve_device(device: str) -> torch.device:
 def engine_dtype(device: torch.device) -> torch.dtype:
     """fp16 on the GPU (what the kernels take); fp32 on the CPU, where the engine is the reference."""
     return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def is_artifact(spec: str) -> bool:
-    """An mpq artifact is a folder whose config.json carries a quantization_config (format v1 manifests follow)."""
-    cfg = Path(spec).expanduser() / "config.json"
-    if not cfg.is_file():
-        return False
-    try:
-        return "quantization_config" in json.loads(cfg.read_text())
-    except (OSError, ValueError):
-        return False
 
 
 def build_model(config: dict, source: WeightSource) -> Transformer:

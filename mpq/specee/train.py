@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from mpq.artifact import atomic_save_tensors, atomic_write_text
 from mpq.errors import MpqError
 from mpq.progress import layer_progress
 from mpq.specee.draft import DraftHead, rope_tables
@@ -69,19 +69,15 @@ class Ctx:
 def _save(path: Path, obj: dict) -> None:
     """A work file: tensors (top level, or one dict deep) through safetensors, everything else as JSON metadata;
     never pickle, so a tampered work folder cannot run code."""
-    from safetensors.torch import save_file
-
     tensors, rest = {}, {}
     for key, value in obj.items():
         if isinstance(value, torch.Tensor):
-            tensors[key] = value.contiguous()
+            tensors[key] = value
         elif isinstance(value, dict) and value and all(isinstance(v, torch.Tensor) for v in value.values()):
-            tensors.update({f"{key}/{k}": v.contiguous() for k, v in value.items()})
+            tensors.update({f"{key}/{k}": v for k, v in value.items()})
         else:
             rest[key] = value
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp), metadata={"json": json.dumps(rest)})
-    os.replace(tmp, path)
+    atomic_save_tensors(path, tensors, metadata={"json": json.dumps(rest)})
 
 
 def _load(path: Path) -> dict:
@@ -100,9 +96,7 @@ def _load(path: Path) -> dict:
 
 
 def _write_job(work: Path, job: dict) -> None:
-    tmp = work / "job.json.tmp"
-    tmp.write_text(json.dumps(job, indent=1))
-    os.replace(tmp, work / "job.json")
+    atomic_write_text(work / "job.json", json.dumps(job, indent=1))
 
 
 def _open_job(opts: TrainOptions, work: Path, fp: str) -> dict:
@@ -215,7 +209,7 @@ def train_draft(ctx: Ctx) -> None:
     data = _load(ctx.work / "collect.safetensors")
     tokens, hidden, argmax = data["tokens"], data["hidden"], data["argmax"]
     n, T = tokens.shape
-    L, a = argmax.shape[0], model.args
+    a = model.args
     extra = _final_hidden(ctx, o.draft_samples, T, o.seed + 7) if o.draft_samples else None
     predicted = argmax[-1] if extra is None else torch.cat((argmax[-1], extra["argmax"].reshape(-1)))
     vocab, coverage = choose_vocab(predicted, o.draft_vocab)
