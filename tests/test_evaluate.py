@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mpq.artifact import load_artifact, save_artifact
 from mpq.errors import MpqError

@@ -44,32 +44,16 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def rtn_pack(w: torch.Tensor, group_size: int = 32, outliers: int = 1, bias: torch.Tensor | None = None, seed: int = 0) -> PackedLinear:
-    """Round-to-nearest asymmetric 2/4-bit packing with half the tiles of each row tile at 4 bits (test data only)."""
+    """The data-free quantizer (round to nearest on clipped grids) with half the tiles of each row tile at 4 bits."""
+    from mpq.quant.quantizer import LinearSpec, quantize_linear
+
     N, K = w.shape
-    g, R = group_size, 16
-    G, T = K // g, N // R
+    G, T = K // group_size, N // 16
     gen = torch.Generator().manual_seed(seed)
-    tile_bits = torch.full((T, G), 2)
+    is4 = torch.zeros(T, G, dtype=torch.bool)
     for t in range(T):
-        tile_bits[t, torch.randperm(G, generator=gen)[: G // 2]] = 4
-    bits = tile_bits.repeat_interleave(R, dim=0)  # [N, G]
-    qmax = (2 ** bits - 1).float()
-    wg = w.float().reshape(N, G, g)
-    lo, hi = wg.amin(-1), wg.amax(-1)
-    scale = ((hi - lo) / qmax).clamp_min(1e-8)
-    ss = {b: torch.where(bits == b, scale, 0).amax(-1).clamp_min(1e-8) / 255 for b in (2, 4)}
-    ss = {b: v.half().float() for b, v in ss.items()}
-    s_row = torch.where(bits == 4, ss[4][:, None], ss[2][:, None])
-    codes_s = (scale / s_row).round().clamp(1, 255)
-    eff = codes_s * s_row
-    zero = (-lo / eff).round().clamp(torch.zeros_like(qmax), qmax)
-    q = (wg / eff[..., None]).round().add(zero[..., None]).clamp(torch.zeros_like(wg), qmax[..., None].expand_as(wg))
-    err = wg - eff[..., None] * (q - zero[..., None])
-    off = err.abs().topk(outliers, dim=-1).indices if outliers else torch.zeros(N, G, 0, dtype=torch.long)
-    val = torch.gather(err, -1, off)
-    return PackedLinear.pack(codes=q.reshape(N, K).to(torch.uint8), tile_bits=tile_bits, scale_codes=codes_s.to(torch.uint8),
-                             zeros=zero.to(torch.uint8), super_scale2=ss[2], super_scale4=ss[4], outlier_offsets=off,
-                             outlier_values=val, group_size=g, tile_rows=R, bias=bias)
+        is4[t, torch.randperm(G, generator=gen)[: G // 2]] = True
+    return quantize_linear(w.float(), None, LinearSpec(is4, outliers, group_size, 16), bias=bias).packed
 
 
 def rtn_artifact(hf_model, out, tokenizer) -> dict[str, PackedLinear]:

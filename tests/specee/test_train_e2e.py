@@ -5,7 +5,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from engine_testlib import rtn_artifact, tiny_config, tiny_hf_model
 from mpq.errors import MpqError
