@@ -201,8 +201,10 @@ def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="writ
         from mpq.specee.bench import bench_early_exit
 
         r = bench_early_exit(trace, json_out)
-        typer.echo(f"{r['label']}\nno exits {r['ms_per_token_no_exit']:.3f} ms/token, exits {r['ms_per_token_exit']:.3f} "
-                   f"ms/token: speed-up {r['speedup']:.3f}x vs ideal {r['ideal_speedup']:.3f}x ({r['speedup_vs_ideal']:.3f} of ideal)")
+        typer.echo(f"{r['label']}\nno exits {r['ms_per_token_no_exit']:.3f} ms/token")
+        for row in r["rows"]:
+            typer.echo(f"{row['trace']} trace, {row['mode']}: {row['ms_per_token_exit']:.3f} ms/token, speed-up "
+                       f"{row['speedup']:.3f}x vs ideal {row['ideal_speedup']:.3f}x ({row['speedup_vs_ideal']:.3f} of ideal)")
         print_json_last(r)
         return
     from mpq.bench.e2e import bench_e2e as run_bench
@@ -292,6 +294,7 @@ def train_predictors(
     layers: str = typer.Option("auto", help="offline schedule: auto, or layer indices like 14,16,18"),
     budget: Optional[int] = typer.Option(None, help="number of offline layers K (default: auto from the histogram)"),
     draft_vocab: int = typer.Option(4096, help="reduced vocabulary of the draft head"),
+    draft_samples: int = typer.Option(0, help="extra calibration windows for the draft head only (final hidden states)"),
     target_agreement: float = typer.Option(0.985, help="held-out agreement the thresholds are chosen for"),
     seed: int = typer.Option(0),
     restart: bool = typer.Option(False, help="discard an earlier run's work folder instead of resuming it"),
@@ -301,7 +304,8 @@ def train_predictors(
     from mpq.specee.train import TrainOptions, train_predictors_cli
 
     result = train_predictors_cli(TrainOptions(artifact=art, dataset=dataset, samples=samples, seq_len=seq_len, layers=layers,
-                                               budget=budget, draft_vocab=draft_vocab, target_agreement=target_agreement,
+                                               budget=budget, draft_vocab=draft_vocab, draft_samples=draft_samples,
+                                               target_agreement=target_agreement,
                                                seed=seed, restart=restart))
     if json_out:
         print_json_last(result)

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# On the GPU machine: the decode engine's CUDA spot-check (tests/runtime/test_engine_cuda.py), then `mpq bench e2e`.
-# Results land in $OUT (the device tool's folder) or benchmarks/results/ when run by hand.
+# On the GPU machine: the CUDA spot-checks of the decode engine and of the exit machinery, then `mpq bench e2e`
+# and the trace-driven `mpq bench e2e --early-exit`. Results land in $OUT (the device tool's folder) or
+# benchmarks/results/ when run by hand.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=. PYTHONUNBUFFERED=1
 OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,memory.total --format=csv | tee "$OUT/e2e-gpu.txt"
-python3 -m pytest -q -p no:cacheprovider tests/runtime/test_engine_cuda.py 2>&1 | tee "$OUT/e2e-spotcheck.log"
+python3 -m pytest -q -p no:cacheprovider tests/runtime/test_engine_cuda.py tests/kernels/test_exit_predictor.py \
+    tests/specee/test_decode.py 2>&1 | tee "$OUT/e2e-spotcheck.log"
 python3 -m mpq.cli bench e2e --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e-bench.log"
+python3 -m mpq.cli bench e2e --early-exit --trace benchmarks/results/specee-trace-smollm2.json \
+    --json "$OUT/specee-e2e.json" 2>&1 | tee "$OUT/specee-bench.log"

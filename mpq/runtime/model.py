@@ -150,14 +150,31 @@ class FusedLinear(DenseLinear):
 
 
 class SplitLinears(nn.Module):
-    """Linears sharing one input, called one by one (quantized ones cannot be concatenated)."""
+    """Linears sharing one input (quantized ones cannot be concatenated in format v1). On CUDA each part after the
+    first runs on a side stream forked from and joined back into the current one, so the small decode GEMVs
+    overlap; a captured CUDA graph keeps the fork/join as parallel branches. `parallel = False` runs them in turn."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
         self.parts = nn.ModuleList(parts)
+        self.parallel = True
+        self._streams: list[torch.cuda.Stream] = []
 
     def forward(self, x):
-        return tuple(p(x) for p in self.parts)
+        if not (self.parallel and x.is_cuda and len(self.parts) > 1):
+            return tuple(p(x) for p in self.parts)
+        if not self._streams:  # created on the first (warm-up) call, never inside a capture
+            self._streams = [torch.cuda.Stream(x.device) for _ in self.parts[1:]]
+        main = torch.cuda.current_stream(x.device)
+        outs = []
+        for part, side in zip(self.parts[1:], self._streams):
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                outs.append(part(x))
+        first = self.parts[0](x)
+        for side in self._streams:
+            main.wait_stream(side)
+        return (first, *outs)
 
 
 class WeightSource:
@@ -265,6 +282,12 @@ class Transformer(nn.Module):
         # additive (0 / -inf) rather than bool: SDPA would otherwise convert the mask in every layer
         causal = torch.full((max_seq_len, max_seq_len), float("-inf"), dtype=self.dtype, device=dev).triu(1)
         self.register_buffer("causal", causal, persistent=False)
+
+    def parallel_linears(self, on: bool) -> None:
+        """Overlap the quantized q/k/v and gate/up calls on side streams (CUDA), or run them one after another."""
+        for module in self.modules():
+            if isinstance(module, SplitLinears):
+                module.parallel = on
 
     def compile_small_ops(self) -> None:
         """Fuse each small op into one kernel with torch.compile (CUDA only; the matmuls stay as they are)."""

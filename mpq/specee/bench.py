@@ -43,104 +43,135 @@ def _quantized_draft(model, draft, dev):
 
 
 class GraphStep:
-    """Static buffers and one captured decode step per exit layer."""
+    """Static buffers and one captured decode step per (exit layer, fill or drop).
+
+    The step mirrors `Transformer.forward` (residual adds fused into the next norm, q/k/v and gate/up overlapped
+    on side streams) and adds the exit machinery: the draft head on its own stream, overlapped with the first
+    layers and joined before the first predictor; at each predicted layer one fused kernel for the features and
+    the predictor (`kernels.exit_predictor`); at the exit, the LM head; in fill mode, the skipped layers' K/V
+    (`ExitDecoder.fill_kv`, spread over side streams)."""
 
     def __init__(self, model, draft, preds, offline, max_len):
+        from mpq.runtime.model import SplitLinears
         from mpq.specee.decode import ExitDecoder
 
         self.model, self.draft, self.preds, self.offline = model, draft, preds, offline
         self.dec = ExitDecoder(model, None, max_len, exits=False)
         dev, dt = model.device, model.dtype
+        a = model.args
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.h_prev = torch.zeros(model.args.dim, dtype=dt, device=dev)
         self.probe = torch.zeros(64, dtype=torch.float32, device=dev)
-        a = model.args
+        self.p_state = torch.zeros(4, dtype=torch.float32, device=dev)
+        self.mlp = tuple(t.detach().float().contiguous() for t in (preds.w1, preds.b1, preds.w2, preds.b2, preds.mu, preds.sigma))
         self.dcache = torch.zeros(2, a.n_kv_heads, max_len, a.head_dim, dtype=dt, device=dev)
+        self.d_qkv = SplitLinears([draft.linears[n] for n in ("q", "k", "v")])
+        self.d_gate_up = SplitLinears([draft.linears[n] for n in ("gate", "up")])
+        self.draft_stream = torch.cuda.Stream(dev)
         self.lm_w = model.output.weight
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.dropped = torch.zeros(a.n_layers, max_len, dtype=dt, device=dev)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
-    def _draft(self):
-        from mpq.specee.draft import _rotate
+    def _draft(self) -> torch.Tensor:
+        """The draft head's step at self.pos: LM-head rows [4, D] of its top-4 tokens."""
         import torch.nn.functional as F
 
         d, m, a = self.draft, self.model, self.model.args
-        emb = m.embed[self.token]
-        x = d.lin("fc", torch.cat((self.h_prev[None], emb), -1))
+        ops, eps = m.ops, a.norm_eps
+        x = d.linears["fc"](torch.cat((self.h_prev, m.embed[self.token][0]))[None, None])
         cos, sin = m.rope_cos[self.pos], m.rope_sin[self.pos]
+        _, h = ops.add_rms_norm(x, None, d.attn_norm, eps)
+        q, k, v = self.d_qkv(h)
+        q, kv = ops.rope(q.view(1, 1, a.n_heads, a.head_dim), k.view(1, 1, a.n_kv_heads, a.head_dim),
+                         v.view(1, 1, a.n_kv_heads, a.head_dim), cos, sin)
+        self.dcache.index_copy_(2, self.pos, kv[:, 0].transpose(1, 2))
+        y = F.scaled_dot_product_attention(q.transpose(1, 2), self.dcache[0][None], self.dcache[1][None],
+                                           attn_mask=m.causal[self.pos].view(1, 1, 1, -1),
+                                           enable_gqa=a.n_heads != a.n_kv_heads)
+        x, h = ops.add_rms_norm(x, d.linears["o"](y.transpose(1, 2).reshape(1, 1, -1)), d.mlp_norm, eps)
+        gate, up = self.d_gate_up(h)
+        _, h = ops.add_rms_norm(x, d.linears["down"](ops.silu_mul(gate, up)), d.norm, eps)
+        return self.lm_w[d.vocab[(h.view(-1) @ d.rows.t()).topk(4).indices]]
 
-        def attend(q, k, v):
-            self.dcache[0].index_copy_(1, self.pos, _rotate(k, cos, sin).transpose(0, 1))
-            self.dcache[1].index_copy_(1, self.pos, v.transpose(0, 1))
-            mask = m.causal[self.pos]
-            r = a.n_heads // a.n_kv_heads
-            keys, vals = (t.repeat_interleave(r, 0) if r > 1 else t for t in (self.dcache[0], self.dcache[1]))
-            return F.scaled_dot_product_attention(_rotate(q, cos, sin).transpose(0, 1), keys, vals, attn_mask=mask).transpose(0, 1)
+    def step(self, e: int, fill: bool = True, draft: bool = True, predict: bool = True) -> None:
+        """One decode step exiting after layer e (e = num_layers: full depth); draft/predict False leave those
+        parts out (for the overhead split)."""
+        from kernels.exit_predictor import exit_probability
 
-        from mpq.specee.features import final_norm
-
-        h = final_norm(x, d.attn_norm, d.eps)
-        q = d.lin("q", h).unflatten(-1, (a.n_heads, a.head_dim))
-        k = d.lin("k", h).unflatten(-1, (a.n_kv_heads, a.head_dim))
-        v = d.lin("v", h).unflatten(-1, (a.n_kv_heads, a.head_dim))
-        x = x + d.lin("o", attend(q, k, v).flatten(-2))
-        h = final_norm(x, d.mlp_norm, d.eps)
-        x = x + d.lin("down", F.silu(d.lin("gate", h)) * d.lin("up", h))
-        logits = final_norm(x, d.norm, d.eps)[0] @ d.rows.t()
-        return self.lm_w[d.vocab[logits.topk(4).indices]]
-
-    def step(self, e: int) -> None:
-        from mpq.specee.features import draft_logits, features, final_norm
-
-        m, L = self.model, self.model.args.n_layers
-        rows = self._draft()
+        m, L, ops, eps = self.model, self.model.args.n_layers, self.model.ops, self.model.args.norm_eps
+        main = torch.cuda.current_stream()
+        if draft:
+            self.draft_stream.wait_stream(main)
+            with torch.cuda.stream(self.draft_stream):
+                rows = self._draft()
+        else:
+            rows = self.lm_w[:4]
         pos = self.pos
-        mask = m.causal[pos].view(1, 1, 1, -1)
-        x, p_prev = m.embed[self.token].view(1, 1, -1), None
-        calls = [i for i in self.offline if i < e - 1] + ([e - 1] if e < L else [])
-        for i in range(e):
-            x = self.dec.run_layer(i, x, pos, mask, m.ops)
+        cos, sin = m.rope_cos[pos], m.rope_sin[pos]
+        if fill:
+            masks = m.causal[pos].view(1, 1, 1, 1, -1).expand(L, -1, -1, -1, -1)
+        else:  # drop mode: each layer masks the positions it skipped (one add for all layers)
+            masks = (m.causal[pos].view(1, -1) + self.dropped).view(L, 1, 1, 1, -1)
+        x, delta, joined = m.embed[self.token].view(1, 1, -1), None, False
+        calls = ([i for i in self.offline if i < e - 1] + ([e - 1] if e < L else [])) if predict else []
+        for i, layer in enumerate(m.layers[:e]):
+            x, h = ops.add_rms_norm(x, delta, layer.attn_norm, eps)
+            delta = layer.attention(h, pos, cos, sin, masks[i], ops)
+            x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, eps)
+            delta = layer.mlp(h, ops)
             if i in calls:
-                hn = final_norm(x.view(-1), m.norm, m.args.norm_eps)
-                feat, p_prev = features(draft_logits(hn, rows), p_prev)
-                self.probe[i:i + 1].copy_(self.preds.prob(i, feat.float()).view(1))
-        hn = final_norm(x.view(-1), m.norm, m.args.norm_eps)
-        nxt = m.output(hn).argmax(-1)
-        if e < L:
+                if not joined:
+                    main.wait_stream(self.draft_stream)
+                    joined = True
+                exit_probability(x.view(-1), m.norm, eps, rows, self.p_state, self.probe, i, self.mlp,
+                                 self.preds.slot[i], first=i == calls[0], delta=delta.view(-1))
+        if draft and not joined:
+            main.wait_stream(self.draft_stream)
+        x, hn = ops.add_rms_norm(x, delta, m.norm, eps)
+        nxt = m.output(hn.view(1, -1)).argmax(-1)
+        if e < L and fill:
             self.dec.fill_kv(x, pos, e)
-        self.h_prev.copy_(hn)
+        elif e < L:
+            self.dropped[e:].index_fill_(1, pos, float("-inf"))
+        self.h_prev.copy_(hn.view(-1))
         self.token.copy_(nxt.view(1))
         self.pos.add_(1)
 
-    def capture(self, e: int) -> None:
+    def capture(self, e: int, **parts) -> None:
         saved = self.token.clone(), self.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self.step(e)
+                self.step(e, **parts)
                 self.token.copy_(saved[0])
                 self.pos.copy_(saved[1])
         torch.cuda.current_stream().wait_stream(side)
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g, pool=self.pool):
-            self.step(e)
+            self.step(e, **parts)
         self.pool = g.pool()
-        self.graphs[e] = g
+        self.graphs[(e, tuple(sorted(parts.items())))] = g
         self.token.copy_(saved[0])
         self.pos.copy_(saved[1])
 
-    def time(self, trace: list[int], start: int) -> float:
-        """ms per token replaying one graph per token of the trace from position start."""
-        self.pos.fill_(start)
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        for e in trace:
-            self.graphs[e].replay()
-        end.record()
-        end.synchronize()
-        return begin.elapsed_time(end) / len(trace)
+    def time(self, trace: list[int], start: int, reps: int = 3, **parts) -> float:
+        """ms per token replaying one graph per token of the trace from position start (median of reps)."""
+        key = tuple(sorted(parts.items()))
+        times = []
+        for _ in range(reps):
+            self.pos.fill_(start)
+            self.dropped.zero_()
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            for e in trace:
+                self.graphs[(e, key)].replay()
+            end.record()
+            end.synchronize()
+            times.append(begin.elapsed_time(end) / len(trace))
+        return sorted(times)[len(times) // 2]
 
 
 def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_tokens: int = 128,
@@ -187,16 +218,28 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     preds = ExitPredictors(list(range(L - 1))).to(dev)
     step = GraphStep(model, draft, preds, offline, prompt_tokens + 2 * new_tokens + 8)
     rows = []
+    variants = {"fill": {"fill": True, "draft": True, "predict": True}, "drop": {"fill": False, "draft": True, "predict": True}}
+    parts = {"loop": {"fill": True, "draft": False, "predict": False}, "draft": {"fill": True, "draft": True, "predict": False}}
     with torch.inference_mode():
         for e in sorted(set().union(*traces.values()) | {L}):
-            step.capture(e)
-        step.time(first[:16], prompt_tokens)  # warm
-        full_machinery_ms = step.time([L] * new_tokens, prompt_tokens)
+            for v in variants.values():
+                step.capture(e, **v)
+        for v in parts.values():
+            step.capture(L, **v)
+        step.time(first[:16], prompt_tokens, **variants["fill"])  # warm
+        full = {"loop_only": step.time([L] * new_tokens, prompt_tokens, **parts["loop"]),
+                "loop_and_draft": step.time([L] * new_tokens, prompt_tokens, **parts["draft"]),
+                "loop_draft_predictors": step.time([L] * new_tokens, prompt_tokens, **variants["fill"])}
         for name, trace in traces.items():
-            ms = step.time(trace, prompt_tokens)
             mean_layers = sum(trace) / len(trace)
-            rows.append({"trace": name, "mean_layers": mean_layers, "ideal_speedup": L / mean_layers, "ms_per_token_exit": ms,
-                         "speedup": base / ms, "speedup_vs_ideal": base / ms / (L / mean_layers)})
+            for mode, v in variants.items():
+                ms = step.time(trace, prompt_tokens, **v)
+                rows.append({"trace": name, "mode": mode, "mean_layers": mean_layers, "ideal_speedup": L / mean_layers,
+                             "ms_per_token_exit": ms, "speedup": base / ms, "speedup_vs_ideal": base / ms / (L / mean_layers)})
+    full_machinery_ms = full["loop_draft_predictors"]
+    split = {"draft": (full["loop_and_draft"] - full["loop_only"]) / base,
+             "predictors": (full["loop_draft_predictors"] - full["loop_and_draft"]) / base,
+             "loop_vs_engine": full["loop_only"] / base - 1}
     result = {"label": "TRACE-DRIVEN: exit layers replayed from a histogram measured on the small model, scaled to 32 layers",
               "trace_kind": rows[0]["trace"],
               "device": torch.cuda.get_device_name(), "commit": _commit(), "torch": torch.__version__,
@@ -204,8 +247,10 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
               "trace_source": str(trace_json), "source_layers": src_layers, "num_layers": L, "new_tokens": new_tokens,
               **{k: v for k, v in rows[0].items() if k != "trace"}, "offline_layers": offline,
               "ms_per_token_no_exit": base, "ms_per_token_machinery_full_depth": full_machinery_ms,
-              "overhead_fraction_at_full_depth": full_machinery_ms / base - 1, "rows": rows,
-              "note": "one graph per exit layer; live decoding adds a host sync per predicted layer, not measured here"}
+              "overhead_fraction_at_full_depth": full_machinery_ms / base - 1, "overhead_split_at_full_depth": split,
+              "ms_per_token_full_depth": full, "rows": rows,
+              "note": "one graph per (exit layer, mode); live decoding adds a host sync per predicted layer, not measured here; "
+                      "KV filling cost is inside the fill rows (the drop rows have none)"}
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")

@@ -33,6 +33,7 @@ from mpq.specee.features import draft_logits, features, final_norm
 from mpq.specee.schedule import OnlineSchedule
 
 MODES = ("fill", "drop")
+FILL_STREAMS = 4  # side streams for the KV fill of skipped quantized layers on the GPU
 PARTS = ("draft", "predict", "verify_rejected", "fill")
 
 
@@ -114,6 +115,7 @@ class ExitDecoder:
             self.thresholds = {layer: float(specee.predictors.threshold[s]) if threshold is None else threshold
                                for layer, s in specee.predictors.slot.items()}
         self._stack_kv()
+        self.fill_streams: list[torch.cuda.Stream] = []
         self.dropped = torch.zeros(self.L, max_seq_len, dtype=dt, device=dev) if mode == "drop" else None
 
     def _stack_kv(self) -> None:
@@ -144,15 +146,34 @@ class ExitDecoder:
             kv = torch.bmm(self.kv_w[first:], hs.unsqueeze(-1)).squeeze(-1)
             if self.kv_b is not None:
                 kv = kv + self.kv_b[first:]
-        else:  # quantized on the GPU: the layers' own k/v linears, one pair per layer
-            kv = torch.stack([torch.cat((layer.qkv.parts[1](hs[j]), layer.qkv.parts[2](hs[j])), -1)
-                              for j, layer in enumerate(self.model.layers[first:])])
+        else:
+            self._fill_quantized(hs, pos, first)
+            return
         n, kvd = kv.shape[0], a.n_kv_heads * a.head_dim
         k = kv[:, :kvd].view(n, 1, a.n_kv_heads, a.head_dim)
         v = kv[:, kvd:].view(n, 1, a.n_kv_heads, a.head_dim)
         k = _rotate(k, self.model.rope_cos[pos], self.model.rope_sin[pos])
         for j, layer in enumerate(self.model.layers[first:]):
             layer.kv_cache.update(pos, torch.stack((k[j], v[j]))[:, None])
+
+    def _fill_quantized(self, hs: torch.Tensor, pos: torch.Tensor, first: int) -> None:
+        """GPU, quantized k/v: each skipped layer's own k and v GEMVs and RoPE, the layers spread over side streams
+        (forked from and joined into the current one) so that the small GEMVs overlap."""
+        a, model = self.model.args, self.model
+        if not self.fill_streams:
+            self.fill_streams = [torch.cuda.Stream(hs.device) for _ in range(FILL_STREAMS)]
+        cos, sin = model.rope_cos[pos], model.rope_sin[pos]
+        main = torch.cuda.current_stream(hs.device)
+        for side in self.fill_streams:
+            side.wait_stream(main)
+        for j, layer in enumerate(model.layers[first:]):
+            with torch.cuda.stream(self.fill_streams[j % FILL_STREAMS]):
+                k = layer.qkv.parts[1](hs[j:j + 1]).view(1, 1, a.n_kv_heads, a.head_dim)
+                v = layer.qkv.parts[2](hs[j:j + 1]).view(1, 1, a.n_kv_heads, a.head_dim)
+                _, kv = model.ops.rope(k, k, v, cos, sin)
+                layer.kv_cache.update(pos, kv)
+        for side in self.fill_streams:
+            main.wait_stream(side)
 
     # ---- one sequence -----------------------------------------------------------------------------------
     def _prefill(self, prompt: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

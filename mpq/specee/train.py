@@ -168,8 +168,9 @@ def _draft_inputs(hidden, argmax, n, T, seed):
 
 
 def _final_hidden(ctx: Ctx, samples: int, T: int, seed: int) -> dict:
-    """Final-normed hidden states of `samples` more calibration windows (cached in the work folder)."""
-    from mpq.calib.data import load_token_windows
+    """Final-normed hidden states of up to `samples` more calibration windows, none overlapping the labelled ones
+    (cached in the work folder)."""
+    from mpq.calib.data import held_out_windows
     from mpq.runtime.model import SmallOps
     from mpq.specee.decode import ExitDecoder, lm_head_weight
 
@@ -177,7 +178,9 @@ def _final_hidden(ctx: Ctx, samples: int, T: int, seed: int) -> dict:
     if path.is_file():
         return _load(path)
     model = ctx.engine.model
-    windows = load_token_windows(ctx.opts.dataset, ctx.engine.tokenizer, samples, T, seed)
+    # disjoint from the labelled windows, so the held-out recall below stays held out
+    windows = held_out_windows(ctx.opts.dataset, ctx.engine.tokenizer, ctx.opts.samples, T, seed, samples)
+    samples = windows.shape[0]
     runner = ExitDecoder(model, None, T, exits=False)
     pos = torch.arange(T)
     mask = model.causal[pos].view(1, 1, T, -1)
@@ -210,7 +213,7 @@ def train_draft(ctx: Ctx) -> None:
     tokens, hidden, argmax = data["tokens"], data["hidden"], data["argmax"]
     n, T = tokens.shape
     a = model.args
-    extra = _final_hidden(ctx, o.draft_samples, T, o.seed + 7) if o.draft_samples else None
+    extra = _final_hidden(ctx, o.draft_samples, T, o.seed) if o.draft_samples else None
     predicted = argmax[-1] if extra is None else torch.cat((argmax[-1], extra["argmax"].reshape(-1)))
     vocab, coverage = choose_vocab(predicted, o.draft_vocab)
     from mpq.specee.decode import lm_head_weight

@@ -26,6 +26,19 @@ def quant_model(tmp_path_factory, byte_tokenizer):
     return load_engine(str(out), "cpu").model
 
 
+@pytest.fixture(scope="module")
+def quant_model_cuda(tmp_path_factory, byte_tokenizer):
+    """The same kind of artifact on the GPU: k/v are Triton-kernel linears, so the fill takes its GPU path."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from mpq.runtime.loader import load_engine
+
+    hf = tiny_hf_model(tiny_config(num_hidden_layers=4, hidden_size=128, intermediate_size=256), seed=4)
+    out = tmp_path_factory.mktemp("art") / "a"
+    rtn_artifact(hf, out, byte_tokenizer)
+    return load_engine(str(out), "cuda").model
+
+
 def test_full_depth_loop_reproduces_the_engine(float_model):
     prompt = list(range(30, 50))
     want = Generator(float_model, 64).generate(prompt, 16).tokens
@@ -38,7 +51,7 @@ def _decode_rest(dec, tokens, start):
     """Full-depth logits of tokens fed at positions start, start+1, ..."""
     model, out = dec.model, []
     for k, tok in enumerate(tokens):
-        pos = torch.tensor([start + k])
+        pos = torch.tensor([start + k], device=model.device)
         mask = model.causal[pos].view(1, 1, 1, -1)
         x = model.embed[tok].view(1, 1, -1)
         for i in range(dec.L):
@@ -60,7 +73,7 @@ def _reference_fill(model, x, pos, first):
         layer.kv_cache.update(pos, kv)
 
 
-@pytest.mark.parametrize("which", ["float_model", "quant_model"])
+@pytest.mark.parametrize("which", ["float_model", "quant_model", "quant_model_cuda"])
 @pytest.mark.parametrize("exit_after", [1, 2])
 def test_forced_exit_then_continue_matches_reference_fill(request, which, exit_after):
     model = request.getfixturevalue(which)
@@ -70,7 +83,7 @@ def test_forced_exit_then_continue_matches_reference_fill(request, which, exit_a
         dec = ExitDecoder(model, None, 64, exits=False)
         dec._prefill(prompt)
         t = len(prompt)
-        pos = torch.tensor([t])
+        pos = torch.tensor([t], device=model.device)
         mask = model.causal[pos].view(1, 1, 1, -1)
         x = model.embed[42].view(1, 1, -1)
         for i in range(exit_after):  # the forced exit: token 42 at position t runs `exit_after` layers only
@@ -83,8 +96,9 @@ def test_forced_exit_then_continue_matches_reference_fill(request, which, exit_a
             for layer in model.layers[exit_after:]:
                 layer.kv_cache.kv[:, :, :, t].zero_()
         results.append(_decode_rest(dec, rest, t + 1))
-    torch.testing.assert_close(results[0], results[1], rtol=1e-4, atol=1e-4)
-    assert (results[0] - results[2]).abs().max() > 1e-3  # the filled entries matter: the check can fail
+    tol = 1e-4 if model.dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(results[0], results[1], rtol=tol, atol=tol)
+    assert (results[0] - results[2]).abs().max() > 10 * tol  # the filled entries matter: the check can fail
 
 
 def test_drop_mode_masks_the_skipped_positions(float_model):
