@@ -26,6 +26,8 @@ COUNTERS_PER_ROW_TILE = 16  # split-K counters: one per (program, activation row
 GEMV_MAX_M = 2
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMM_MAX_M = 64
+# cards that run another card's table: the H200 is the H100's die (132 SMs, sm_90) with faster, larger HBM
+TABLE_OF = {"h200": "h100"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,7 +72,7 @@ def _device_facts(device: torch.device) -> tuple[int, dict]:
         return 132, {}
     props = torch.cuda.get_device_properties(device)
     slug = props.name.lower().replace("nvidia", "").split()[0] if props.name else "unknown"
-    path = CONFIG_DIR / f"{slug}.json"
+    path = CONFIG_DIR / f"{TABLE_OF.get(slug, slug)}.json"
     table = {}
     if path.exists():
         for row in json.loads(path.read_text())["configs"]:

@@ -86,7 +86,9 @@ def exit_probability(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, row
     D = x.numel()
     w1, b1, w2, b2, mu, sigma = mlp
     H = w1.shape[-1]
-    block_h = min(triton.next_power_of_2(H), 256)
-    _exit_probability_kernel[(1,)](x, x if delta is None else delta, norm_weight, rows, p_prev, out, out_index, w1, b1, w2, b2, mu, sigma, slot,
-                                   D, H, eps, FIRST=first, HAS_DELTA=delta is not None, BLOCK_D=min(triton.next_power_of_2(D), 1024),
-                                   BLOCK_H=block_h, num_warps=4)
+    # one program is latency-bound: take the whole hidden state (and the whole MLP) in one block, with many warps
+    block_d = min(triton.next_power_of_2(D), 8192)
+    _exit_probability_kernel[(1,)](x, x if delta is None else delta, norm_weight, rows, p_prev, out, out_index,
+                                   w1, b1, w2, b2, mu, sigma, slot, D, H, eps, FIRST=first, HAS_DELTA=delta is not None,
+                                   BLOCK_D=block_d, BLOCK_H=min(triton.next_power_of_2(H), 512),
+                                   num_warps=16 if block_d >= 2048 else 4)

@@ -130,11 +130,13 @@ class GraphStep:
         if draft and not joined:
             main.wait_stream(self.draft_stream)
         x, hn = ops.add_rms_norm(x, delta, m.norm, eps)
-        nxt = m.output(hn.view(1, -1)).argmax(-1)
-        if e < L and fill:
-            self.dec.fill_kv(x, pos, e)
+        if e < L and fill:  # forked before the LM head, so the skipped layers' K/V overlap it
+            self.dec.fill_kv(x, pos, e, join=False)
         elif e < L:
             self.dropped[e:].index_fill_(1, pos, float("-inf"))
+        nxt = m.output(hn.view(1, -1)).argmax(-1)
+        if e < L and fill:
+            self.dec.join_fill()
         self.h_prev.copy_(hn.view(-1))
         self.token.copy_(nxt.view(1))
         self.pos.add_(1)

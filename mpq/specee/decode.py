@@ -134,8 +134,9 @@ class ExitDecoder:
         x, h = ops.add_rms_norm(x, layer.attention(h, pos, cos, sin, mask, ops), layer.mlp_norm, self.eps)
         return x + layer.mlp(h, ops)
 
-    def fill_kv(self, x: torch.Tensor, pos: torch.Tensor, first: int) -> None:
-        """K/V of layers [first, L) at position pos, computed from the exit residual x [1, 1, D]."""
+    def fill_kv(self, x: torch.Tensor, pos: torch.Tensor, first: int, join: bool = True) -> None:
+        """K/V of layers [first, L) at position pos, computed from the exit residual x [1, 1, D]. On the GPU with
+        quantized layers, join=False leaves the fill running on its side streams until `join_fill`."""
         if first >= self.L:
             return
         a = self.model.args
@@ -148,6 +149,8 @@ class ExitDecoder:
                 kv = kv + self.kv_b[first:]
         else:
             self._fill_quantized(hs, pos, first)
+            if join:
+                self.join_fill()
             return
         n, kvd = kv.shape[0], a.n_kv_heads * a.head_dim
         k = kv[:, :kvd].view(n, 1, a.n_kv_heads, a.head_dim)
@@ -158,7 +161,7 @@ class ExitDecoder:
 
     def _fill_quantized(self, hs: torch.Tensor, pos: torch.Tensor, first: int) -> None:
         """GPU, quantized k/v: each skipped layer's own k and v GEMVs and RoPE, the layers spread over side streams
-        (forked from and joined into the current one) so that the small GEMVs overlap."""
+        forked from the current one (joined by `join_fill`) so that the small GEMVs overlap."""
         a, model = self.model.args, self.model
         if not self.fill_streams:
             self.fill_streams = [torch.cuda.Stream(hs.device) for _ in range(FILL_STREAMS)]
@@ -166,12 +169,18 @@ class ExitDecoder:
         main = torch.cuda.current_stream(hs.device)
         for side in self.fill_streams:
             side.wait_stream(main)
+            for t in (hs, cos, sin):  # made on the current stream, read on the side ones (possibly after return)
+                t.record_stream(side)
         for j, layer in enumerate(model.layers[first:]):
             with torch.cuda.stream(self.fill_streams[j % FILL_STREAMS]):
                 k = layer.qkv.parts[1](hs[j:j + 1]).view(1, 1, a.n_kv_heads, a.head_dim)
                 v = layer.qkv.parts[2](hs[j:j + 1]).view(1, 1, a.n_kv_heads, a.head_dim)
                 _, kv = model.ops.rope(k, k, v, cos, sin)
                 layer.kv_cache.update(pos, kv)
+
+    def join_fill(self) -> None:
+        """Make the current stream wait for the KV fill's side streams."""
+        main = torch.cuda.current_stream()
         for side in self.fill_streams:
             main.wait_stream(side)
 
