@@ -3,8 +3,8 @@
 (the 12 features), the per-layer standardisation, and the MLP 12 -> H -> 1 with its sigmoid.
 
 Done as a dozen small PyTorch ops this costs a dozen launches per predicted layer (inside a CUDA graph each still
-costs ~2 us of issue and tail); one program does it all from L2: it reads the hidden state twice (norm, then dot
-products), 4 LM-head rows and one layer's MLP weights (~8 KB per hidden unit block).
+costs ~2 us of issue and tail); one program does it all, with every load (hidden state, 4 LM-head rows, one
+layer's MLP weights) issued before any arithmetic, so it waits for memory about once.
 
 The norm reproduces the engine's rounding (normalise in fp32, round to the activation dtype, multiply by the norm
 weight in that dtype), so the logits match `mpq.specee.features.draft_logits` up to fp32 summation order.
@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-K_DRAFT = 4
-N_FEATURES = 3 * K_DRAFT
+MAX_DIM = 16384  # one program holds the whole hidden state and the whole MLP in registers
+MAX_HIDDEN = 1024
 
 
 @triton.jit
@@ -26,51 +26,48 @@ def _exit_probability_kernel(x_ptr, delta_ptr, norm_ptr, rows_ptr, p_prev_ptr, o
                              D, H, eps,
                              FIRST: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr,
                              BLOCK_H: tl.constexpr):
+    # every load is issued up front (none depends on another), so the program pays about one memory latency
     k = tl.arange(0, 4)
     d = tl.arange(0, BLOCK_D)
-    # pass 1: mean square of the hidden state, fp32
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for start in range(0, D, BLOCK_D):
-        x = tl.load(x_ptr + start + d, mask=start + d < D, other=0.0)
-        if HAS_DELTA:  # the residual add not yet done by the layer loop, rounded as the engine rounds it
-            x = (x.to(tl.float32) + tl.load(delta_ptr + start + d, mask=start + d < D, other=0.0).to(tl.float32)).to(x.dtype)
-        x = x.to(tl.float32)
-        acc += x * x
-    r = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / D + eps)
-    # pass 2: normed state in the activation dtype, dotted with the 4 draft tokens' LM-head rows
-    dots = tl.zeros([4, BLOCK_D], dtype=tl.float32)
-    for start in range(0, D, BLOCK_D):
-        m = start + d < D
-        xr = tl.load(x_ptr + start + d, mask=m, other=0.0)
-        if HAS_DELTA:
-            xr = (xr.to(tl.float32) + tl.load(delta_ptr + start + d, mask=m, other=0.0).to(tl.float32)).to(xr.dtype)
-        w = tl.load(norm_ptr + start + d, mask=m, other=0.0)
-        h = (w.to(tl.float32) * (xr.to(tl.float32) * r).to(xr.dtype).to(tl.float32)).to(xr.dtype).to(tl.float32)
-        rows = tl.load(rows_ptr + k[:, None] * D + start + d[None, :], mask=m[None, :], other=0.0).to(tl.float32)
-        dots += rows * h[None, :]
-    logits = tl.sum(dots, axis=1)
+    md = d < D
+    j = tl.arange(0, BLOCK_H)
+    mh = j < H
+    x = tl.load(x_ptr + d, mask=md, other=0.0)
+    if HAS_DELTA:  # the residual add not yet done by the layer loop, rounded as the engine rounds it
+        x = (x.to(tl.float32) + tl.load(delta_ptr + d, mask=md, other=0.0).to(tl.float32)).to(x.dtype)
+    w = tl.load(norm_ptr + d, mask=md, other=0.0).to(tl.float32)
+    rows = tl.load(rows_ptr + k[:, None] * D + d[None, :], mask=md[None, :], other=0.0).to(tl.float32)
+    w1 = w1_ptr + slot * 12 * H + k[:, None] * H + j[None, :]
+    w1_logit = tl.load(w1, mask=mh[None, :], other=0.0)
+    w1_prob = tl.load(w1 + 4 * H, mask=mh[None, :], other=0.0)
+    w1_delta = tl.load(w1 + 8 * H, mask=mh[None, :], other=0.0)
+    b1 = tl.load(b1_ptr + slot * H + j, mask=mh, other=0.0)
+    w2 = tl.load(w2_ptr + slot * H + j, mask=mh, other=0.0)
+    b2 = tl.load(b2_ptr + slot)
+    mu_logit = tl.load(mu_ptr + slot * 12 + k)
+    mu_prob = tl.load(mu_ptr + slot * 12 + 4 + k)
+    mu_delta = tl.load(mu_ptr + slot * 12 + 8 + k)
+    sd_logit = tl.load(sigma_ptr + slot * 12 + k)
+    sd_prob = tl.load(sigma_ptr + slot * 12 + 4 + k)
+    sd_delta = tl.load(sigma_ptr + slot * 12 + 8 + k)
+    p_prev = tl.load(p_prev_ptr + k)  # unused on the first evaluated layer
+    # final RMSNorm in fp32, rounded to the activation dtype, times the norm weight in that dtype
+    xf = x.to(tl.float32)
+    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
+    h = (w * (xf * r).to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
+    logits = tl.sum(rows * h[None, :], axis=1)
     e = tl.exp(logits - tl.max(logits, axis=0))
     p = e / tl.sum(e, axis=0)
     if FIRST:
         delta = p
     else:
-        delta = p - tl.load(p_prev_ptr + k)
+        delta = p - p_prev
     tl.store(p_prev_ptr + k, p)
-    # standardised features, then the layer's MLP
-    f0 = (logits - tl.load(mu_ptr + slot * 12 + k)) / tl.load(sigma_ptr + slot * 12 + k)
-    f1 = (p - tl.load(mu_ptr + slot * 12 + 4 + k)) / tl.load(sigma_ptr + slot * 12 + 4 + k)
-    f2 = (delta - tl.load(mu_ptr + slot * 12 + 8 + k)) / tl.load(sigma_ptr + slot * 12 + 8 + k)
-    j = tl.arange(0, BLOCK_H)
-    total = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for hs in range(0, H, BLOCK_H):
-        mh = hs + j < H
-        base = w1_ptr + slot * 12 * H + k[:, None] * H + hs + j[None, :]
-        hidden = tl.load(b1_ptr + slot * H + hs + j, mask=mh, other=0.0)
-        hidden += tl.sum(f0[:, None] * tl.load(base, mask=mh[None, :], other=0.0), axis=0)
-        hidden += tl.sum(f1[:, None] * tl.load(base + 4 * H, mask=mh[None, :], other=0.0), axis=0)
-        hidden += tl.sum(f2[:, None] * tl.load(base + 8 * H, mask=mh[None, :], other=0.0), axis=0)
-        total += tl.maximum(hidden, 0.0) * tl.load(w2_ptr + slot * H + hs + j, mask=mh, other=0.0)
-    z = tl.sum(total, axis=0) + tl.load(b2_ptr + slot)
+    # standardised features, then the layer's MLP 12 -> H -> 1
+    hidden = b1 + tl.sum(((logits - mu_logit) / sd_logit)[:, None] * w1_logit, axis=0)
+    hidden += tl.sum(((p - mu_prob) / sd_prob)[:, None] * w1_prob, axis=0)
+    hidden += tl.sum(((delta - mu_delta) / sd_delta)[:, None] * w1_delta, axis=0)
+    z = tl.sum(tl.maximum(hidden, 0.0) * w2, axis=0) + b2
     tl.store(out_ptr + out_index, 1.0 / (1.0 + tl.exp(-z)))
 
 
@@ -86,9 +83,10 @@ def exit_probability(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, row
     D = x.numel()
     w1, b1, w2, b2, mu, sigma = mlp
     H = w1.shape[-1]
-    # one program is latency-bound: take the whole hidden state (and the whole MLP) in one block, with many warps
-    block_d = min(triton.next_power_of_2(D), 8192)
+    if D > MAX_DIM or H > MAX_HIDDEN:
+        raise ValueError(f"exit_probability handles hidden sizes up to {MAX_DIM} and MLPs up to {MAX_HIDDEN} wide")
+    block_d = triton.next_power_of_2(D)
     _exit_probability_kernel[(1,)](x, x if delta is None else delta, norm_weight, rows, p_prev, out, out_index,
                                    w1, b1, w2, b2, mu, sigma, slot, D, H, eps, FIRST=first, HAS_DELTA=delta is not None,
-                                   BLOCK_D=block_d, BLOCK_H=min(triton.next_power_of_2(H), 512),
+                                   BLOCK_D=block_d, BLOCK_H=triton.next_power_of_2(H),
                                    num_warps=16 if block_d >= 2048 else 4)

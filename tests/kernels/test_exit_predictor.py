@@ -27,7 +27,7 @@ def random_predictors(layers, hidden, gen):
 
 
 @pytest.mark.parametrize("dim,hidden,dtype", [(200, 512, torch.float32), (1100, 300, torch.float16),
-                                              (576, 512, torch.float16), (9000, 700, torch.float16)])
+                                              (576, 512, torch.float16), (9000, 700, torch.float16), (4096, 512, torch.float16)])
 def test_exit_probability_matches_reference(dim, hidden, dtype):
     gen = torch.Generator().manual_seed(dim)
     layers = [1, 4, 7]
