@@ -216,24 +216,35 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     draft.bind_rows(model.output.weight)
     first = next(iter(traces.values()))
     exit_hist = torch.bincount(torch.tensor(first) - 1, minlength=L).float()
-    offline = auto_layers(exit_hist, call_cost=0.05)
     preds = ExitPredictors(list(range(L - 1))).to(dev)
-    step = GraphStep(model, draft, preds, offline, prompt_tokens + 2 * new_tokens + 8)
+    # the engine's own cache length (Generator rounds to 8): SDPA's cost grows with it, so base and exits share it
+    step = GraphStep(model, draft, preds, auto_layers(exit_hist, call_cost=0.05), -(-(prompt_tokens + new_tokens) // 8) * 8)
     rows = []
     variants = {"fill": {"fill": True, "draft": True, "predict": True}, "drop": {"fill": False, "draft": True, "predict": True}}
     parts = {"loop": {"fill": True, "draft": False, "predict": False}, "draft": {"fill": True, "draft": True, "predict": False},
              "predictors": {"fill": True, "draft": False, "predict": True}}
+
+    def full_depth(part: dict) -> float:
+        return step.time([L] * new_tokens, prompt_tokens, **part)
+
     with torch.inference_mode():
+        # the offline schedule is chosen with the predictor call cost measured here, in decoder-layer units
+        for v in (parts["loop"], parts["predictors"]):
+            step.capture(L, **v)
+        full_depth(parts["loop"])  # warm
+        loop_ms, pred_ms = full_depth(parts["loop"]), full_depth(parts["predictors"])
+        call_cost = max(pred_ms - loop_ms, 0.0) / len(step.offline) / (loop_ms / L)
+        step.offline = auto_layers(exit_hist, call_cost=call_cost)
+        step.graphs.clear()
+        step.pool = None
         for e in sorted(set().union(*traces.values()) | {L}):
             for v in variants.values():
                 step.capture(e, **v)
         for v in parts.values():
             step.capture(L, **v)
         step.time(first[:16], prompt_tokens, **variants["fill"])  # warm
-        full = {"loop_only": step.time([L] * new_tokens, prompt_tokens, **parts["loop"]),
-                "loop_and_draft": step.time([L] * new_tokens, prompt_tokens, **parts["draft"]),
-                "loop_and_predictors": step.time([L] * new_tokens, prompt_tokens, **parts["predictors"]),
-                "loop_draft_predictors": step.time([L] * new_tokens, prompt_tokens, **variants["fill"])}
+        full = {"loop_only": full_depth(parts["loop"]), "loop_and_draft": full_depth(parts["draft"]),
+                "loop_and_predictors": full_depth(parts["predictors"]), "loop_draft_predictors": full_depth(variants["fill"])}
         for name, trace in traces.items():
             mean_layers = sum(trace) / len(trace)
             for mode, v in variants.items():
@@ -253,7 +264,8 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
               "device": torch.cuda.get_device_name(), "commit": _commit(), "torch": torch.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "trace_source": str(trace_json), "source_layers": src_layers, "num_layers": L, "new_tokens": new_tokens,
-              **{k: v for k, v in rows[0].items() if k != "trace"}, "offline_layers": offline,
+              **{k: v for k, v in rows[0].items() if k != "trace"}, "offline_layers": step.offline,
+              "predictor_call_cost_layers": call_cost,
               "ms_per_token_no_exit": base, "ms_per_token_machinery_full_depth": full_machinery_ms,
               "overhead_fraction_at_full_depth": full_machinery_ms / base - 1, "overhead_split_at_full_depth": split,
               "ms_per_token_full_depth": full, "rows": rows,
