@@ -72,6 +72,7 @@ def sweep(opts: SweepOptions) -> dict:
     from mpq.quant.allocation import allocate
     from mpq.quant.pipeline import dequantized_copy, measure_model, measured_bits, quantize_model_linears
     from mpq.quant.recipe import load_recipe
+    from mpq.versions import environment
 
     torch.set_flush_denormal(True)
     recipe = load_recipe(opts.recipe)
@@ -111,8 +112,8 @@ def sweep(opts: SweepOptions) -> dict:
         for method, use_gptq in (("rtn", False), ("gptq", True)):
             t0 = time.time()
             add(method, uniform_bits_of(model, b, recipe), uniform_model(model, hessians, b, use_gptq, recipe), t0)
-    result = {"model": opts.model, "dataset": opts.dataset, "windows": opts.windows, "seq_len": opts.seq_len,
-              "calibration": job["fingerprint"], "fp_ppl": fp_ppl, "points": points}
+    result = {**environment(), "model": opts.model, "dataset": opts.dataset, "windows": opts.windows,
+              "seq_len": opts.seq_len, "calibration": job["fingerprint"], "fp_ppl": fp_ppl, "points": points}
     if opts.plot:
         plot_sweep(result, opts.plot)
     return result

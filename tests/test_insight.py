@@ -117,3 +117,4 @@ def test_sweep_reuses_one_calibration(setup, monkeypatch):
     assert mpq_pts[1]["kld"] <= mpq_pts[0]["kld"]
     assert all(0 <= p["top1_agreement"] <= 1 and p["ppl"] > 0 for p in out["points"])
     assert png.stat().st_size > 1000
+    assert out["device"] == "cpu" and out["commit"] and out["torch"]  # the JSON says where and from what it came
