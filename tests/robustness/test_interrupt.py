@@ -24,8 +24,11 @@ SLOW_CLI = Path(__file__).parent / "slow_cli.py"
 
 def run_until(args, marker: str, sig, delay: float, env=None, timeout: float = 120) -> tuple[int, str]:
     """Start slow_cli with `args`, send `sig` once `marker` appears on stderr; (exit code, stderr)."""
+    # a job started in the background of a non-interactive shell inherits SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler: give the child the default disposition, as a terminal would
     proc = subprocess.Popen([sys.executable, str(SLOW_CLI), str(delay), *map(str, args)], stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True, env=cli_env(**(env or {})))
+                            stdout=subprocess.DEVNULL, text=True, env=cli_env(**(env or {})),
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen, deadline = [], time.monotonic() + timeout
     try:
         for line in proc.stderr:
