@@ -9,7 +9,8 @@ masked out of the skipped layers' attention.
 
 The layer loop calls the engine's own Block pieces (norm weights, attention with its KV cache, MLP), in the
 order Transformer.forward does, so at full depth it reproduces the engine's logits. On the host the decision at
-each scheduled layer is a sync; on CPU that is free, on the GPU see mpq/specee/bench.py.
+each scheduled layer is a sync; on CPU that is free, on the GPU it follows one fused kernel per predicted layer
+(the graph-captured formulation is in mpq/specee/bench.py).
 
 Automatic fallback: every `window` tokens the decoder compares the time its exits saved (skipped layers times the
 measured time per layer) with the time the machinery cost (draft head, features + predictors, rejected
@@ -114,6 +115,12 @@ class ExitDecoder:
             self.d_cos, self.d_sin = cos.to(dev, dt), sin.to(dev, dt)
             self.thresholds = {layer: float(specee.predictors.threshold[s]) if threshold is None else threshold
                                for layer, s in specee.predictors.slot.items()}
+            pr = specee.predictors
+            self.mlp = tuple(t.detach().float().contiguous() for t in (pr.w1, pr.b1, pr.w2, pr.b2, pr.mu, pr.sigma))
+            self.p_state = torch.zeros(4, dtype=torch.float32, device=dev)
+            self.prob_out = torch.zeros(1, dtype=torch.float32, device=dev)
+        self.fused = specee is not None and dev.type == "cuda"  # one Triton launch per predicted layer
+        self.p_prev: torch.Tensor | None = None
         self._stack_kv()
         self.fill_streams: list[torch.cuda.Stream] = []
         self.dropped = torch.zeros(self.L, max_seq_len, dtype=dt, device=dev) if mode == "drop" else None
@@ -200,6 +207,20 @@ class ExitDecoder:
             self.sp.draft.step(hn[:-1], self.model.embed[tokens[0, 1:]], 0, self.d_cos, self.d_sin)
         return self.model.output(hn[-1]), hn
 
+    def exit_prob(self, layer: int, x: torch.Tensor, rows: torch.Tensor, first: bool) -> float:
+        """The exit probability at `layer` for residual x, the draft tokens' LM-head rows [4, D]; `first` marks the
+        first evaluated layer of the token (the softmax change is measured from the previous call otherwise). On
+        CUDA one fused kernel (kernels/exit_predictor.py), elsewhere the reference features + MLP."""
+        if self.fused:
+            from kernels.exit_predictor import exit_probability
+
+            exit_probability(x.view(-1), self.model.norm, self.eps, rows, self.p_state, self.prob_out, 0, self.mlp,
+                             self.sp.predictors.slot[layer], first=first)
+            return float(self.prob_out[0])
+        hn = final_norm(x.view(-1), self.model.norm, self.eps)
+        feat, self.p_prev = features(draft_logits(hn, rows), None if first else self.p_prev)
+        return float(self.sp.predictors.prob(layer, feat))
+
     def _timed(self, part: str, t0: float) -> float:
         t = time.perf_counter()
         self.stats.ms[part] += 1000 * (t - t0)
@@ -219,19 +240,19 @@ class ExitDecoder:
             t0 = self._timed("draft", t0)
         pos = torch.tensor([t], device=dev)
         mask = model.causal[pos].view(1, 1, 1, self.max_seq_len)
-        x, p_prev, ops = emb.view(1, 1, -1), None, model.ops
+        x, first, ops = emb.view(1, 1, -1), True, model.ops
         for i in range(self.L - 1):
             x = self.run_layer(i, x, pos, mask, ops)
             if not exits or i not in sched:
                 continue
             t0 = self._timed("layers", t0)
-            hn = final_norm(x.view(-1), model.norm, self.eps)
-            feat, p_prev = features(draft_logits(hn, rows), p_prev)
-            fire = float(self.sp.predictors.prob(i, feat)) > self.thresholds[i]
+            fire = self.exit_prob(i, x, rows, first) > self.thresholds[i]
+            first = False
             st.predictor_calls += 1
             t0 = self._timed("predict", t0)
             if not fire:
                 continue
+            hn = final_norm(x.view(-1), model.norm, self.eps)
             logits = model.output(hn)
             st.verifications += 1
             if int(logits.argmax()) in top4_set:

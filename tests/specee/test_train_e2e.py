@@ -109,3 +109,39 @@ def test_cli_run_json_and_eval_early_exit(trained):
     assert res["num_layers"] == 5 and 1 <= res["oracle_layers"] <= res["num_layers"]
     assert set(res["overhead_split"]) == {"draft_head", "features_predictors", "verify_rejected", "kv_filling"}
     assert "drop" in res and 0 <= res["drop"]["agreement"] <= 1
+
+
+def test_cuda_decoder_fused_exit_probability_matches_reference(trained):
+    """On the GPU the decoder's predicted layers run one fused kernel; it must give the reference path's
+    probabilities on the decoder's own hidden states (first and later layers), and the same decode at full depth."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    from mpq.runtime.loader import load_engine
+    from mpq.specee.bundle import load_specee
+    from mpq.specee.decode import ExitDecoder
+    from mpq.runtime.model import SmallOps
+
+    _, art, _, _ = trained
+    model = load_engine(str(art), "cuda").model
+    dec = ExitDecoder(model, load_specee(art, None), 96, auto_fallback=False)
+    assert dec.fused
+    dec._prefill(list(b"To be, or not to be"))
+    pos = torch.tensor([19], device="cuda")
+    mask = model.causal[pos].view(1, 1, 1, -1)
+    x = model.embed[42].view(1, 1, -1)
+    rows = dec.lm_w[torch.tensor([5, 42, 7, 99], device="cuda")]
+    with torch.inference_mode():
+        for i in range(4):
+            x = dec.run_layer(i, x, pos, mask, SmallOps())
+            dec.fused = True
+            fused = dec.exit_prob(i, x, rows, first=i == 0)
+            dec.fused = False
+            ref = dec.exit_prob(i, x, rows, first=i == 0)
+            assert abs(fused - ref) < 2e-3, (i, fused, ref)
+    dec.fused = True
+    prompt = list(b"To be, or not to be, that is")
+    full, _, _ = ExitDecoder(model, None, 96, exits=False).generate(prompt, 12)
+    none, st, _ = ExitDecoder(model, load_specee(art, None), 96, threshold=1.5).generate(prompt, 12)
+    assert none == full and st.predictor_calls > 0 and st.verifications == 0
