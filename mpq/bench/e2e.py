@@ -1,8 +1,7 @@
 """`mpq bench e2e`: batch-1 decode of a Llama-2-7B-shaped model (random fp16 weights, std 0.02) on the GPU.
 
 Rows: "mpq" (this engine on the data-free 2.9-bit quantization, as `mpq quantize --calib none`; its q/k/v and
-gate/up GEMVs overlapped on side streams and the decode attention in one Triton kernel; timed once more with the
-GEMVs one after another, and once with SDPA), "engine_fp16"
+gate/up GEMVs overlapped on side streams, and timed once more run one after another), "engine_fp16"
 (this engine on the fp16 weights), "hf_fp16" (transformers `generate`, eager). The engine rows time the decode
 steps with CUDA events around graph replays (no host syncs in between); transformers is timed on the host as
 (generate N tokens - generate 1 token) / (N - 1). The floor is the bytes one decode step must read (every weight
@@ -144,13 +143,10 @@ def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens
         eager = time_engine(model, prompt, new_tokens)  # small ops as plain PyTorch ops, for the notes
         model.compile_small_ops()
         extra = {}
-        if impl == "mpq":  # the same engine with q/k/v and gate/up run one after another instead of overlapped,
-            model.parallel_linears(False)  # and with SDPA for the decode attention
+        if impl == "mpq":  # the same engine with q/k/v and gate/up run one after another instead of overlapped
+            model.parallel_linears(False)
             extra["ms_per_token_serial_linears"] = time_engine(model, prompt, new_tokens)["ms_per_token"]
             model.parallel_linears(True)
-            model.decode_attention_kernel(False)
-            extra["ms_per_token_sdpa_attention"] = time_engine(model, prompt, new_tokens)["ms_per_token"]
-            model.decode_attention_kernel(True)
         rows.append({"impl": impl, **time_engine(model, prompt, new_tokens), "weight_gb": weight_bytes(model) / 1e9,
                      "allocated_gb": mem, "floor_ms_per_token": streamed_bytes(model) / bandwidth * 1000,
                      "ms_per_token_uncompiled_small_ops": eager["ms_per_token"], **extra})
