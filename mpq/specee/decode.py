@@ -30,7 +30,7 @@ from mpq.errors import MpqError
 from mpq.runtime.model import SmallOps, Transformer, rope_inv_freq
 from mpq.specee.bundle import SpecEE
 from mpq.specee.draft import _rotate, rope_tables
-from mpq.specee.features import draft_logits, features, final_norm
+from mpq.specee.features import draft_logits_folded, features, final_norm
 from mpq.specee.schedule import OnlineSchedule
 
 MODES = ("fill", "drop")
@@ -210,16 +210,18 @@ class ExitDecoder:
     def exit_prob(self, layer: int, x: torch.Tensor, rows: torch.Tensor, first: bool) -> float:
         """The exit probability at `layer` for residual x, the draft tokens' LM-head rows [4, D]; `first` marks the
         first evaluated layer of the token (the softmax change is measured from the previous call otherwise). On
-        CUDA one fused kernel (kernels/exit_predictor.py), elsewhere the reference features + MLP."""
+        CUDA one fused kernel (kernels/exit_predictor.py), elsewhere the features and MLP in folded form (the norm
+        weight in the rows, the standardisation in the first layer), a dozen fewer small ops."""
         if self.fused:
             from kernels.exit_predictor import exit_probability
 
             exit_probability(x.view(-1), self.model.norm, self.eps, rows, self.p_state, self.prob_out, 0, self.mlp,
                              self.sp.predictors.slot[layer], first=first)
             return float(self.prob_out[0])
-        hn = final_norm(x.view(-1), self.model.norm, self.eps)
-        feat, self.p_prev = features(draft_logits(hn, rows), None if first else self.p_prev)
-        return float(self.sp.predictors.prob(layer, feat))
+        if first:
+            self.rows_w = rows.float() * self.model.norm.float()
+        feat, self.p_prev = features(draft_logits_folded(x, self.rows_w, self.eps), None if first else self.p_prev)
+        return self.sp.predictors.prob_folded(layer, feat)
 
     def _timed(self, part: str, t0: float) -> float:
         t = time.perf_counter()

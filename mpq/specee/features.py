@@ -25,6 +25,15 @@ def draft_logits(h_normed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (rows.float() @ h_normed.float().unsqueeze(-1)).squeeze(-1)
 
 
+def draft_logits_folded(x: torch.Tensor, rows_w: torch.Tensor, eps: float) -> torch.Tensor:
+    """draft_logits(final_norm(x, w), rows) for fp32 x, with the norm weight folded into the rows once per token
+    (rows_w = rows * w) and the RMS scale applied to the 4 logits instead of the D values: 3 ops instead of ~10
+    on the CPU decode path (equal up to fp32 reassociation; the fp16 rounding of `final_norm` is not emulated)."""
+    xf = x.reshape(-1).float()
+    r = (float(torch.dot(xf, xf)) / xf.numel() + eps) ** -0.5
+    return torch.mv(rows_w, xf) * r
+
+
 def features(logits: torch.Tensor, p_prev: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """(features [..., 12], p [..., 4]); p_prev None means this is the first evaluated layer (change = p itself)."""
     p = torch.softmax(logits, dim=-1)

@@ -7,6 +7,8 @@ scale would make the shallow layers' MLPs see nearly constant inputs.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -50,6 +52,18 @@ class ExitPredictors(nn.Module):
         z = (feat - self.mu[s]) / self.sigma[s]
         h = torch.relu(torch.addmv(self.b1[s], self.w1[s].t(), z))
         return torch.sigmoid(h @ self.w2[s] + self.b2[s])
+
+    def prob_folded(self, layer: int, feat: torch.Tensor) -> float:
+        """`prob` with the standardisation folded into the first layer (computed once): 3 ops instead of 7, for
+        the CPU decode path, where each small op costs more than its arithmetic."""
+        if getattr(self, "_folded", None) is None or self._folded[0].device != feat.device:
+            w1 = self.w1.detach() / self.sigma[:, :, None]
+            b1 = self.b1.detach() - torch.einsum("pf,pfh->ph", self.mu / self.sigma, self.w1.detach())
+            self._folded = (w1.transpose(1, 2).contiguous(), b1, self.w2.detach(), [float(b) for b in self.b2])
+        w1t, b1, w2, b2 = self._folded
+        s = self.slot[layer]
+        z = float(torch.dot(torch.addmv(b1[s], w1t[s], feat).relu_(), w2[s])) + b2[s]
+        return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
 
     def tensors(self, prefix: str = "specee") -> dict[str, torch.Tensor]:
         """Per-layer tensors named specee.blk.N.* (the artifact's naming), fp32."""

@@ -139,7 +139,7 @@ def test_cuda_decoder_fused_exit_probability_matches_reference(trained):
             fused = dec.exit_prob(i, x, rows, first=i == 0)
             dec.fused = False
             ref = dec.exit_prob(i, x, rows, first=i == 0)
-            assert abs(fused - ref) < 2e-3, (i, fused, ref)
+            assert abs(fused - ref) < 5e-3, (i, fused, ref)  # the reference does not round the norm to fp16
     dec.fused = True
     prompt = list(b"To be, or not to be, that is")
     full, _, _ = ExitDecoder(model, None, 96, exits=False).generate(prompt, 12)
