@@ -120,7 +120,8 @@ class ExitDecoder:
             self.p_state = torch.zeros(4, dtype=torch.float32, device=dev)
             self.prob_out = torch.zeros(1, dtype=torch.float32, device=dev)
         self.fused = specee is not None and dev.type == "cuda"  # one Triton launch per predicted layer
-        self.p_prev: torch.Tensor | None = None
+        self.p_prev: torch.Tensor | None = None  # CPU path: the previous evaluated layer's softmax
+        self.rows_w: torch.Tensor | None = None  # CPU path: the draft rows times the final norm's weight
         self._stack_kv()
         self.fill_streams: list[torch.cuda.Stream] = []
         self.dropped = torch.zeros(self.L, max_seq_len, dtype=dt, device=dev) if mode == "drop" else None
