@@ -295,6 +295,7 @@ def train_predictors(
     budget: Optional[int] = typer.Option(None, help="number of offline layers K (default: auto from the histogram)"),
     draft_vocab: int = typer.Option(4096, help="reduced vocabulary of the draft head"),
     draft_samples: int = typer.Option(0, help="extra calibration windows for the draft head only (final hidden states)"),
+    draft_inter: int = typer.Option(768, help="MLP width of the draft head's decoder layer (its cost is paid every token)"),
     target_agreement: float = typer.Option(0.985, help="held-out agreement the thresholds are chosen for"),
     seed: int = typer.Option(0),
     restart: bool = typer.Option(False, help="discard an earlier run's work folder instead of resuming it"),
@@ -304,7 +305,7 @@ def train_predictors(
     from mpq.specee.train import TrainOptions, train_predictors_cli
 
     result = train_predictors_cli(TrainOptions(artifact=art, dataset=dataset, samples=samples, seq_len=seq_len, layers=layers,
-                                               budget=budget, draft_vocab=draft_vocab, draft_samples=draft_samples,
+                                               budget=budget, draft_vocab=draft_vocab, draft_samples=draft_samples, draft_inter=draft_inter,
                                                target_agreement=target_agreement,
                                                seed=seed, restart=restart))
     if json_out:
