@@ -295,7 +295,7 @@ def train_predictors(
     budget: Optional[int] = typer.Option(None, help="number of offline layers K (default: auto from the histogram)"),
     draft_vocab: int = typer.Option(4096, help="reduced vocabulary of the draft head"),
     draft_samples: int = typer.Option(0, help="extra calibration windows for the draft head only (final hidden states)"),
-    draft_inter: int = typer.Option(768, help="MLP width of the draft head's decoder layer (its cost is paid every token)"),
+    draft_inter: int = typer.Option(384, help="MLP width of the draft head's decoder layer (its cost is paid every token)"),
     target_agreement: float = typer.Option(0.985, help="held-out agreement the thresholds are chosen for"),
     seed: int = typer.Option(0),
     restart: bool = typer.Option(False, help="discard an earlier run's work folder instead of resuming it"),

@@ -208,7 +208,7 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     prompt = torch.randint(0, config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     base = time_engine(model, prompt, new_tokens)["ms_per_token"]
     a = model.args
-    draft = DraftHead(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size // 2, a.norm_eps, torch.arange(VOCAB_ROWS))
+    draft = DraftHead(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size // 4, a.norm_eps, torch.arange(VOCAB_ROWS))
     with torch.no_grad():
         for n in ("o", "down"):
             getattr(draft, n).normal_(0, 0.02)
