@@ -10,11 +10,8 @@ but the embedding table) over the copy bandwidth measured in the same run (bytes
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -106,22 +103,12 @@ def _build(config: dict, source: WeightSource) -> tuple[Transformer, float]:
     return model, (torch.cuda.memory_allocated() - before) / 1e9
 
 
-def _commit() -> str:
-    """HEAD of the checkout; MPQ_COMMIT names it where the tree was copied without .git (the device machine)."""
-    if os.environ.get("MPQ_COMMIT"):
-        return os.environ["MPQ_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10).stdout.strip()
-    except OSError:
-        out = ""
-    return out or "unknown"
-
-
 def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens: int = 256) -> dict:
     if not torch.cuda.is_available():
         raise MpqError("mpq bench e2e needs a CUDA GPU")
-    import triton
     from transformers import LlamaConfig
+
+    from mpq.versions import environment
 
     config = LlamaConfig(**LLAMA2_7B)
     cfg = config.to_dict()
@@ -161,8 +148,7 @@ def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens
     by = {r["impl"]: r for r in rows}
     floor = by["mpq"]["floor_ms_per_token"]
     result = {
-        "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(), "torch": torch.__version__, "triton": triton.__version__,
+        **environment(),
         "model": "Llama-2-7B shape, random fp16 weights (std 0.02)", "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
         "bits_per_weight": bits, "quantize_seconds": quantize_s, "copy_tb_s": bandwidth / 1e12,
         "floor_ms_per_token": floor, "rows": rows,

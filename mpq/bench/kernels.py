@@ -7,11 +7,8 @@ copies (together larger than the 50 MB L2), divided by ROTATE. Bandwidth is on t
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import pathlib
-import subprocess
 
 import torch
 
@@ -103,17 +100,6 @@ def _row(shape, m, impl, fn_bytes, notes):
             "tb_per_s": round(moved / us / 1e6, 3)}
 
 
-def _commit() -> str:
-    """MPQ_COMMIT if set (the GPU machine gets a working tree without .git), else git's HEAD."""
-    if os.environ.get("MPQ_COMMIT"):
-        return os.environ["MPQ_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=pathlib.Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def bench_kernels(json_out: pathlib.Path | None = None, shapes=SHAPES, ms=MS) -> dict:
     """Time every impl on every (shape, M); print a rich table; return (and optionally write) the JSON."""
     if not torch.cuda.is_available():
@@ -145,11 +131,10 @@ def bench_kernels(json_out: pathlib.Path | None = None, shapes=SHAPES, ms=MS) ->
 
 
 def _result(rows: list[dict], notes: list[str], shapes) -> dict:
-    import triton
+    from mpq.versions import environment
 
     return {
-        "device": torch.cuda.get_device_name(), "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "commit": _commit(), "torch": torch.__version__, "triton": triton.__version__,
+        **environment(),
         "timing": f"do_bench_cudagraph median, {ROTATE} rotating weight copies",
         "layout": {f"{n}x{k}": {"n4": realistic_n4(n, k), "groups": k // GROUP_SIZE,
                                 "bits_per_weight": round(bits_per_weight(n, k, GROUP_SIZE, 16, realistic_n4(n, k), 1), 3)}

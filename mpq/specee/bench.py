@@ -13,7 +13,6 @@ costs a host sync per predicted layer, which this replay does not measure: it is
 
 from __future__ import annotations
 
-import datetime
 import json
 from pathlib import Path
 
@@ -183,7 +182,8 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
         raise MpqError("mpq bench e2e --early-exit needs a CUDA GPU")
     from transformers import LlamaConfig
 
-    from mpq.bench.e2e import LLAMA2_7B, _build, _commit, quantized_source, random_hf_model, time_engine
+    from mpq.bench.e2e import LLAMA2_7B, _build, quantized_source, random_hf_model, time_engine
+    from mpq.versions import environment
     from mpq.specee.draft import DraftHead
     from mpq.specee.predictor import ExitPredictors
     from mpq.specee.schedule import auto_layers
@@ -261,9 +261,7 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
                             + full["loop_only"]) / base,
              "loop_vs_engine": full["loop_only"] / base - 1}
     result = {"label": "TRACE-DRIVEN: exit layers replayed from a histogram measured on the small model, scaled to 32 layers",
-              "trace_kind": rows[0]["trace"],
-              "device": torch.cuda.get_device_name(), "commit": _commit(), "torch": torch.__version__,
-              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "trace_kind": rows[0]["trace"], **environment(),
               "trace_source": str(trace_json), "source_layers": src_layers, "num_layers": L, "new_tokens": new_tokens,
               **{k: v for k, v in rows[0].items() if k != "trace"}, "offline_layers": step.offline,
               "predictor_call_cost_layers": call_cost,
