@@ -63,7 +63,7 @@ class GraphStep:
         self.h_prev = torch.zeros(model.args.dim, dtype=dt, device=dev)
         self.probe = torch.zeros(64, dtype=torch.float32, device=dev)
         self.p_state = torch.zeros(4, dtype=torch.float32, device=dev)
-        self.mlp = tuple(t.detach().float().contiguous() for t in (preds.w1, preds.b1, preds.w2, preds.b2, preds.mu, preds.sigma))
+        self.mlp = preds.kernel_tensors()
         self.dcache = torch.zeros(2, a.n_kv_heads, max_len, a.head_dim, dtype=dt, device=dev)
         self.d_qkv = SplitLinears([draft.linears[n] for n in ("q", "k", "v")])
         self.d_gate_up = SplitLinears([draft.linears[n] for n in ("gate", "up")])

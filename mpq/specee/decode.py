@@ -115,8 +115,7 @@ class ExitDecoder:
             self.d_cos, self.d_sin = cos.to(dev, dt), sin.to(dev, dt)
             self.thresholds = {layer: float(specee.predictors.threshold[s]) if threshold is None else threshold
                                for layer, s in specee.predictors.slot.items()}
-            pr = specee.predictors
-            self.mlp = tuple(t.detach().float().contiguous() for t in (pr.w1, pr.b1, pr.w2, pr.b2, pr.mu, pr.sigma))
+            self.mlp = specee.predictors.kernel_tensors()
             self.p_state = torch.zeros(4, dtype=torch.float32, device=dev)
             self.prob_out = torch.zeros(1, dtype=torch.float32, device=dev)
         self.fused = specee is not None and dev.type == "cuda"  # one Triton launch per predicted layer

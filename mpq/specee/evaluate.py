@@ -147,7 +147,7 @@ def evaluate_exits(opts: ExitEvalOptions) -> dict:
               "new_tokens": opts.new_tokens, "num_layers": model.args.n_layers, "oracle_layers": sum(oracle) / len(oracle),
               "oracle_histogram": {str(k): oracle.count(k) for k in sorted(set(oracle))},
               "ppl_no_exit": math.exp(sum(nll) / len(nll)), "ms_per_token_no_exit": full_step,
-              "offline_layers": sp.offline}
+              "offline_layers": sp.offline, "device": str(model.device)}  # where it ran, not what the host has
     modes = ("fill", "drop") if opts.mode == "both" else (opts.mode,)
     for mode in modes:
         res = _run_mode(model, sp, mode, opts, prompts, refs, max_len, ppl_w)

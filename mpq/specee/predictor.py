@@ -33,6 +33,7 @@ class ExitPredictors(nn.Module):
         self.register_buffer("mu", torch.zeros(P, N_FEATURES))
         self.register_buffer("sigma", torch.ones(P, N_FEATURES))
         self.register_buffer("threshold", torch.full((P,), 0.5))
+        self._folded: tuple | None = None  # prob_folded's weights, derived on first use
 
     def logits_all(self, feats: torch.Tensor) -> torch.Tensor:
         """feats [P, N, 12] -> exit logits [P, N] (training and offline evaluation)."""
@@ -53,10 +54,14 @@ class ExitPredictors(nn.Module):
         h = torch.relu(torch.addmv(self.b1[s], self.w1[s].t(), z))
         return torch.sigmoid(h @ self.w2[s] + self.b2[s])
 
+    def kernel_tensors(self) -> tuple[torch.Tensor, ...]:
+        """(w1, b1, w2, b2, mu, sigma), fp32 and contiguous: the `mlp` argument of kernels.exit_predictor."""
+        return tuple(t.detach().float().contiguous() for t in (self.w1, self.b1, self.w2, self.b2, self.mu, self.sigma))
+
     def prob_folded(self, layer: int, feat: torch.Tensor) -> float:
         """`prob` with the standardisation folded into the first layer (computed once): 3 ops instead of 7, for
         the CPU decode path, where each small op costs more than its arithmetic."""
-        if getattr(self, "_folded", None) is None or self._folded[0].device != feat.device:
+        if self._folded is None or self._folded[0].device != feat.device:
             w1 = self.w1.detach() / self.sigma[:, :, None]
             b1 = self.b1.detach() - torch.einsum("pf,pfh->ph", self.mu / self.sigma, self.w1.detach())
             self._folded = (w1.transpose(1, 2).contiguous(), b1, self.w2.detach(), [float(b) for b in self.b2])

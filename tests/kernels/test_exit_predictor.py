@@ -34,7 +34,7 @@ def test_exit_probability_matches_reference(dim, hidden, dtype):
     pred = random_predictors(layers, hidden, gen)
     norm_w = (torch.rand(dim, generator=gen) + 0.5).to(DEV, dtype)
     rows = (torch.randn(4, dim, generator=gen) * 0.3).to(DEV, dtype)
-    mlp = tuple(t.detach().contiguous() for t in (pred.w1, pred.b1, pred.w2, pred.b2, pred.mu, pred.sigma))
+    mlp = pred.kernel_tensors()
     out = torch.full((8,), float("nan"), device=DEV)
     p_state = torch.full((4,), float("nan"), device=DEV)
     p_ref = None
