@@ -30,7 +30,7 @@ from mpq.errors import MpqError
 from mpq.runtime.model import SmallOps, Transformer, rope_inv_freq
 from mpq.specee.bundle import SpecEE
 from mpq.specee.draft import _rotate, rope_tables
-from mpq.specee.features import draft_logits_folded, features, final_norm
+from mpq.specee.features import final_norm
 from mpq.specee.schedule import OnlineSchedule
 
 MODES = ("fill", "drop")
@@ -220,8 +220,9 @@ class ExitDecoder:
             return float(self.prob_out[0])
         if first:
             self.rows_w = rows.float() * self.model.norm.float()
-        feat, self.p_prev = features(draft_logits_folded(x, self.rows_w, self.eps), None if first else self.p_prev)
-        return self.sp.predictors.prob_folded(layer, feat)
+        prob, self.p_prev = self.sp.predictors.prob_from_hidden(layer, x, self.rows_w, self.eps,
+                                                                None if first else self.p_prev)
+        return prob
 
     def _timed(self, part: str, t0: float) -> float:
         t = time.perf_counter()

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 
-from mpq.specee.features import N_FEATURES
+from mpq.specee.features import N_FEATURES, draft_logits_folded, features
 
 HIDDEN = 512
 
@@ -69,6 +69,13 @@ class ExitPredictors(nn.Module):
         s = self.slot[layer]
         z = float(torch.dot(torch.addmv(b1[s], w1t[s], feat).relu_(), w2[s])) + b2[s]
         return 1.0 / (1.0 + math.exp(-z)) if z > -700 else 0.0
+
+    def prob_from_hidden(self, layer: int, x: torch.Tensor, rows_w: torch.Tensor, eps: float,
+                         p_prev: torch.Tensor | None) -> tuple[float, torch.Tensor]:
+        """One predicted layer on the CPU decode path, from residual x: (exit probability, the draft tokens' softmax
+        for the next call). rows_w = the draft tokens' LM-head rows times the final norm's weight (once per token)."""
+        feat, p = features(draft_logits_folded(x, rows_w, eps), p_prev)
+        return self.prob_folded(layer, feat), p
 
     def tensors(self, prefix: str = "specee") -> dict[str, torch.Tensor]:
         """Per-layer tensors named specee.blk.N.* (the artifact's naming), fp32."""
