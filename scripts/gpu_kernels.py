@@ -34,6 +34,21 @@ def candidates(m: int) -> list[KernelConfig]:
     return gemm
 
 
+def time_config(x, args, ref, counters, cfg: KernelConfig, label: str) -> tuple[float, float]:
+    """(us under graph replay over the weight copies `args`, relative error of the first against `ref`); a config
+    that is wrong is not timed (inf), one that does not compile (e.g. out of registers) is reported and skipped."""
+    def run():
+        return [mixed_matmul(x, a, group_size=128, outliers=1, counters=counters, config=cfg) for a in args]
+
+    try:
+        y = run()[0].float()
+        err = float((y - ref).norm() / ref.norm())
+        return (bench._graph_us(run) if err < MAX_REL_ERR else float("inf")), err
+    except Exception as e:
+        print(f"{label} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+        return float("inf"), float("nan")
+
+
 def sweep(out: pathlib.Path, shapes, ms=(1, 4, 16)) -> list[dict]:
     """Time every candidate under graph replay on ROTATE weight copies; keep the fastest correct one."""
     winners = []
@@ -48,15 +63,7 @@ def sweep(out: pathlib.Path, shapes, ms=(1, 4, 16)) -> list[dict]:
             ref = x.float() @ w_ref.t()
             best = None
             for cfg in candidates(m):
-                run = lambda: [mixed_matmul(x, a, group_size=128, outliers=1, counters=counters, config=cfg)  # noqa: E731
-                               for a in args]
-                try:
-                    y = run()[0].float()
-                    err = float((y - ref).norm() / ref.norm())
-                    us = bench._graph_us(run) if err < MAX_REL_ERR else float("inf")
-                except Exception as e:  # a config that does not compile (e.g. out of registers) is skipped
-                    err, us = float("nan"), float("inf")
-                    print(f"{n}x{k} m={m} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                us, err = time_config(x, args, ref, counters, cfg, f"{n}x{k} m={m}")
                 row = {"n": n, "k": k, "m": m, "config": cfg.__dict__, "us": us, "rel_err": err}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
@@ -96,15 +103,7 @@ def quick(out: pathlib.Path, gpu: str) -> None:
         base = KernelConfig(**row["config"])
         results = []
         for cfg in [base] + GEMV2_CANDIDATES:
-            run = lambda: [mixed_matmul(x, a, group_size=128, outliers=1, counters=counters, config=cfg)  # noqa: E731
-                           for a in args]
-            try:
-                y = run()[0].float()
-                err = float((y - ref).norm() / ref.norm())
-                us = bench._graph_us(run) if err < MAX_REL_ERR else float("inf")
-            except Exception as e:
-                err, us = float("nan"), float("inf")
-                print(f"{n}x{k} {cfg}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+            us, err = time_config(x, args, ref, counters, cfg, f"{n}x{k}")
             results.append((us, cfg))
             log.write(json.dumps({"n": n, "k": k, "m": 1, "config": cfg.__dict__, "us": us, "rel_err": err}) + "\n")
             log.flush()
