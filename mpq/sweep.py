@@ -112,7 +112,7 @@ def sweep(opts: SweepOptions) -> dict:
         for method, use_gptq in (("rtn", False), ("gptq", True)):
             t0 = time.time()
             add(method, uniform_bits_of(model, b, recipe), uniform_model(model, hessians, b, use_gptq, recipe), t0)
-    result = {**environment(), "model": opts.model, "dataset": opts.dataset, "windows": opts.windows,
+    result = {**environment(next(model.parameters()).device), "model": opts.model, "dataset": opts.dataset, "windows": opts.windows,
               "seq_len": opts.seq_len, "calibration": job["fingerprint"], "fp_ppl": fp_ppl, "points": points}
     if opts.plot:
         plot_sweep(result, opts.plot)

@@ -30,10 +30,14 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
-def environment() -> dict:
-    """device, date, commit and library versions: the header of every benchmark JSON."""
+def environment(device=None) -> dict:
+    """device, date, commit and library versions: the header of every benchmark JSON. `device` is the torch
+    device the measured work ran on (default: the GPU if there is one), so a CPU run on a GPU host says "cpu"."""
     import torch
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    return {"device": device, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"device": name, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": git_commit(), "torch": torch.__version__, "triton": triton_version()}

@@ -143,11 +143,11 @@ def evaluate_exits(opts: ExitEvalOptions) -> dict:
         nll += base.generate(w[:1], len(w) - 1, force=w[1:], targets=w[1:])[2]
     from mpq.versions import environment
 
-    result = {**environment(), "artifact": opts.artifact, "dataset": opts.dataset, "prompts": opts.prompts, "prompt_len": opts.prompt_len,
+    result = {**environment(model.device), "artifact": opts.artifact, "dataset": opts.dataset, "prompts": opts.prompts, "prompt_len": opts.prompt_len,
               "new_tokens": opts.new_tokens, "num_layers": model.args.n_layers, "oracle_layers": sum(oracle) / len(oracle),
               "oracle_histogram": {str(k): oracle.count(k) for k in sorted(set(oracle))},
               "ppl_no_exit": math.exp(sum(nll) / len(nll)), "ms_per_token_no_exit": full_step,
-              "offline_layers": sp.offline, "device": str(model.device)}  # where it ran, not what the host has
+              "offline_layers": sp.offline}
     modes = ("fill", "drop") if opts.mode == "both" else (opts.mode,)
     for mode in modes:
         res = _run_mode(model, sp, mode, opts, prompts, refs, max_len, ppl_w)
