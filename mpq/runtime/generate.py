@@ -84,6 +84,12 @@ class _Timer:
         return 1000 * (self.marks[j] - self.marks[i])
 
 
+def cache_length(model: Transformer, positions: int) -> int:
+    """The KV-cache length a Generator allocates for `positions`: rounded up to a multiple of 8, which keeps the
+    mask rows aligned for the fused SDPA kernels, and no longer than the model's context."""
+    return min(-(-positions // 8) * 8, model.args.max_position_embeddings)
+
+
 class Generator:
     """Owns the KV cache and the static decode buffers of one model; on CUDA, the captured decode graph."""
 
@@ -91,8 +97,7 @@ class Generator:
         self.model = model
         self.device = model.device
         self.use_graph = self.device.type == "cuda" if use_graph is None else use_graph
-        # a multiple of 8 keeps the mask rows aligned for the fused SDPA kernels
-        self.max_seq_len = min(-(-max_seq_len // 8) * 8, model.args.max_position_embeddings)
+        self.max_seq_len = cache_length(model, max_seq_len)
         self._setup_caches()
         self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
         self.pos = torch.zeros(1, dtype=torch.long, device=self.device)

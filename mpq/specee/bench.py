@@ -183,10 +183,11 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     from transformers import LlamaConfig
 
     from mpq.bench.e2e import LLAMA2_7B, _build, quantized_source, random_hf_model, time_engine
-    from mpq.versions import environment
+    from mpq.runtime.generate import cache_length
     from mpq.specee.draft import DraftHead
     from mpq.specee.predictor import ExitPredictors
     from mpq.specee.schedule import auto_layers
+    from mpq.versions import environment
 
     try:
         src = json.loads(Path(trace_json).read_text())
@@ -218,8 +219,9 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     first = next(iter(traces.values()))
     exit_hist = torch.bincount(torch.tensor(first) - 1, minlength=L).float()
     preds = ExitPredictors(list(range(L - 1))).to(dev)
-    # the engine's own cache length (Generator rounds to 8): SDPA's cost grows with it, so base and exits share it
-    step = GraphStep(model, draft, preds, auto_layers(exit_hist, call_cost=0.05), -(-(prompt_tokens + new_tokens) // 8) * 8)
+    # the engine's own cache length: SDPA's cost grows with it, so base and exits share it
+    step = GraphStep(model, draft, preds, auto_layers(exit_hist, call_cost=0.05),
+                     cache_length(model, prompt_tokens + new_tokens))
     rows = []
     variants = {"fill": {"fill": True, "draft": True, "predict": True}, "drop": {"fill": False, "draft": True, "predict": True}}
     parts = {"loop": {"fill": True, "draft": False, "predict": False}, "draft": {"fill": True, "draft": True, "predict": False},
