@@ -16,14 +16,18 @@ def float_model():
     return engine_from_hf(hf)
 
 
-@pytest.fixture(scope="module")
-def quant_model(tmp_path_factory, byte_tokenizer):
+def _quant_engine(tmp_path_factory, byte_tokenizer, device: str):
     from mpq.runtime.loader import load_engine
 
     hf = tiny_hf_model(tiny_config(num_hidden_layers=4, hidden_size=128, intermediate_size=256), seed=4)
     out = tmp_path_factory.mktemp("art") / "a"
     rtn_artifact(hf, out, byte_tokenizer)
-    return load_engine(str(out), "cpu").model
+    return load_engine(str(out), device).model
+
+
+@pytest.fixture(scope="module")
+def quant_model(tmp_path_factory, byte_tokenizer):
+    return _quant_engine(tmp_path_factory, byte_tokenizer, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -31,12 +35,7 @@ def quant_model_cuda(tmp_path_factory, byte_tokenizer):
     """The same kind of artifact on the GPU: k/v are Triton-kernel linears, so the fill takes its GPU path."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from mpq.runtime.loader import load_engine
-
-    hf = tiny_hf_model(tiny_config(num_hidden_layers=4, hidden_size=128, intermediate_size=256), seed=4)
-    out = tmp_path_factory.mktemp("art") / "a"
-    rtn_artifact(hf, out, byte_tokenizer)
-    return load_engine(str(out), "cuda").model
+    return _quant_engine(tmp_path_factory, byte_tokenizer, "cuda")
 
 
 def test_full_depth_loop_reproduces_the_engine(float_model):
