@@ -478,6 +478,8 @@ def train_predictors_cli(opts: TrainOptions) -> dict:
         raise MpqError(f"{opts.artifact} is not an mpq artifact")
     if opts.samples < 2 or opts.seq_len < 16:
         raise MpqError("need --samples >= 2 and --seq-len >= 16")
+    if opts.draft_samples < 0 or opts.draft_inter < 1:
+        raise MpqError("need --draft-samples >= 0 and --draft-inter >= 1")
     work = Path(opts.work or opts.artifact.with_name(opts.artifact.name + ".specee-work"))
     job = _open_job(opts, work, opts.fingerprint(artifact_fingerprint(manifest)))
     torch.manual_seed(opts.seed)

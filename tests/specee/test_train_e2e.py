@@ -145,3 +145,12 @@ def test_cuda_decoder_fused_exit_probability_matches_reference(trained):
     full, _, _ = ExitDecoder(model, None, 96, exits=False).generate(prompt, 12)
     none, st, _ = ExitDecoder(model, load_specee(art, None), 96, threshold=1.5).generate(prompt, 12)
     assert none == full and st.predictor_calls > 0 and st.verifications == 0
+
+
+@pytest.mark.parametrize("bad", [{"draft_samples": -1}, {"draft_inter": 0}])
+def test_bad_draft_options_are_refused_before_any_work(trained, tmp_path, bad):
+    root, art, opts, _ = trained
+    work = tmp_path / "work"
+    with pytest.raises(MpqError, match="--draft-samples >= 0 and --draft-inter >= 1"):
+        train_predictors_cli(TrainOptions(**dict(opts, work=work, **bad)))
+    assert not work.exists()
