@@ -17,15 +17,11 @@ import torch
 import triton
 
 from kernels.gemm_mixed import gemm_mixed, prefill_mixed
-from kernels.gemv_async import GROUP_SIZES as ASYNC_GROUP_SIZES
-from kernels.gemv_async import gemv_async, word_readable
 from kernels.gemv_h2 import gemv_h2
 from kernels.gemv_mixed import gemv_mixed
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
-WORD_READ_NAMES = ("s2", "z2", "idx2", "ov", "oi", "s4", "z4", "idx4")  # read by gemv3 as whole int32 words
-WORD_READ = tuple(TENSOR_ORDER.index(n) for n in WORD_READ_NAMES)
 COUNTERS_PER_ROW_TILE = 16  # split-K counters: one per (program, activation row or BM-block) of each row tile
 GEMV_MAX_M = 2
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -36,9 +32,8 @@ TABLE_OF = {"h200": "h100"}
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    kind: str  # "gemv"/"gemv2"/"gemv3" (CUDA cores, M tiny; gemv2 decodes in fp16x2, fp16 x on CUDA only, else it
-    # runs as gemv; gemv3 is gemv2's arithmetic in a cp.async pipeline, else it runs as gemv2), "gemm" (tensor
-    # cores, skinny M), "prefill" (dequantize + cuBLAS)
+    kind: str  # "gemv"/"gemv2" (CUDA cores, M tiny; gemv2 decodes in fp16x2, fp16 x on CUDA only, else it runs
+    # as gemv), "gemm" (tensor cores, skinny M), "prefill" (dequantize + cuBLAS)
     split: int = 1
     rows: int = 8  # GEMV: rows of a 16-row tile per program
     block_m: int = 16  # GEMM: activation rows per program
@@ -46,7 +41,6 @@ class KernelConfig:
     num_stages: int = 2
     pairs: int = 1  # GEMV2: word pairs of each row per thread (2: two threads share a program's rows)
     early4: bool = False  # GEMV2: the 4-bit stream's first chunk loaded before the 2-bit stream runs
-    slots: int = 2  # GEMV3: 2-bit slots per pipeline step (the 4-bit stream takes half as many); num_stages: depth
 
 
 def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> KernelConfig:
@@ -109,21 +103,14 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
         return y
     if cfg.kind == "prefill":
         return prefill_mixed(x, y, *tensors, group_size=group_size, outliers=outliers)
-    if cfg.kind == "gemv3" and (x.dtype != torch.float16 or INTERPRET or group_size not in ASYNC_GROUP_SIZES
-                                or not all(word_readable(t) for i, t in enumerate(tensors) if i in WORD_READ)):
-        cfg = dataclasses.replace(cfg, kind="gemv2", rows=8)  # see QuantLinear: it pads the small tensors once
     if cfg.kind == "gemv2" and (x.dtype != torch.float16 or INTERPRET):
         cfg = dataclasses.replace(cfg, kind="gemv")  # the fp16x2 path needs fp16 x and a GPU (inline PTX)
-    blocks = m if cfg.kind == "gemv3" else m * (16 // cfg.rows) if cfg.kind.startswith("gemv") else triton.cdiv(m, cfg.block_m)
+    blocks = m * (16 // cfg.rows) if cfg.kind.startswith("gemv") else triton.cdiv(m, cfg.block_m)
     if cfg.split > 1 and blocks > COUNTERS_PER_ROW_TILE:
         cfg = dataclasses.replace(cfg, split=1)
     if counters.numel() < COUNTERS_PER_ROW_TILE * tensors[0].shape[0]:
         raise ValueError(f"counters too small: need {COUNTERS_PER_ROW_TILE} int32 per row tile")
     ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
-    if cfg.kind == "gemv3":
-        return gemv_async(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers, slots2=cfg.slots,
-                          slots4=max(1, cfg.slots // 2), split=cfg.split, num_warps=cfg.num_warps,
-                          stages=cfg.num_stages, fast=True)
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                        rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,

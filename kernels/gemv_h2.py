@@ -20,15 +20,9 @@ from kernels.splitk import finish_split
 _LOP = "lop3.b32 t, {u}, {mask}, {magic}, 0xEA;"  # (u & mask) | magic
 
 
-def _asm(bits: int, x_step: int | None = None) -> str:
-    """PTX for one (row, slot, word pair): $0 = sum over the pair's codes of (c - z)/16 * x, in fp32.
-
-    Operands: $1 the word pair (int64), $2 the zero, then the x pairs: one int32 operand per code, or, given
-    `x_step` (2W bytes: the distance between the x pairs of consecutive codes), one address $3 of the first x
-    pair that the PTX reads them from itself (ld.global.nc), so that no compiler pass stages x (an L1-resident
-    vector) elsewhere."""
+def _asm(bits: int) -> str:
+    """PTX for one (row, slot, word pair): $0 = sum over the pair's codes of (c - z)/16 * x, in fp32."""
     n_x = 32 // bits
-    x_from_address = x_step is not None
     # (shift of the joined half, [(mask, magic, zero multiplier)]) per code, codes in order j = 0, 1, ...
     if bits == 2:
         plan = [(0, m) for m in range(5)] + [(10, m) for m in range(3)]
@@ -40,9 +34,6 @@ def _asm(bits: int, x_step: int | None = None) -> str:
     lines = ["{", ".reg .b32 a, b, u, v, t, s16, acc0, acc1, " + ", ".join(f"k{m}" for m in k_of) + ";",
              ".reg .b16 h0, h1, h2, h3;", ".reg .f32 f0, f1, f2, f3;",
              "mov.b64 {a, b}, $1;", "mov.b32 s16, 0x2C002C00;"]  # 1/16 in both halves
-    if x_from_address:
-        lines.append(".reg .b32 " + ", ".join(f"x{j}" for j in range(n_x)) + ";")
-        lines += [f"ld.global.nc.b32 x{j}, [$3+{j * x_step}];" for j in range(n_x)]
     for m, (mul, magic) in k_of.items():  # k_m = -(magic + z)/16: exponent - 4, sign set, z in the mantissa
         lines.append(f"mad.lo.u32 k{m}, $2, {mul * 65537}, 0x{((magic - 0x1000) | 0x8000) * 65537:08X};")
     for half, sel in enumerate(("0x5410", "0x7632")):
@@ -53,8 +44,7 @@ def _asm(bits: int, x_step: int | None = None) -> str:
                 if (shift, m) == plan[[p[0] for p in plan].index(shift)]:
                     lines.append(f"shr.u32 v, u, {shift};")
                 src = "v"
-            j = half * len(plan) + i
-            xj = f"x{j}" if x_from_address else f"${3 + j}"
+            xj = f"${3 + half * len(plan) + i}"
             lines.append(_LOP.format(u=src, mask=f"0x{mask_of(m):08X}", magic=f"0x{k_of[m][1] * 65537:08X}"))
             lines.append(f"fma.rn.f16x2 t, t, s16, k{m};")  # (c - z) / 16, exact
             acc = f"acc{half}"

@@ -18,7 +18,6 @@ import torch
 from kernels import KernelConfig, mixed_matmul
 from kernels.dispatch import CONFIG_DIR, TENSOR_ORDER, _device_facts, config_row
 from kernels.gemm_mixed import dequantize_mixed
-from kernels.gemv_async import word_padded
 from mpq.bench import kernels as bench
 
 MAX_REL_ERR = 2e-3  # fp16 output rounding (5e-4) plus fp32 sums; the same bound as tests/kernels
@@ -29,7 +28,7 @@ def candidates(m: int) -> list[KernelConfig]:
     gemm = [KernelConfig("gemm", split=sp, block_m=16, num_warps=w, num_stages=st)
             for sp in (1, 2, 4, 8) for w in (1, 2) for st in (2, 3, 4)]
     if m == 1:
-        return gemv + GEMV2_CANDIDATES + GEMV3_CANDIDATES
+        return gemv + GEMV2_CANDIDATES
     if m <= 4:
         return [c for c in gemv if c.rows == 16 and c.num_warps == 1 and c.split <= 2] + [c for c in gemm if c.split <= 4]
     return gemm
@@ -83,15 +82,8 @@ GEMV2_CANDIDATES = [KernelConfig("gemv2", split=sp, rows=r, num_warps=w, pairs=p
                                            (16, 2, 2, 1, False), (4, 1, 1, 2, False), (8, 1, 2, 2, False))]
 
 
-GEMV3_CANDIDATES = [KernelConfig("gemv3", slots=sl, num_stages=st, split=sp, num_warps=w)
-                    for sl, st, sp, w in ((2, 3, 1, 1), (2, 4, 1, 1), (2, 3, 2, 1), (2, 4, 2, 1), (2, 5, 2, 1),
-                                          (2, 4, 4, 1), (2, 3, 4, 1), (1, 4, 2, 1), (1, 5, 2, 1), (4, 3, 1, 1),
-                                          (4, 3, 2, 1), (4, 4, 2, 1), (4, 5, 2, 1), (4, 3, 2, 2), (4, 4, 1, 2),
-                                          (8, 3, 2, 2), (2, 4, 2, 2))]
-
-
 def quick(out: pathlib.Path, gpu: str) -> None:
-    """M = 1: the tuned GEMV against GEMV3 candidates on the same card (winners into the table); every kernel
+    """M = 1: the tuned GEMV against GEMV2 candidates on the same card (winners into the table); every kernel
     (default configs, M = 1, 2, 16, 64) checked on CUDA against PackedLinear.dequantize(); then the benchmark
     rows of M = 1 and 16 on the three shapes (same method as the full run) -> OUT/kernels-<gpu>-quick.json."""
     import time
@@ -102,7 +94,7 @@ def quick(out: pathlib.Path, gpu: str) -> None:
     log = (out / "quick-sweep.jsonl").open("w")
     for n, k in bench.SHAPES:
         layers = [bench.random_layer(n, k, 1, "cuda", seed=i) for i in range(bench.ROTATE)]
-        args = [tuple(word_padded(getattr(p, t)) for t in TENSOR_ORDER) for p in layers]
+        args = [tuple(getattr(p, t) for t in TENSOR_ORDER) for p in layers]
         counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
         ref_w = layers[0].dequantize(torch.float32)
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
@@ -110,14 +102,14 @@ def quick(out: pathlib.Path, gpu: str) -> None:
         row = next(r for r in table["configs"] if (r["m_bucket"], r["n"], r["k"]) == (1, n, k))
         base = KernelConfig(**row["config"])
         results = []
-        for cfg in [base] + GEMV3_CANDIDATES:
+        for cfg in [base] + GEMV2_CANDIDATES:
             us, err = time_config(x, args, ref, counters, cfg, f"{n}x{k}")
             results.append((us, cfg))
             log.write(json.dumps({"n": n, "k": k, "m": 1, "config": cfg.__dict__, "us": us, "rel_err": err}) + "\n")
             log.flush()
             print(f"{n}x{k} m=1 {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
-                  f"pairs={cfg.pairs} slots={cfg.slots} stages={cfg.num_stages}: {us:.2f} us, err {err:.1e}  "
-                  f"[{time.time() - t0:.0f}s]", flush=True)
+                  f"pairs={cfg.pairs} early4={cfg.early4}: {us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]",
+                  flush=True)
         best = min(results, key=lambda r: r[0])
         row["config"] = dataclasses.asdict(best[1])
         del layers, args
@@ -128,7 +120,7 @@ def quick(out: pathlib.Path, gpu: str) -> None:
     _device_facts.cache_clear()
     for n, k in bench.SHAPES:  # every kernel, default configurations, against the dequantized reference
         layer = bench.random_layer(n, k, 1, "cuda", seed=100)
-        args = tuple(word_padded(getattr(layer, t)) for t in TENSOR_ORDER)
+        args = tuple(getattr(layer, t) for t in TENSOR_ORDER)
         counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
         w = layer.dequantize(torch.float32)
         for m in (1, 2, 16, 64):
@@ -138,16 +130,16 @@ def quick(out: pathlib.Path, gpu: str) -> None:
             err = float((y - ref).norm() / ref.norm())
             print(f"check {n}x{k} m={m}: rel err {err:.2e} {'ok' if err < MAX_REL_ERR else 'FAIL'}", flush=True)
         x = torch.randn(2, k, device="cuda", dtype=torch.float16)
-        for cfg in (KernelConfig("gemv2", rows=16, pairs=2, split=2), KernelConfig("gemv3", slots=1, split=3)):
+        for cfg in (KernelConfig("gemv2", rows=16, pairs=2, split=2), KernelConfig("gemv2", rows=4, early4=True)):
             y = mixed_matmul(x, args, group_size=128, outliers=1, counters=counters, config=cfg).float()
             err = float((y - x.float() @ w.t()).norm() / (x.float() @ w.t()).norm())
             print(f"check {n}x{k} m=2 {cfg}: rel err {err:.2e} {'ok' if err < MAX_REL_ERR else 'FAIL'}", flush=True)
     print(f"[{time.time() - t0:.0f}s] benchmark", flush=True)
     bench.bench_kernels(out / f"kernels-{gpu}-quick.json", ms=(1, 16))
-    print(f"[{time.time() - t0:.0f}s] pytest -k 'gemv_h2 or gemv_async or dispatch' on CUDA", flush=True)
+    print(f"[{time.time() - t0:.0f}s] pytest -k 'gemv_h2 or dispatch' on CUDA", flush=True)
     try:
         res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/kernels",
-                              "-k", "gemv_h2 or gemv_async or dispatch"], capture_output=True, text=True,
+                              "-k", "gemv_h2 or dispatch"], capture_output=True, text=True,
                              timeout=max(10, 200 - (time.time() - t0)), env={**os.environ, "TRITON_INTERPRET": "0"})
         (out / "pytest-quick.log").write_text(res.stdout + res.stderr)
         print(res.stdout[-600:], flush=True)

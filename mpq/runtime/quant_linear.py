@@ -25,7 +25,6 @@ class QuantLinear(nn.Module):
         counters = torch.zeros(SPLIT_COUNTERS_PER_ROW_TILE * packed.row_tiles, dtype=torch.int32, device=packed.q2.device)
         self.register_buffer("split_counters", counters, persistent=False)
         self._dense: torch.Tensor | None = None  # reference-path cache of the dequantized weight
-        self._words_padded = False  # set on the first CUDA call (a call before graph capture: see forward)
 
     @property
     def in_features(self) -> int:
@@ -46,14 +45,6 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             from mpq.runtime import ops  # imports triton; CPU-only users never need it
-
-            if not self._words_padded:  # the pipelined GEMV reads the small tensors as whole int32 words
-                from kernels.dispatch import WORD_READ_NAMES
-                from kernels.gemv_async import word_padded
-
-                for name in WORD_READ_NAMES:
-                    setattr(self, name, word_padded(getattr(self, name)))
-                self._words_padded = True
 
             y = ops.mixed_linear(x, *(getattr(self, n) for n in KERNEL_TENSOR_ORDER), self.split_counters,
                                  self.geometry["group_size"], self.geometry["outliers"])

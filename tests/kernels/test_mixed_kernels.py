@@ -16,7 +16,6 @@ triton = pytest.importorskip("triton")
 from kernels import KernelConfig, mixed_matmul  # noqa: E402
 from kernels.dispatch import TENSOR_ORDER  # noqa: E402
 from kernels.gemm_mixed import dequantize_mixed, gemm_mixed  # noqa: E402
-from kernels.gemv_async import gemv_async, word_padded, word_readable  # noqa: E402
 from kernels.gemv_h2 import gemv_h2  # noqa: E402
 from kernels.gemv_mixed import gemv_mixed  # noqa: E402
 
@@ -86,30 +85,6 @@ def test_gemv_h2(make_packed, layer, m, split, rows, warps, pairs, early4):
 
 
 @pytest.mark.parametrize("layer", LAYERS)
-@pytest.mark.parametrize("m, split, slots2, slots4, warps, stages", [(1, 1, 2, 1, 1, 3), (2, 3, 1, 2, 2, 4)])
-def test_gemv_async(make_packed, layer, m, split, slots2, slots4, warps, stages):
-    """The cp.async-pipelined GEMV: inline-PTX path on CUDA, its plain fp32 path everywhere; the small tensors
-    are read as whole int32 words, so they go through word_padded first (as QuantLinear does)."""
-    packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=40 + m + split)
-    tensors = tuple(word_padded(t) for t in tensors)
-    assert all(word_readable(t) for t in tensors)
-    for fast in (False, True) if not INTERPRET else (False,):
-        y = torch.full((m, layer[0]), float("nan"), dtype=torch.float16, device=DEVICE)
-        ws, counters = scratch(m, layer[0], split, packed.row_tiles)
-        gemv_async(x, y, ws, counters, *tensors, group_size=packed.group_size, outliers=packed.outliers,
-                   slots2=slots2, slots4=slots4, split=split, num_warps=warps, stages=stages, fast=fast)
-        check(y, ref, torch.float16)
-        assert not counters.any()
-
-
-def test_word_padded_keeps_values():
-    t = torch.arange(9, dtype=torch.int16).view(3, 3)
-    assert not word_readable(t)
-    p = word_padded(t)
-    assert word_readable(p) and torch.equal(p, t) and p.shape == t.shape
-
-
-@pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("m, split", [(3, 2), (16, 1), (33, 3)])
 def test_gemm(make_packed, layer, m, split):
     # bf16 arithmetic is wrong under the Triton interpreter (3.9: bf16 a - b gives garbage), so bf16 on CUDA only
@@ -132,12 +107,11 @@ def test_dequantize(make_packed, layer):
     torch.testing.assert_close(w.cpu(), packed.dequantize(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("m, kind", [(1, "gemv"), (2, "gemv2"), (1, "gemv3"), (16, "gemm"), (33, "prefill")])
+@pytest.mark.parametrize("m, kind", [(1, "gemv"), (2, "gemv2"), (16, "gemm"), (33, "prefill")])
 def test_dispatch(make_packed, m, kind):
     """The public entry point, with the default configuration of each kind, twice (counters reset)."""
     layer = LAYERS[2]
     packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=20 + m)
-    tensors = tuple(word_padded(t) for t in tensors)  # else gemv3 falls back to gemv2 (as it should)
     counters = torch.zeros(16 * packed.row_tiles, dtype=torch.int32, device=DEVICE)
     for split in (1, 2) if kind != "prefill" else (1,):
         y = mixed_matmul(x, tensors, group_size=packed.group_size, outliers=packed.outliers, counters=counters,
