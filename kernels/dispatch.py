@@ -103,8 +103,9 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
         return y
     if cfg.kind == "prefill":
         return prefill_mixed(x, y, *tensors, group_size=group_size, outliers=outliers)
-    if cfg.kind == "gemv2" and (x.dtype != torch.float16 or INTERPRET):
-        cfg = dataclasses.replace(cfg, kind="gemv")  # the fp16x2 path needs fp16 x and a GPU (inline PTX)
+    if cfg.kind == "gemv2" and (x.dtype != torch.float16 or INTERPRET or any(t.data_ptr() % 16 for t in tensors)):
+        cfg = dataclasses.replace(cfg, kind="gemv")  # the fp16x2 path needs fp16 x, a GPU (inline PTX) and
+        # 16-byte aligned tensors (it reads a program's scale codes, zeros and outliers as whole 64-bit words)
     blocks = m * (16 // cfg.rows) if cfg.kind.startswith("gemv") else triton.cdiv(m, cfg.block_m)
     if cfg.split > 1 and blocks > COUNTERS_PER_ROW_TILE:
         cfg = dataclasses.replace(cfg, split=1)
