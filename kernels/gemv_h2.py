@@ -106,11 +106,12 @@ def _span_field(w0, w1, rel, BITS: tl.constexpr, SPAN: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, slot, end, r0, offs_r, offs_p,
-                BITS: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, P: tl.constexpr, PT: tl.constexpr):
+def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, slot, end, r0, offs_r, offs_p,
+                BITS: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, P: tl.constexpr, PT: tl.constexpr,
+                OUTLIERS: tl.constexpr):
     """Word pairs p and p + P/PT of RB rows [RB, S, P/PT]; group column [1, S, P/PT]; the words holding the RB
-    rows' scale codes and zeros (unpacked where used, so that the loads stay in flight). Each thread loads its
-    own copies, so nothing changes layout."""
+    rows' scale codes, zeros and (where they fit in 128 bits) outlier values and offsets, unpacked where used so
+    that the loads stay in flight. Each thread loads its own copies, so nothing changes layout."""
     valid = (slot < end)[None, :, None]
     ts = (t * n_slots + slot)[None, :, None]
     zp = offs_p[None, None, :] * 0
@@ -120,7 +121,13 @@ def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, slot, end, r0, offs_r,
     col0 = tl.load(idx_ptr + ts + zp, mask=valid, other=0).to(tl.int32)
     s0, s1 = _span_words(s_ptr, ts * R + r0 + zp, valid, 8, RB * 8)
     z0, _ = _span_words(z_ptr, ts * R + r0 + zp, valid, BITS, RB * BITS)
-    return q0, q1, col0, s0, s1, z0
+    if OUTLIERS > 0 and RB * OUTLIERS * 16 <= 128:
+        o_mask = valid & (offs_p == 0)[None, None, :]  # each outlier once, on the p=0 thread
+        v0, v1 = _span_words(ov_ptr, (ts * R + r0) * OUTLIERS + zp, o_mask, 16, RB * OUTLIERS * 16)
+        i0, i1 = _span_words(oi_ptr, (ts * R + r0) * OUTLIERS + zp, o_mask, 8, RB * OUTLIERS * 8)
+    else:
+        v0, v1, i0, i1 = z0, z0, z0, z0
+    return q0, q1, col0, s0, s1, z0, v0, v1, i0, i1
 
 
 @triton.jit
@@ -151,22 +158,22 @@ def _dot_plain(x_row, col0, offs_p, q, zero, BITS: tl.constexpr, W: tl.constexpr
 
 
 @triton.jit
-def _first(q_ptr, s_ptr, z_ptr, idx_ptr, t, r0, offs_r, n_slots, sp, unit, BITS: tl.constexpr,
+def _first(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n_slots, sp, unit, BITS: tl.constexpr,
            G_SIZE: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr, PT: tl.constexpr,
-           SPLIT: tl.constexpr):
+           SPLIT: tl.constexpr, OUTLIERS: tl.constexpr):
     """This program's slot range [start, end) of one stream and its first chunk's loads."""
     P: tl.constexpr = G_SIZE * BITS // 64
     per_split = tl.cdiv(tl.cdiv(n_slots, S), SPLIT) * S
     start = sp * per_split
     end = tl.minimum(start + per_split, n_slots)
-    q0, q1, col0, s0, s1, z0 = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots, start + tl.arange(0, S), end,
-                                           r0, offs_r, tl.arange(0, P // PT) * unit, BITS, R, RB, P, PT)
-    return start, end, q0, q1, col0, s0, s1, z0
+    chunk = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, start + tl.arange(0, S), end, r0,
+                        offs_r, tl.arange(0, P // PT) * unit, BITS, R, RB, P, PT, OUTLIERS)
+    return start, end, chunk
 
 
 @triton.jit
 def _stream(x_row, x32_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n_slots, unit,
-            start, end, q0n, q1n, col0_n, s0n, s1n, z0n,
+            start, end, first_chunk,
             BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr,
             PT: tl.constexpr, OUTLIERS: tl.constexpr, FAST: tl.constexpr):
     """Slots [start, end) of one stream, first chunk already loaded: (sum of scale-code * dot, outlier dot),
@@ -182,20 +189,17 @@ def _stream(x_row, x32_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0,
     chunks = tl.cdiv(tl.maximum(end - start, 0), S)
     acc = tl.zeros([RB, S, PP], tl.float32)
     acc_o = tl.zeros([RB, S, PP], tl.float32)
+    q0n, q1n, col0_n, s0n, s1n, z0n, v0n, v1n, i0n, i1n = first_chunk
     for c in range(chunks):
-        q0, q1, col0, s0, s1, z0 = q0n, q1n, col0_n, s0n, s1n, z0n
-        q0n, q1n, col0_n, s0n, s1n, z0n = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, t, n_slots,
-                                                      start + (c + 1) * S + offs_s, end, r0, offs_r, offs_p,
-                                                      BITS, R, RB, P, PT)
+        q0, q1, col0, s0, s1, z0, v0, v1, i0, i1 = q0n, q1n, col0_n, s0n, s1n, z0n, v0n, v1n, i0n, i1n
+        q0n, q1n, col0_n, s0n, s1n, z0n, v0n, v1n, i0n, i1n = _load_chunk(
+            q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, start + (c + 1) * S + offs_s, end, r0, offs_r,
+            offs_p, BITS, R, RB, P, PT, OUTLIERS)
         sc = _span_field(s0, s1, rel, 8, RB * 8).to(tl.float32)
         zero = _span_field(z0, z0, rel, BITS, RB * BITS)
         slot = start + c * S + offs_s
-        valid = (slot < end)[None, :, None]
-        o_mask = valid & (offs_p == 0)[None, None, :]  # each outlier once, on the p=0 thread
+        o_mask = (slot < end)[None, :, None] & (offs_p == 0)[None, None, :]  # each outlier once, on the p=0 thread
         first_o = ((t * n_slots + slot)[None, :, None] * R + r0) * OUTLIERS + offs_p[None, None, :] * 0
-        if OUTLIERS > 0 and OSPAN <= 128:  # the RB rows' outliers in <= 2 + 2 wide loads
-            v0, v1 = _span_words(ov_ptr, first_o, o_mask, 16, OSPAN)
-            i0, i1 = _span_words(oi_ptr, first_o, o_mask, 8, OSPAN // 2)
         for k in tl.static_range(OUTLIERS):
             if OSPAN <= 128:
                 ov = _span_field(v0, v1, rel * OUTLIERS + k, 16, OSPAN).to(tl.int16).to(tl.float16, bitcast=True)
@@ -234,18 +238,18 @@ def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
     offs_r = r0 + tl.arange(0, RB)
     x_row = x_ptr + m * stride_xm
     x32_row = x32_ptr + m * (stride_xm // 2)
-    b0, e0, a0, a1, a2, a3, a4, a5 = _first(q2_ptr, s2_ptr, z2_ptr, idx2_ptr, t, r0, offs_r, n2, sp, unit, 2, G_SIZE,
-                                            R, RB, S2, PT, SPLIT)
+    b0, e0, chunk2 = _first(q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n2, sp, unit, 2, G_SIZE,
+                            R, RB, S2, PT, SPLIT, OUTLIERS)
     if EARLY4:  # the 4-bit stream's first loads in flight during the 2-bit stream
-        b1, e1, c0, c1, c2, c3, c4, c5 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, t, r0, offs_r, n4, sp, unit, 4,
-                                                G_SIZE, R, RB, S4, PT, SPLIT)
+        b1, e1, chunk4 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, sp, unit, 4,
+                                G_SIZE, R, RB, S4, PT, SPLIT, 0)
     p2, o2 = _stream(x_row, x32_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n2, unit,
-                     b0, e0, a0, a1, a2, a3, a4, a5, 2, G_SIZE, R, RB, S2, PT, OUTLIERS, FAST)
+                     b0, e0, chunk2, 2, G_SIZE, R, RB, S2, PT, OUTLIERS, FAST)
     if not EARLY4:
-        b1, e1, c0, c1, c2, c3, c4, c5 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, t, r0, offs_r, n4, sp, unit, 4,
-                                                G_SIZE, R, RB, S4, PT, SPLIT)
+        b1, e1, chunk4 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, sp, unit, 4,
+                                G_SIZE, R, RB, S4, PT, SPLIT, 0)
     p4, _ = _stream(x_row, x32_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, unit,
-                    b1, e1, c0, c1, c2, c3, c4, c5, 4, G_SIZE, R, RB, S4, PT, 0, FAST)
+                    b1, e1, chunk4, 4, G_SIZE, R, RB, S4, PT, 0, FAST)
     rows = t * R + offs_r
     val = tl.load(ss2_ptr + rows).to(tl.float32) * p2 + tl.load(ss4_ptr + rows).to(tl.float32) * p4 + o2
     mask = rows < N
