@@ -195,12 +195,13 @@ def bench_kernels(json_out: Optional[Path] = typer.Option(None, "--json", help="
 def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here"),
               early_exit: bool = typer.Option(False, "--early-exit", help="SpecEE exits, trace-driven (see --trace)"),
               trace: Path = typer.Option(Path("benchmarks/results/specee-trace-smollm2.json"),
-                                         help="--early-exit: JSON of `mpq eval --early-exit --json` whose exit histogram is replayed")):
+                                         help="--early-exit: JSON of `mpq eval --early-exit --json` whose exit histogram is replayed"),
+              draft_vocab: int = typer.Option(4096, help="--early-exit: rows of the draft head's reduced vocabulary")):
     """Batch-1 decode of a Llama-2-7B-shaped model: mpq vs this engine in fp16 vs transformers fp16."""
     if early_exit:
         from mpq.specee.bench import bench_early_exit
 
-        r = bench_early_exit(trace, json_out)
+        r = bench_early_exit(trace, json_out, draft_vocab=draft_vocab)
         typer.echo(f"{r['label']}\nno exits {r['ms_per_token_no_exit']:.3f} ms/token")
         for row in r["rows"]:
             typer.echo(f"{row['trace']} trace, {row['mode']}: {row['ms_per_token_exit']:.3f} ms/token, speed-up "

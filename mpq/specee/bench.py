@@ -20,7 +20,7 @@ import torch
 
 from mpq.errors import MpqError
 
-VOCAB_ROWS = 4096
+VOCAB_ROWS = 4096  # the draft's reduced vocabulary here; smollm2-135m's artifact chose 721 tokens (docs/specee.md)
 NEW_TOKENS = 256
 
 
@@ -177,7 +177,7 @@ class GraphStep:
 
 
 def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_tokens: int = 128,
-                     new_tokens: int = NEW_TOKENS) -> dict:
+                     new_tokens: int = NEW_TOKENS, draft_vocab: int = VOCAB_ROWS) -> dict:
     if not torch.cuda.is_available():
         raise MpqError("mpq bench e2e --early-exit needs a CUDA GPU")
     from transformers import LlamaConfig
@@ -198,6 +198,8 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     except (OSError, ValueError, KeyError, TypeError):
         raise MpqError(f"{trace_json}: not the JSON of `mpq eval --early-exit --json` (needs exit_histogram, num_layers)") from None
     config = LlamaConfig(**LLAMA2_7B)
+    if not 4 <= draft_vocab <= config.vocab_size:
+        raise MpqError(f"--draft-vocab must be between 4 and the vocabulary size ({config.vocab_size}), not {draft_vocab}")
     L, dev = config.num_hidden_layers, torch.device("cuda")
     traces = {name: scaled_trace(h, src_layers, L, new_tokens) for name, h in hists.items()}
     hf = random_hf_model(config)
@@ -209,7 +211,8 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     prompt = torch.randint(0, config.vocab_size, (prompt_tokens,), generator=torch.Generator().manual_seed(0)).tolist()
     base = time_engine(model, prompt, new_tokens)["ms_per_token"]
     a = model.args
-    draft = DraftHead(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size // 4, a.norm_eps, torch.arange(VOCAB_ROWS))
+    draft = DraftHead(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size // 4, a.norm_eps,
+                      torch.arange(draft_vocab))
     with torch.no_grad():
         for n in ("o", "down"):
             getattr(draft, n).normal_(0, 0.02)
@@ -265,6 +268,7 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     result = {"label": "TRACE-DRIVEN: exit layers replayed from a histogram measured on the small model, scaled to 32 layers",
               "trace_kind": rows[0]["trace"], **environment(),
               "trace_source": str(trace_json), "source_layers": src_layers, "num_layers": L, "new_tokens": new_tokens,
+              "draft_vocab": draft_vocab,
               **{k: v for k, v in rows[0].items() if k != "trace"}, "offline_layers": step.offline,
               "predictor_call_cost_layers": call_cost,
               "ms_per_token_no_exit": base, "ms_per_token_machinery_full_depth": full_machinery_ms,
