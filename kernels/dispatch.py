@@ -12,6 +12,7 @@ import functools
 import json
 import os
 import pathlib
+import warnings
 
 import torch
 import triton
@@ -90,6 +91,13 @@ def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig) ->
     return {"m_bucket": m_bucket(m), "n": n, "k": k, "group_size": group_size, "config": dataclasses.asdict(config)}
 
 
+@functools.lru_cache(maxsize=None)
+def _say_slow_path(reason: str) -> None:
+    """Warn once per reason that the decode GEMV runs the slower v1 kernel (users should know when the fast
+    path is off)."""
+    warnings.warn(f"mpq: decode GEMV on its slower path: {reason}", stacklevel=3)
+
+
 def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_size: int, outliers: int,
                  counters: torch.Tensor, config: KernelConfig | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T for W in format v1; `tensors` in TENSOR_ORDER; counters int32, zero, >= 16 * N / 16.
@@ -104,8 +112,12 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     if cfg.kind == "prefill":
         return prefill_mixed(x, y, *tensors, group_size=group_size, outliers=outliers)
     if cfg.kind == "gemv2" and (x.dtype != torch.float16 or INTERPRET or any(t.data_ptr() % 16 for t in tensors)):
-        cfg = dataclasses.replace(cfg, kind="gemv")  # the fp16x2 path needs fp16 x, a GPU (inline PTX) and
-        # 16-byte aligned tensors (it reads a program's scale codes, zeros and outliers as whole 64-bit words)
+        # the fp16x2 path needs fp16 x, a GPU (inline PTX) and 16-byte aligned tensors (it reads a program's
+        # scale codes, zeros and outliers as whole 64-bit words)
+        if not INTERPRET:
+            _say_slow_path(f"x is {x.dtype}, not torch.float16" if x.dtype != torch.float16 else
+                           "a format tensor is not 16-byte aligned (a view at an odd offset?)")
+        cfg = dataclasses.replace(cfg, kind="gemv")
     blocks = m * (16 // cfg.rows) if cfg.kind.startswith("gemv") else triton.cdiv(m, cfg.block_m)
     if cfg.split > 1 and blocks > COUNTERS_PER_ROW_TILE:
         cfg = dataclasses.replace(cfg, split=1)

@@ -117,3 +117,23 @@ def test_dispatch(make_packed, m, kind):
         y = mixed_matmul(x, tensors, group_size=packed.group_size, outliers=packed.outliers, counters=counters,
                          config=KernelConfig(kind, split=split))
         check(y, ref, torch.float16)
+
+
+@pytest.mark.skipif(INTERPRET, reason="the fp16x2 GEMV and its fallback warning exist on CUDA only")
+def test_gemv2_unaligned_tensor_falls_back_loudly(make_packed):
+    """A format tensor at an odd address (a view into a larger buffer) cannot be read as whole words: the dispatch
+    runs GEMV v1 instead, correctly, and says so once."""
+    from kernels.dispatch import _say_slow_path
+
+    packed, x, ref, tensors = setup(make_packed, LAYERS[2], 1, torch.float16, seed=50)
+    s2 = tensors[1]
+    buf = torch.empty(s2.numel() + 1, dtype=s2.dtype, device=DEVICE)
+    odd = buf[1:].view(s2.shape)
+    odd.copy_(s2)
+    tensors = (tensors[0], odd, *tensors[2:])
+    _say_slow_path.cache_clear()
+    counters = torch.zeros(16 * packed.row_tiles, dtype=torch.int32, device=DEVICE)
+    with pytest.warns(UserWarning, match="not 16-byte aligned"):
+        y = mixed_matmul(x, tensors, group_size=packed.group_size, outliers=packed.outliers, counters=counters,
+                         config=KernelConfig("gemv2"))
+    check(y, ref, torch.float16)
