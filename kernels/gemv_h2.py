@@ -116,8 +116,9 @@ def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, slot, 
     ts = (t * n_slots + slot)[None, :, None]
     zp = offs_p[None, None, :] * 0
     q_offs = (ts * R + offs_r[:, None, None]) * P + offs_p[None, None, :]
-    q0 = tl.load(q_ptr + q_offs, mask=valid, other=0)
-    q1 = tl.load(q_ptr + q_offs + P // PT, mask=valid, other=0) if PT == 2 else q0
+    # the codes are read once: evict them first, so L1 keeps x and the metadata (-2 to -4%, kernels-notes v9)
+    q0 = tl.load(q_ptr + q_offs, mask=valid, other=0, eviction_policy="evict_first")
+    q1 = tl.load(q_ptr + q_offs + P // PT, mask=valid, other=0, eviction_policy="evict_first") if PT == 2 else q0
     col0 = tl.load(idx_ptr + ts + zp, mask=valid, other=0).to(tl.int32)
     s0, s1 = _span_words(s_ptr, ts * R + r0 + zp, valid, 8, RB * 8)
     z0, _ = _span_words(z_ptr, ts * R + r0 + zp, valid, BITS, RB * BITS)
