@@ -43,6 +43,17 @@ def single_threaded():
         torch.set_num_threads(threads)
 
 
+def hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> float:
+    """Relative output error ||(W - Q) X|| / ||W X|| through H = X^T X / tokens (plain Frobenius when h is None):
+    the quantity GPTQ minimises."""
+    d = (w - q).float()
+    if h is None:
+        return float(d.square().sum().sqrt() / w.float().square().sum().sqrt().clamp(min=1e-12))
+    num = torch.einsum("nk,kl,nl->", d, h, d)
+    den = torch.einsum("nk,kl,nl->", w.float(), h, w.float())
+    return float((num.clamp(min=0) / den.clamp(min=1e-12)).sqrt())
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
                   exact: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
     """Return the quantized (dequantized-valued) weight. scale/zero/maxq/exact are per column: [N, K]."""

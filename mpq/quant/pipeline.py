@@ -23,7 +23,7 @@ from mpq.quant.format import SUPPORTED_GROUP_SIZES, PackedLinear
 from mpq.quant.gptq import single_threaded
 from mpq.quant.quantizer import LinearSpec, quantize_linear
 from mpq.quant.recipe import Recipe, load_recipe
-from mpq.quant.sensitivity import group_sensitivity
+from mpq.quant.sensitivity import gptq_gain, group_sensitivity
 
 KEEP_MASKS_MAX_WEIGHTS = 2 * 10**9  # models up to this many linear weights keep the measure pass's outlier masks
 LINEAR_SUFFIXES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -93,7 +93,11 @@ def measure_linear(name: str, w: torch.Tensor, h: torch.Tensor | None, recipe: R
     n, k = w.shape
     g = recipe.group_size_for(k)
     hdiag = torch.ones(k, device=w.device) if h is None else torch.diag(h).to(w.device)
-    sens = group_sensitivity(w, hdiag, g, outlier_choices(recipe))
+    gains = (1.0, 1.0)
+    if recipe.gptq and recipe.gptq_aware and h is not None:
+        hd = h.to(w.device)
+        gains = tuple(gptq_gain(w, hd, g, maxq, recipe.damp, recipe.act_order) for maxq in (3, 15))
+    sens = group_sensitivity(w, hdiag, g, outlier_choices(recipe), gains)
     importance = 1.0
     if recipe.allocation == "relative":  # error relative to the linear's output energy tr(W H W^T)
         wf = w.float()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from mpq.quant.format import PackedLinear
-from mpq.quant.gptq import gptq_quantize
+from mpq.quant.gptq import gptq_quantize, hessian_error
 from mpq.quant.grid import fake_quant, quantize_grid, safe_scale, search_group_ranges
 from mpq.quant.sensitivity import choose_outliers
 
@@ -27,15 +27,6 @@ class LinearResult:
     packed: PackedLinear
     rel_error: float  # ||(W - Q) X|| / ||W X|| on the calibration Hessian (identity when data-free)
     outliers_stored: int
-
-
-def hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> float:
-    d = (w - q).float()
-    if h is None:
-        return float(d.square().sum().sqrt() / w.float().square().sum().sqrt().clamp(min=1e-12))
-    num = torch.einsum("nk,kl,nl->", d, h, d)
-    den = torch.einsum("nk,kl,nl->", w.float(), h, w.float())
-    return float((num.clamp(min=0) / den.clamp(min=1e-12)).sqrt())
 
 
 def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *, use_gptq: bool = True,

@@ -22,6 +22,7 @@ class Recipe:
     allocation: str = "relative"  # rank errors relative to each linear's output energy, or "absolute"
     gptq: bool = True
     act_order: bool = True
+    gptq_aware: bool = True  # scale each linear's sensitivities by its measured GPTQ gain (2 GPTQ runs per linear)
     damp: float = 0.01
     overrides: dict = field(default_factory=dict)  # module pattern -> 2 | 4 | 16
     max_ppl_ratio: float = 3.0  # quality gate on held-back calibration windows

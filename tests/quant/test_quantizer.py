@@ -4,7 +4,8 @@ clipped grids beat plain min-max, and the packed result dequantizes to what the 
 import torch
 
 from mpq.quant.grid import fake_quant, quantize_grid, search_group_ranges
-from mpq.quant.quantizer import LinearSpec, hessian_error, quantize_linear
+from mpq.quant.gptq import hessian_error
+from mpq.quant.quantizer import LinearSpec, quantize_linear
 from mpq.quant.sensitivity import choose_outliers
 
 
