@@ -105,7 +105,10 @@ def sweep(opts: SweepOptions) -> dict:
     for target in opts.bits:
         add_mpq(target, recipe, costs, "default")
     if opts.ablation_bits is not None:
-        add_mpq(opts.ablation_bits, replace(recipe, gptq=False), costs, "no-gptq")
+        # each variant measures with its own recipe, as a user running that recipe would (without GPTQ the
+        # sensitivities carry no GPTQ gains)
+        no_gptq = replace(recipe, gptq=False)
+        add_mpq(opts.ablation_bits, no_gptq, measure_model(model, hessians, no_gptq), "no-gptq")
         no_outliers = replace(recipe, outliers=0)
         add_mpq(opts.ablation_bits, no_outliers, measure_model(model, hessians, no_outliers), "no-outliers")
     for b in opts.baseline_bits:

@@ -118,3 +118,25 @@ def test_sweep_reuses_one_calibration(setup, monkeypatch):
     assert all(0 <= p["top1_agreement"] <= 1 and p["ppl"] > 0 for p in out["points"])
     assert png.stat().st_size > 1000
     assert out["device"] == "cpu" and out["commit"] and out["torch"]  # the JSON says where and from what it came
+
+
+def test_sweep_ablation_measures_each_variant_with_its_own_recipe(setup, monkeypatch):
+    """The no-GPTQ and no-outlier points allocate from sensitivities measured with their own recipe (no GPTQ gains
+    without GPTQ), as a user running that recipe would get, not from the default recipe's measurement."""
+    root, model, calib = setup
+    import mpq.quant.pipeline as pipeline
+
+    seen = []
+    real = pipeline.measure_model
+
+    def spy(m, hessians, recipe):
+        seen.append((recipe.gptq, recipe.outliers))
+        return real(m, hessians, recipe)
+
+    monkeypatch.setattr(pipeline, "measure_model", spy)
+    res = invoke("sweep", model, "--calib", calib, "--bits", "3.0", "--baselines", "", "--ablation", 3.0,
+                 "--dataset", root / "text.txt", "--windows", 2, "--seq-len", 128, "--json")
+    assert res.exit_code == 0, res.output
+    assert seen == [(True, "auto"), (False, "auto"), (True, 0)]
+    variants = [p.get("variant") for p in last_json(res.stdout)["points"]]
+    assert variants == ["default", "no-gptq", "no-outliers"]
