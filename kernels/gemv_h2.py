@@ -122,10 +122,11 @@ def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, slot, 
     col0 = tl.load(idx_ptr + ts + zp, mask=valid, other=0).to(tl.int32)
     s0, s1 = _span_words(s_ptr, ts * R + r0 + zp, valid, 8, RB * 8)
     z0, _ = _span_words(z_ptr, ts * R + r0 + zp, valid, BITS, RB * BITS)
-    if OUTLIERS > 0 and RB * OUTLIERS * 16 <= 128:
+    OSPAN: tl.constexpr = RB * OUTLIERS * 16  # bits of the RB rows' outlier values in one slot (as in _stream)
+    if OUTLIERS > 0 and OSPAN <= 128:
         o_mask = valid & (offs_p == 0)[None, None, :]  # each outlier once, on the p=0 thread
-        v0, v1 = _span_words(ov_ptr, (ts * R + r0) * OUTLIERS + zp, o_mask, 16, RB * OUTLIERS * 16)
-        i0, i1 = _span_words(oi_ptr, (ts * R + r0) * OUTLIERS + zp, o_mask, 8, RB * OUTLIERS * 8)
+        v0, v1 = _span_words(ov_ptr, (ts * R + r0) * OUTLIERS + zp, o_mask, 16, OSPAN)
+        i0, i1 = _span_words(oi_ptr, (ts * R + r0) * OUTLIERS + zp, o_mask, 8, OSPAN // 2)
     else:
         v0, v1, i0, i1 = z0, z0, z0, z0
     return q0, q1, col0, s0, s1, z0, v0, v1, i0, i1

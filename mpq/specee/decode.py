@@ -30,7 +30,7 @@ from mpq.errors import MpqError
 from mpq.runtime.model import SmallOps, Transformer, rope_inv_freq
 from mpq.specee.bundle import SpecEE
 from mpq.specee.draft import _rotate, rope_tables
-from mpq.specee.features import final_norm
+from mpq.specee.features import final_norm, fold_norm
 from mpq.specee.schedule import OnlineSchedule
 
 MODES = ("fill", "drop")
@@ -219,7 +219,7 @@ class ExitDecoder:
                              self.sp.predictors.slot[layer], first=first)
             return float(self.prob_out[0])
         if first:
-            self.rows_w = rows.float() * self.model.norm.float()
+            self.rows_w = fold_norm(rows, self.model.norm)
         prob, self.p_prev = self.sp.predictors.prob_from_hidden(layer, x, self.rows_w, self.eps,
                                                                 None if first else self.p_prev)
         return prob

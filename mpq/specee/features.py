@@ -25,6 +25,12 @@ def draft_logits(h_normed: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return (rows.float() @ h_normed.float().unsqueeze(-1)).squeeze(-1)
 
 
+def fold_norm(rows: torch.Tensor, norm_weight: torch.Tensor) -> torch.Tensor:
+    """The draft tokens' LM-head rows times the final norm's weight (fp32), once per token: `draft_logits_folded`'s
+    rows_w."""
+    return rows.float() * norm_weight.float()
+
+
 def draft_logits_folded(x: torch.Tensor, rows_w: torch.Tensor, eps: float) -> torch.Tensor:
     """draft_logits(final_norm(x, w), rows) for fp32 x, with the norm weight folded into the rows once per token
     (rows_w = rows * w) and the RMS scale applied to the 4 logits instead of the D values: 3 ops instead of ~10

@@ -25,7 +25,7 @@ from mpq.artifact import atomic_save_tensors, atomic_write_text
 from mpq.errors import MpqError
 from mpq.progress import layer_progress
 from mpq.specee.draft import DraftHead, rope_tables
-from mpq.specee.features import K_DRAFT, draft_logits, features, features_from_logits, final_norm
+from mpq.specee.features import K_DRAFT, draft_logits, features, features_from_logits, final_norm, fold_norm
 from mpq.specee.predictor import ExitPredictors
 from mpq.specee.schedule import auto_layers, expected_layers
 
@@ -288,7 +288,7 @@ def _call_cost(model, pred: ExitPredictors) -> float:
     x = model.embed[:1].view(1, 1, -1)
     pos = torch.zeros(1, dtype=torch.long)
     mask = model.causal[pos].view(1, 1, 1, -1)
-    rows_w = model.embed[:K_DRAFT].float() * model.norm.float()
+    rows_w = fold_norm(model.embed[:K_DRAFT], model.norm)
     eps = model.args.norm_eps
 
     layer_s, call_s = [], []
