@@ -162,32 +162,25 @@ def _dot_plain(x_row, col0, offs_p, q, zero, BITS: tl.constexpr, W: tl.constexpr
 @triton.jit
 def _first(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n_slots, sp, unit, BITS: tl.constexpr,
            G_SIZE: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr, PT: tl.constexpr,
-           SPLIT: tl.constexpr, OUTLIERS: tl.constexpr, DEPTH: tl.constexpr):
-    """This program's slot range [start, end) of one stream and the loads of its first DEPTH chunks."""
+           SPLIT: tl.constexpr, OUTLIERS: tl.constexpr):
+    """This program's slot range [start, end) of one stream and its first chunk's loads."""
     P: tl.constexpr = G_SIZE * BITS // 64
     per_split = tl.cdiv(tl.cdiv(n_slots, S), SPLIT) * S
     start = sp * per_split
     end = tl.minimum(start + per_split, n_slots)
-    offs_p = tl.arange(0, P // PT) * unit
     chunk = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, start + tl.arange(0, S), end, r0,
-                        offs_r, offs_p, BITS, R, RB, P, PT, OUTLIERS)
-    if DEPTH == 2:
-        second = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, start + S + tl.arange(0, S),
-                             end, r0, offs_r, offs_p, BITS, R, RB, P, PT, OUTLIERS)
-    else:
-        second = chunk
-    return start, end, (chunk, second)
+                        offs_r, tl.arange(0, P // PT) * unit, BITS, R, RB, P, PT, OUTLIERS)
+    return start, end, chunk
 
 
 @triton.jit
 def _stream(x_row, x32_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n_slots, unit,
-            start, end, first_chunks,
+            start, end, first_chunk,
             BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr,
-            PT: tl.constexpr, OUTLIERS: tl.constexpr, FAST: tl.constexpr, DEPTH: tl.constexpr):
-    """Slots [start, end) of one stream, first DEPTH chunks already loaded: (sum of scale-code * dot, outlier
-    dot), [RB]. Each thread takes PT word pairs (p, p + P/PT) of each of its rows; x pairs are loaded once per
-    thread and serve all its rows. The loads of the chunk DEPTH ahead are issued before this chunk's arithmetic
-    (DEPTH = 2 keeps two chunks in flight: a shorter chain of dependent loads where a program has few chunks)."""
+            PT: tl.constexpr, OUTLIERS: tl.constexpr, FAST: tl.constexpr):
+    """Slots [start, end) of one stream, first chunk already loaded: (sum of scale-code * dot, outlier dot),
+    [RB]. Each thread takes PT word pairs (p, p + P/PT) of each of its rows; x pairs are loaded once per
+    thread and serve all its rows. The next chunk's loads are issued before this chunk's arithmetic."""
     W: tl.constexpr = G_SIZE * BITS // 32
     P: tl.constexpr = W // 2
     PP: tl.constexpr = P // PT
@@ -198,15 +191,12 @@ def _stream(x_row, x32_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0,
     chunks = tl.cdiv(tl.maximum(end - start, 0), S)
     acc = tl.zeros([RB, S, PP], tl.float32)
     acc_o = tl.zeros([RB, S, PP], tl.float32)
-    ahead, ahead2 = first_chunks
+    q0n, q1n, col0_n, s0n, s1n, z0n, v0n, v1n, i0n, i1n = first_chunk
     for c in range(chunks):
-        q0, q1, col0, s0, s1, z0, v0, v1, i0, i1 = ahead
-        nxt = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, start + (c + DEPTH) * S + offs_s,
-                          end, r0, offs_r, offs_p, BITS, R, RB, P, PT, OUTLIERS)
-        if DEPTH == 2:
-            ahead, ahead2 = ahead2, nxt
-        else:
-            ahead = nxt
+        q0, q1, col0, s0, s1, z0, v0, v1, i0, i1 = q0n, q1n, col0_n, s0n, s1n, z0n, v0n, v1n, i0n, i1n
+        q0n, q1n, col0_n, s0n, s1n, z0n, v0n, v1n, i0n, i1n = _load_chunk(
+            q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, start + (c + 1) * S + offs_s, end, r0, offs_r,
+            offs_p, BITS, R, RB, P, PT, OUTLIERS)
         sc = _span_field(s0, s1, rel, 8, RB * 8).to(tl.float32)
         zero = _span_field(z0, z0, rel, BITS, RB * BITS)
         slot = start + c * S + offs_s
@@ -241,7 +231,7 @@ def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, n2, n4, stride_xm, stride_ym, unit,
                     G_SIZE: tl.constexpr, R: tl.constexpr, OUTLIERS: tl.constexpr, RB: tl.constexpr,
                     S2: tl.constexpr, S4: tl.constexpr, PT: tl.constexpr, SPLIT: tl.constexpr,
-                    EARLY4: tl.constexpr, FAST: tl.constexpr, DEPTH: tl.constexpr):
+                    EARLY4: tl.constexpr, FAST: tl.constexpr):
     pid = tl.program_id(0)  # RB rows of one row tile
     sp = tl.program_id(1)
     m = tl.program_id(2)
@@ -251,17 +241,17 @@ def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
     x_row = x_ptr + m * stride_xm
     x32_row = x32_ptr + m * (stride_xm // 2)
     b0, e0, chunk2 = _first(q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n2, sp, unit, 2, G_SIZE,
-                            R, RB, S2, PT, SPLIT, OUTLIERS, DEPTH)
+                            R, RB, S2, PT, SPLIT, OUTLIERS)
     if EARLY4:  # the 4-bit stream's first loads in flight during the 2-bit stream
         b1, e1, chunk4 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, sp, unit, 4,
-                                G_SIZE, R, RB, S4, PT, SPLIT, 0, DEPTH)
+                                G_SIZE, R, RB, S4, PT, SPLIT, 0)
     p2, o2 = _stream(x_row, x32_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n2, unit,
-                     b0, e0, chunk2, 2, G_SIZE, R, RB, S2, PT, OUTLIERS, FAST, DEPTH)
+                     b0, e0, chunk2, 2, G_SIZE, R, RB, S2, PT, OUTLIERS, FAST)
     if not EARLY4:
         b1, e1, chunk4 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, sp, unit, 4,
-                                G_SIZE, R, RB, S4, PT, SPLIT, 0, DEPTH)
+                                G_SIZE, R, RB, S4, PT, SPLIT, 0)
     p4, _ = _stream(x_row, x32_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, unit,
-                    b1, e1, chunk4, 4, G_SIZE, R, RB, S4, PT, 0, FAST, DEPTH)
+                    b1, e1, chunk4, 4, G_SIZE, R, RB, S4, PT, 0, FAST)
     rows = t * R + offs_r
     val = tl.load(ss2_ptr + rows).to(tl.float32) * p2 + tl.load(ss4_ptr + rows).to(tl.float32) * p4 + o2
     mask = rows < N
@@ -271,21 +261,20 @@ def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 def gemv_h2(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *,
             group_size: int, outliers: int, rows: int, split: int, num_warps: int, pairs: int = 1,
-            early4: bool = False, depth: int = 1, fast: bool):
+            early4: bool = False, fast: bool):
     """Same contract as gemv_mixed; `pairs` word pairs of each row per thread (1 or 2; with 2, two threads
-    share the rows); `early4`: the 4-bit stream's first chunk is loaded before the 2-bit stream starts; `depth`:
-    chunks in flight per stream (1 or 2); `fast`
+    share the rows); `early4`: the 4-bit stream's first chunk is loaded before the 2-bit stream starts; `fast`
     (inline PTX, fp16 x on CUDA only) or the plain fp32 path."""
     M, N, T, R = x.shape[0], y.shape[1], q2.shape[0], q2.shape[2]
     # S slots * P / pairs pair threads * pairs row threads = 32 * num_warps, P = g * bits / 64 pairs per group row
     slots = lambda bits: max(1, 64 * num_warps // (group_size * bits // 32))  # noqa: E731
-    assert group_size * 2 // 64 % pairs == 0 and rows % pairs == 0 and depth in (1, 2)
+    assert group_size * 2 // 64 % pairs == 0 and rows % pairs == 0
     x32 = x.view(torch.int32) if fast else x
     _gemv_h2_kernel[(T * (R // rows), split, M)](
         x, x32, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi, q4.view(torch.int64), s4, z4,
         ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0), 1,
         G_SIZE=group_size, R=R, OUTLIERS=outliers, RB=rows, S2=slots(2), S4=slots(4), PT=pairs, SPLIT=split,
-        EARLY4=early4, FAST=fast, DEPTH=depth,
+        EARLY4=early4, FAST=fast,
         num_warps=num_warps,
     )
     return y

@@ -74,15 +74,12 @@ def sweep(out: pathlib.Path, shapes, ms=(1, 4, 16)) -> list[dict]:
     return winners
 
 
-GEMV2_CANDIDATES = [KernelConfig("gemv2", split=sp, rows=r, num_warps=w, pairs=p, early4=e, depth=d)
-                    for r, p, w, sp, e, d in ((8, 1, 1, 1, False, 1), (8, 1, 1, 1, True, 1), (8, 1, 2, 1, False, 1),
-                                              (16, 1, 2, 1, False, 1), (16, 1, 1, 1, False, 1), (4, 1, 1, 1, False, 1),
-                                              (4, 1, 1, 1, True, 1), (8, 1, 1, 2, False, 1), (8, 1, 1, 4, False, 1),
-                                              (16, 1, 1, 2, False, 1), (16, 1, 2, 2, False, 1), (16, 2, 1, 4, False, 1),
-                                              (16, 2, 2, 1, False, 1), (4, 1, 1, 2, False, 1), (8, 1, 2, 2, False, 1),
-                                              (8, 1, 1, 1, False, 2), (8, 1, 1, 1, True, 2), (4, 1, 1, 1, True, 2),
-                                              (4, 1, 1, 1, False, 2), (8, 1, 1, 2, False, 2), (8, 1, 1, 4, False, 2),
-                                              (4, 1, 1, 2, False, 2), (16, 1, 1, 1, False, 2))]
+GEMV2_CANDIDATES = [KernelConfig("gemv2", split=sp, rows=r, num_warps=w, pairs=p, early4=e)
+                    for r, p, w, sp, e in ((8, 1, 1, 1, False), (8, 1, 1, 1, True), (8, 1, 2, 1, False),
+                                           (16, 1, 2, 1, False), (16, 1, 1, 1, False), (4, 1, 1, 1, False),
+                                           (4, 1, 1, 1, True), (8, 1, 1, 2, False), (8, 1, 1, 4, False),
+                                           (16, 1, 1, 2, False), (16, 1, 2, 2, False), (16, 2, 1, 4, False),
+                                           (16, 2, 2, 1, False), (4, 1, 1, 2, False), (8, 1, 2, 2, False))]
 
 
 def quick(out: pathlib.Path, gpu: str) -> None:
@@ -111,7 +108,7 @@ def quick(out: pathlib.Path, gpu: str) -> None:
             log.write(json.dumps({"n": n, "k": k, "m": 1, "config": cfg.__dict__, "us": us, "rel_err": err}) + "\n")
             log.flush()
             print(f"{n}x{k} m=1 {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
-                  f"pairs={cfg.pairs} early4={cfg.early4} depth={cfg.depth}: {us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]",
+                  f"pairs={cfg.pairs} early4={cfg.early4}: {us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]",
                   flush=True)
         best = min(results, key=lambda r: r[0])
         row["config"] = dataclasses.asdict(best[1])
