@@ -16,7 +16,7 @@ import sys
 import torch
 
 from kernels import KernelConfig, mixed_matmul
-from kernels.dispatch import CONFIG_DIR, TENSOR_ORDER, _device_facts, config_row
+from kernels.dispatch import CONFIG_DIR, TABLE_OF, TENSOR_ORDER, _device_facts, config_row
 from kernels.gemm_mixed import dequantize_mixed
 from mpq.bench import kernels as bench
 
@@ -91,7 +91,7 @@ def quick(out: pathlib.Path, gpu: str) -> None:
     import time
 
     t0 = time.time()
-    table_path = CONFIG_DIR / f"{gpu}.json"
+    table_path = CONFIG_DIR / f"{TABLE_OF.get(gpu, gpu)}.json"  # an H200 re-tunes the H100 table it runs
     table = json.loads(table_path.read_text())
     log = (out / "quick-sweep.jsonl").open("w")
     for n, k in bench.SHAPES:
