@@ -261,10 +261,9 @@ def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 def gemv_h2(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *,
             group_size: int, outliers: int, rows: int, split: int, num_warps: int, pairs: int = 1,
-            early4: bool = False, maxnreg: int | None = None, fast: bool):
+            early4: bool = False, fast: bool):
     """Same contract as gemv_mixed; `pairs` word pairs of each row per thread (1 or 2; with 2, two threads
-    share the rows); `early4`: the 4-bit stream's first chunk is loaded before the 2-bit stream starts; `maxnreg`:
-    a register cap (168 -> 128 lets 16 one-warp programs share an SM instead of 12; kernels-notes v10); `fast`
+    share the rows); `early4`: the 4-bit stream's first chunk is loaded before the 2-bit stream starts; `fast`
     (inline PTX, fp16 x on CUDA only) or the plain fp32 path."""
     M, N, T, R = x.shape[0], y.shape[1], q2.shape[0], q2.shape[2]
     # S slots * P / pairs pair threads * pairs row threads = 32 * num_warps, P = g * bits / 64 pairs per group row
@@ -276,7 +275,7 @@ def gemv_h2(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
         ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0), 1,
         G_SIZE=group_size, R=R, OUTLIERS=outliers, RB=rows, S2=slots(2), S4=slots(4), PT=pairs, SPLIT=split,
         EARLY4=early4, FAST=fast,
-        num_warps=num_warps, **({"maxnreg": maxnreg} if maxnreg else {}),
+        num_warps=num_warps,
     )
     return y
 
