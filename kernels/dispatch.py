@@ -42,7 +42,6 @@ class KernelConfig:
     num_stages: int = 2
     pairs: int = 1  # GEMV2: word pairs of each row per thread (2: two threads share a program's rows)
     early4: bool = False  # GEMV2: the 4-bit stream's first chunk loaded before the 2-bit stream runs
-    stage: bool = False  # GEMV2: x read as 16-byte tiles and redistributed through shared memory (pairs = 1)
 
 
 def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> KernelConfig:
@@ -128,8 +127,7 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                        rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,
-                       pairs=cfg.pairs if group_size >= 64 else 1, early4=cfg.early4, stage=cfg.stage,
-                       fast=True)
+                       pairs=cfg.pairs if group_size >= 64 else 1, early4=cfg.early4, fast=True)
     if cfg.kind == "gemv":
         return gemv_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                           rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps)

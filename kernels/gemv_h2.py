@@ -146,60 +146,6 @@ def _dot(x32_row, base, q, zero, BITS: tl.constexpr, W: tl.constexpr):
 
 
 @triton.jit
-def _split16(t, S: tl.constexpr, PP: tl.constexpr):
-    """[1, S, PP, 16] -> its 16 slices along the last dim, in order (tl.split halves a trailing dim of 2)."""
-    e, o = tl.split(tl.reshape(t, [1, S, PP, 8, 2]))  # j even, j odd
-    ee, eo = tl.split(tl.reshape(e, [1, S, PP, 4, 2]))  # j = 0 mod 4, 2 mod 4
-    oe, oo = tl.split(tl.reshape(o, [1, S, PP, 4, 2]))  # j = 1 mod 4, 3 mod 4
-    eee, eeo = tl.split(tl.reshape(ee, [1, S, PP, 2, 2]))  # j in {0, 8}, {4, 12}
-    eoe, eoo = tl.split(tl.reshape(eo, [1, S, PP, 2, 2]))  # {2, 10}, {6, 14}
-    oee, oeo = tl.split(tl.reshape(oe, [1, S, PP, 2, 2]))  # {1, 9}, {5, 13}
-    ooe, ooo = tl.split(tl.reshape(oo, [1, S, PP, 2, 2]))  # {3, 11}, {7, 15}
-    x0, x8 = tl.split(eee)
-    x4, x12 = tl.split(eeo)
-    x2, x10 = tl.split(eoe)
-    x6, x14 = tl.split(eoo)
-    x1, x9 = tl.split(oee)
-    x5, x13 = tl.split(oeo)
-    x3, x11 = tl.split(ooe)
-    x7, x15 = tl.split(ooo)
-    return x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15
-
-
-@triton.jit
-def _split8(t, S: tl.constexpr, PP: tl.constexpr):
-    """[1, S, PP, 8] -> its 8 slices along the last dim, in order."""
-    e, o = tl.split(tl.reshape(t, [1, S, PP, 4, 2]))
-    ee, eo = tl.split(tl.reshape(e, [1, S, PP, 2, 2]))  # j in {0, 4}, {2, 6}
-    oe, oo = tl.split(tl.reshape(o, [1, S, PP, 2, 2]))  # {1, 5}, {3, 7}
-    x0, x4 = tl.split(ee)
-    x2, x6 = tl.split(eo)
-    x1, x5 = tl.split(oe)
-    x3, x7 = tl.split(oo)
-    return x0, x1, x2, x3, x4, x5, x6, x7
-
-
-@triton.jit
-def _dot_staged(x32_row, col0, q, zero, BITS: tl.constexpr, G_SIZE: tl.constexpr, S: tl.constexpr,
-                PP: tl.constexpr):
-    """_dot with the slot's x slice read as one [S, G/2] tile of 16-byte loads, then redistributed (through shared
-    memory) so that each pair thread holds the 32/BITS x pairs its codes need."""
-    NP: tl.constexpr = G_SIZE // 2  # x pairs per group
-    NX: tl.constexpr = 32 // BITS  # codes per word = x pairs per word pair
-    col = tl.max(col0, axis=2, keep_dims=True)  # [1, S, 1] (equal along the pair axis)
-    xt = tl.load(x32_row + col * NP + tl.arange(0, NP)[None, None, :])  # [1, S, NP]: pair j * PP + p
-    xt = tl.permute(tl.reshape(xt, [1, S, NX, PP]), (0, 1, 3, 2))  # [1, S, PP, NX]
-    if BITS == 2:
-        a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4, b5, b6, b7 = _split16(xt, S, PP)
-        return tl.inline_asm_elementwise(ASM2, CONS2, [q, zero, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4,
-                                                       b5, b6, b7], dtype=tl.float32, is_pure=True, pack=1)
-    else:
-        a0, a1, a2, a3, a4, a5, a6, a7 = _split8(xt, S, PP)
-        return tl.inline_asm_elementwise(ASM4, CONS4, [q, zero, a0, a1, a2, a3, a4, a5, a6, a7],
-                                         dtype=tl.float32, is_pure=True, pack=1)
-
-
-@triton.jit
 def _dot_plain(x_row, col0, offs_p, q, zero, BITS: tl.constexpr, W: tl.constexpr, G_SIZE: tl.constexpr):
     """The same sums in fp32 without inline asm: (c - z)/16 * x over the codes of each word pair."""
     part = (q * 0).to(tl.float32)
@@ -231,7 +177,7 @@ def _first(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n_slots,
 def _stream(x_row, x32_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n_slots, unit,
             start, end, first_chunk,
             BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr,
-            PT: tl.constexpr, OUTLIERS: tl.constexpr, FAST: tl.constexpr, STAGE: tl.constexpr):
+            PT: tl.constexpr, OUTLIERS: tl.constexpr, FAST: tl.constexpr):
     """Slots [start, end) of one stream, first chunk already loaded: (sum of scale-code * dot, outlier dot),
     [RB]. Each thread takes PT word pairs (p, p + P/PT) of each of its rows; x pairs are loaded once per
     thread and serve all its rows. The next chunk's loads are issued before this chunk's arithmetic."""
@@ -265,9 +211,7 @@ def _stream(x_row, x32_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0,
                 ov = tl.load(ov_ptr + o_offs, mask=o_mask, other=0.0)
                 oi = tl.load(oi_ptr + o_offs, mask=o_mask, other=0).to(tl.int32)
             acc_o += ov.to(tl.float32) * tl.load(x_row + col0 * G_SIZE + oi, mask=o_mask, other=0.0).to(tl.float32)
-        if FAST and STAGE:
-            part = _dot_staged(x32_row, col0, q0, zero, BITS, G_SIZE, S, PP)
-        elif FAST:
+        if FAST:
             base = col0 * (G_SIZE // 2) + offs_p[None, None, :]  # [1, S, PP] index of x pairs (int32)
             part = _dot(x32_row, base, q0, zero, BITS, W)
             if PT == 2:
@@ -287,7 +231,7 @@ def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, n2, n4, stride_xm, stride_ym, unit,
                     G_SIZE: tl.constexpr, R: tl.constexpr, OUTLIERS: tl.constexpr, RB: tl.constexpr,
                     S2: tl.constexpr, S4: tl.constexpr, PT: tl.constexpr, SPLIT: tl.constexpr,
-                    EARLY4: tl.constexpr, FAST: tl.constexpr, STAGE: tl.constexpr):
+                    EARLY4: tl.constexpr, FAST: tl.constexpr):
     pid = tl.program_id(0)  # RB rows of one row tile
     sp = tl.program_id(1)
     m = tl.program_id(2)
@@ -295,19 +239,19 @@ def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
     r0 = (pid % (R // RB)) * RB
     offs_r = r0 + tl.arange(0, RB)
     x_row = x_ptr + m * stride_xm
-    x32_row = x32_ptr + tl.multiple_of(m * (stride_xm // 2), 4)  # K is a multiple of the group size (>= 32)
+    x32_row = x32_ptr + m * (stride_xm // 2)
     b0, e0, chunk2 = _first(q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n2, sp, unit, 2, G_SIZE,
                             R, RB, S2, PT, SPLIT, OUTLIERS)
     if EARLY4:  # the 4-bit stream's first loads in flight during the 2-bit stream
         b1, e1, chunk4 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, sp, unit, 4,
                                 G_SIZE, R, RB, S4, PT, SPLIT, 0)
     p2, o2 = _stream(x_row, x32_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n2, unit,
-                     b0, e0, chunk2, 2, G_SIZE, R, RB, S2, PT, OUTLIERS, FAST, STAGE)
+                     b0, e0, chunk2, 2, G_SIZE, R, RB, S2, PT, OUTLIERS, FAST)
     if not EARLY4:
         b1, e1, chunk4 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, sp, unit, 4,
                                 G_SIZE, R, RB, S4, PT, SPLIT, 0)
     p4, _ = _stream(x_row, x32_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, unit,
-                    b1, e1, chunk4, 4, G_SIZE, R, RB, S4, PT, 0, FAST, STAGE)
+                    b1, e1, chunk4, 4, G_SIZE, R, RB, S4, PT, 0, FAST)
     rows = t * R + offs_r
     val = tl.load(ss2_ptr + rows).to(tl.float32) * p2 + tl.load(ss4_ptr + rows).to(tl.float32) * p4 + o2
     mask = rows < N
@@ -317,11 +261,9 @@ def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 def gemv_h2(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *,
             group_size: int, outliers: int, rows: int, split: int, num_warps: int, pairs: int = 1,
-            early4: bool = False, stage: bool = False, fast: bool):
+            early4: bool = False, fast: bool):
     """Same contract as gemv_mixed; `pairs` word pairs of each row per thread (1 or 2; with 2, two threads
-    share the rows); `early4`: the 4-bit stream's first chunk is loaded before the 2-bit stream starts; `stage`
-    (pairs = 1 only): each slot's x slice is read as 16-byte loads and redistributed through shared memory, in
-    place of 32/bits 4-byte loads per thread (kernels-notes v11); `fast`
+    share the rows); `early4`: the 4-bit stream's first chunk is loaded before the 2-bit stream starts; `fast`
     (inline PTX, fp16 x on CUDA only) or the plain fp32 path."""
     M, N, T, R = x.shape[0], y.shape[1], q2.shape[0], q2.shape[2]
     # S slots * P / pairs pair threads * pairs row threads = 32 * num_warps, P = g * bits / 64 pairs per group row
@@ -332,7 +274,7 @@ def gemv_h2(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
         x, x32, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi, q4.view(torch.int64), s4, z4,
         ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0), 1,
         G_SIZE=group_size, R=R, OUTLIERS=outliers, RB=rows, S2=slots(2), S4=slots(4), PT=pairs, SPLIT=split,
-        EARLY4=early4, FAST=fast, STAGE=stage and pairs == 1,
+        EARLY4=early4, FAST=fast,
         num_warps=num_warps,
     )
     return y

@@ -80,7 +80,6 @@ GEMV2_CANDIDATES = [KernelConfig("gemv2", split=sp, rows=r, num_warps=w, pairs=p
                                            (4, 1, 1, 1, True), (8, 1, 1, 2, False), (8, 1, 1, 4, False),
                                            (16, 1, 1, 2, False), (16, 1, 2, 2, False), (16, 2, 1, 4, False),
                                            (16, 2, 2, 1, False), (4, 1, 1, 2, False), (8, 1, 2, 2, False))]
-GEMV2_CANDIDATES += [dataclasses.replace(c, stage=True) for c in GEMV2_CANDIDATES if c.pairs == 1]
 
 
 def quick(out: pathlib.Path, gpu: str) -> None:
@@ -109,7 +108,7 @@ def quick(out: pathlib.Path, gpu: str) -> None:
             log.write(json.dumps({"n": n, "k": k, "m": 1, "config": cfg.__dict__, "us": us, "rel_err": err}) + "\n")
             log.flush()
             print(f"{n}x{k} m=1 {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
-                  f"pairs={cfg.pairs} early4={cfg.early4} stage={cfg.stage}: {us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]",
+                  f"pairs={cfg.pairs} early4={cfg.early4}: {us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]",
                   flush=True)
         best = min(results, key=lambda r: r[0])
         row["config"] = dataclasses.asdict(best[1])
@@ -131,8 +130,7 @@ def quick(out: pathlib.Path, gpu: str) -> None:
             err = float((y - ref).norm() / ref.norm())
             print(f"check {n}x{k} m={m}: rel err {err:.2e} {'ok' if err < MAX_REL_ERR else 'FAIL'}", flush=True)
         x = torch.randn(2, k, device="cuda", dtype=torch.float16)
-        for cfg in (KernelConfig("gemv2", rows=16, pairs=2, split=2), KernelConfig("gemv2", rows=4, early4=True),
-                    KernelConfig("gemv2", rows=8, split=3, stage=True)):
+        for cfg in (KernelConfig("gemv2", rows=16, pairs=2, split=2), KernelConfig("gemv2", rows=4, early4=True)):
             y = mixed_matmul(x, args, group_size=128, outliers=1, counters=counters, config=cfg).float()
             err = float((y - x.float() @ w.t()).norm() / (x.float() @ w.t()).norm())
             print(f"check {n}x{k} m=2 {cfg}: rel err {err:.2e} {'ok' if err < MAX_REL_ERR else 'FAIL'}", flush=True)
