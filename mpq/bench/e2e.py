@@ -129,9 +129,7 @@ def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens
         del source
         eager = time_engine(model, prompt, new_tokens)  # small ops as plain PyTorch ops, for the notes
         model.compile_small_ops()
-        model.decode_attention_kernel(False)  # SDPA over the whole cache, side by side with the prefix-only kernel
-        extra = {"ms_per_token_sdpa": time_engine(model, prompt, new_tokens)["ms_per_token"]}
-        model.decode_attention_kernel(True)
+        extra = {}
         if impl == "mpq":  # the same engine with q/k/v and gate/up run one after another instead of overlapped
             model.parallel_linears(False)
             extra["ms_per_token_serial_linears"] = time_engine(model, prompt, new_tokens)["ms_per_token"]

@@ -4,8 +4,7 @@
 HF state dict (`mpq run MODEL`) or an artifact, whose quantized linears become `QuantLinear`s. Float q/k/v and
 gate/up are concatenated into one matmul each; quantized ones stay separate calls (format v1 has no concat).
 The KV cache is preallocated once (`setup_caches`) and indexed by an `input_pos` tensor, so the decode step keeps
-fixed shapes and can be captured in one CUDA graph; on CUDA a one-token step attends over the filled prefix only
-(`kernels/decode_attention.py`), where SDPA reads the whole cache. The small ops between matmuls are plain functions
+fixed shapes and can be captured in one CUDA graph. The small ops between matmuls are plain functions
 (`rms_norm`, `rope`, `silu_mul`) that `compile_small_ops` may swap for torch.compile'd kernels on CUDA.
 """
 
@@ -230,7 +229,6 @@ class Block(nn.Module):
         self.gate_up = w.linears([p + "mlp.gate_proj", p + "mlp.up_proj"])
         self.down = w.linear(p + "mlp.down_proj")
         self.kv_cache: KVCache | None = None
-        self.decode_attention: Callable | None = None  # set by Transformer.decode_attention_kernel
 
     def attention(self, h, input_pos, cos, sin, mask, ops: SmallOps):
         a = self.args
@@ -239,9 +237,6 @@ class Block(nn.Module):
         q, kv = ops.rope(q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim),
                          v.view(B, S, a.n_kv_heads, a.head_dim), cos, sin)
         k, v = self.kv_cache.update(input_pos, kv)
-        if self.decode_attention is not None and B == 1 and S == 1 and h.is_cuda:
-            y = self.decode_attention(q.view(a.n_heads, a.head_dim), k[0], v[0], mask.reshape(-1), input_pos)
-            return self.o(y.view(B, S, a.n_heads * a.head_dim))
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
         return self.o(y.transpose(1, 2).reshape(B, S, a.n_heads * a.head_dim))
 
@@ -263,7 +258,6 @@ class Transformer(nn.Module):
             self.output = DenseLinear(self.embed)
         self.ops = SmallOps()
         self.max_seq_len = 0
-        self.decode_attention_kernel(not args.head_dim & (args.head_dim - 1))
 
     @property
     def device(self) -> torch.device:
@@ -294,21 +288,6 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, SplitLinears):
                 module.parallel = on
-
-    def decode_attention_kernel(self, on: bool) -> None:
-        """One-token CUDA steps attend with the prefix-only Triton kernel (on, the default for power-of-two head
-        sizes), or with SDPA over the whole cache (off). CPU steps always use SDPA."""
-        impl = []  # one DecodeAttention (one scratch) for all layers, which attend one after another
-
-        def attend(*args):
-            if not impl:  # imported on first CUDA use, so that CPU runs never import triton for it
-                from kernels.decode_attention import DecodeAttention
-
-                impl.append(DecodeAttention())
-            return impl[0](*args)
-
-        for layer in self.layers:
-            layer.decode_attention = attend if on else None
 
     def compile_small_ops(self) -> None:
         """Fuse each small op into one kernel with torch.compile (CUDA only; the matmuls stay as they are)."""
