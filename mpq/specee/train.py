@@ -130,7 +130,7 @@ def collect(ctx: Ctx) -> None:
     mask = model.causal[pos].view(1, 1, T, -1)
     from mpq.runtime.model import SmallOps
 
-    with layer_progress(n, "collect hidden states", 0) as advance, torch.inference_mode():
+    with layer_progress(n, "collect hidden states", unit="window") as advance, torch.inference_mode():
         for w in range(n):
             x = F.embedding(windows[w:w + 1], model.embed)
             sl = slice(w * T, (w + 1) * T)
@@ -139,7 +139,7 @@ def collect(ctx: Ctx) -> None:
                 hn = final_norm(x[0], model.norm, model.args.norm_eps)
                 hidden[i, sl] = hn.half()
                 argmax[i, sl] = (hn.to(lm_w.dtype) @ lm_w.t()).argmax(-1).int()
-            advance(w, f"window {w + 1}/{n}")
+            advance(w)
     _save(ctx.work / "collect.safetensors", {"tokens": windows, "hidden": hidden, "argmax": argmax})
 
 
@@ -187,14 +187,14 @@ def _final_hidden(ctx: Ctx, samples: int, T: int, seed: int) -> dict:
     out = torch.empty(samples, T, model.args.dim)
     top = torch.empty(samples, T, dtype=torch.int32)
     lm_w = lm_head_weight(model).to(torch.bfloat16)
-    with layer_progress(samples, "draft data (final hidden states)") as advance, torch.inference_mode():
+    with layer_progress(samples, "draft data (final hidden states)", unit="window") as advance, torch.inference_mode():
         for w in range(samples):
             x = F.embedding(windows[w:w + 1], model.embed)
             for i in range(model.args.n_layers):
                 x = runner.run_layer(i, x, pos, mask, SmallOps())
             out[w] = final_norm(x[0], model.norm, model.args.norm_eps)
             top[w] = (out[w].to(lm_w.dtype) @ lm_w.t()).argmax(-1).int()
-            advance(w, f"window {w + 1}/{samples}")
+            advance(w)
     data = {"tokens": windows, "hidden": out, "argmax": top}
     _save(path, data)
     return data
@@ -239,7 +239,7 @@ def train_draft(ctx: Ctx) -> None:
     batch = 4
     steps = o.draft_epochs * -(-(n - n_val) // batch)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=max(steps, 1), pct_start=0.1)
-    with layer_progress(o.draft_epochs, "train draft head") as advance:
+    with layer_progress(o.draft_epochs, "train draft head", unit="epoch") as advance:
         for ep in range(o.draft_epochs):
             perm = torch.randperm(n - n_val, generator=gen) + n_val
             for b in range(0, n - n_val, batch):
@@ -373,7 +373,7 @@ def train_predictors(ctx: Ctx) -> None:
     pos_weight = ((N - n_val - pos) / pos.clamp_min(1)).clamp(0.01, 100.0)[:, None]
     opt = torch.optim.Adam(pred.parameters(), lr=1e-3)
     n_tr = N - n_val
-    with layer_progress(o.pred_epochs, "train exit predictors") as advance:
+    with layer_progress(o.pred_epochs, "train exit predictors", unit="epoch") as advance:
         for ep in range(o.pred_epochs):
             perm = torch.randperm(n_tr, generator=gen) + n_val
             for b in range(0, n_tr, 1024):
