@@ -86,12 +86,14 @@ def calibrate(
     out: Path = typer.Option(..., help="calibration folder to write (resumable)"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     trust_remote_code: bool = typer.Option(False, help="allow model code from the hub (off by default)"),
+    fisher_samples: int = typer.Option(32, help="windows of the loss-gradient pass that weights the allocation "
+                                               "(whole model, one backward each); 0 skips it"),
 ):
-    """Capture per-layer Hessians X^T X, one decoder layer at a time (resumable)."""
+    """Capture per-layer Hessians X^T X, one decoder layer at a time, then the loss gradients (resumable)."""
     from mpq.calib.capture import CalibrationConfig, calibrate as run
 
     run(CalibrationConfig(model=model, dataset=dataset, samples=samples, seq_len=seq_len, seed=seed, out=out,
-                          device=device, trust_remote_code=trust_remote_code))
+                          device=device, trust_remote_code=trust_remote_code, fisher_samples=fisher_samples))
 
 
 @app.command()

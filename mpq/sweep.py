@@ -23,7 +23,7 @@ class SweepOptions:
     seq_len: int = 512
     recipe: str | None = None
     plot: Path | None = None
-    ablation_bits: float | None = None  # also run mpq without outliers and without GPTQ at this budget
+    ablation_bits: float | None = None  # also run mpq without outliers, without GPTQ, and with relative allocation
 
 
 def _cached_hessians(calib: str, num_layers: int):
@@ -70,7 +70,8 @@ def sweep(opts: SweepOptions) -> dict:
     from mpq.evaluate import compare_logits, perplexity
     from mpq.models import config_fingerprint, load_float_model, load_tokenizer, resolve_model
     from mpq.quant.allocation import allocate
-    from mpq.quant.pipeline import dequantized_copy, measure_model, measured_bits, quantize_model_linears
+    from mpq.quant.pipeline import (calibration_fisher, dequantized_copy, linear_shapes, measure_model, measured_bits,
+                                    quantize_model_linears)
     from mpq.quant.recipe import load_recipe
     from mpq.versions import environment
 
@@ -85,7 +86,8 @@ def sweep(opts: SweepOptions) -> dict:
     windows = eval_windows(opts.dataset, tokenizer, opts.windows, opts.seq_len)
     fp_ppl, _ = perplexity(model, windows)
     hessians = _cached_hessians(opts.calib, model.config.num_hidden_layers)
-    costs = measure_model(model, hessians, recipe) if opts.bits or opts.ablation_bits is not None else []
+    fisher = calibration_fisher(opts.calib, linear_shapes(model.config), recipe)
+    costs = measure_model(model, hessians, recipe, fisher) if opts.bits or opts.ablation_bits is not None else []
     points = []
 
     def add(method: str, bits: float, qmodel, started: float, **extra):
@@ -108,9 +110,11 @@ def sweep(opts: SweepOptions) -> dict:
         # each variant measures with its own recipe, as a user running that recipe would (without GPTQ the
         # sensitivities carry no GPTQ gains)
         no_gptq = replace(recipe, gptq=False)
-        add_mpq(opts.ablation_bits, no_gptq, measure_model(model, hessians, no_gptq), "no-gptq")
+        add_mpq(opts.ablation_bits, no_gptq, measure_model(model, hessians, no_gptq, fisher), "no-gptq")
         no_outliers = replace(recipe, outliers=0)
-        add_mpq(opts.ablation_bits, no_outliers, measure_model(model, hessians, no_outliers), "no-outliers")
+        add_mpq(opts.ablation_bits, no_outliers, measure_model(model, hessians, no_outliers, fisher), "no-outliers")
+        relative = replace(recipe, allocation="relative")  # quant v2's allocation, without the loss gradients
+        add_mpq(opts.ablation_bits, relative, measure_model(model, hessians, relative), "relative-allocation")
     for b in opts.baseline_bits:
         for method, use_gptq in (("rtn", False), ("gptq", True)):
             t0 = time.time()

@@ -129,14 +129,15 @@ def test_sweep_ablation_measures_each_variant_with_its_own_recipe(setup, monkeyp
     seen = []
     real = pipeline.measure_model
 
-    def spy(m, hessians, recipe):
-        seen.append((recipe.gptq, recipe.outliers))
-        return real(m, hessians, recipe)
+    def spy(m, hessians, recipe, fisher=None):
+        seen.append((recipe.gptq, recipe.outliers, recipe.allocation, fisher is not None))
+        return real(m, hessians, recipe, fisher)
 
     monkeypatch.setattr(pipeline, "measure_model", spy)
     res = invoke("sweep", model, "--calib", calib, "--bits", "3.0", "--baselines", "", "--ablation", 3.0,
                  "--dataset", root / "text.txt", "--windows", 2, "--seq-len", 128, "--json")
     assert res.exit_code == 0, res.output
-    assert seen == [(True, "auto"), (False, "auto"), (True, 0)]
+    assert seen == [(True, "auto", "fisher", True), (False, "auto", "fisher", True), (True, 0, "fisher", True),
+                    (True, "auto", "relative", False)]
     variants = [p.get("variant") for p in last_json(res.stdout)["points"]]
-    assert variants == ["default", "no-gptq", "no-outliers"]
+    assert variants == ["default", "no-gptq", "no-outliers", "relative-allocation"]

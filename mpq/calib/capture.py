@@ -46,6 +46,7 @@ class CalibrationConfig:
     device: str = "auto"
     trust_remote_code: bool = False
     batch_size: int = 8
+    fisher_samples: int = 32  # windows for the loss-gradient pass (mpq/calib/fisher.py); 0 skips it
 
 
 def estimate_memory(config, samples: int, seq_len: int) -> tuple[float, float]:
@@ -161,6 +162,7 @@ def calibrate(cfg: CalibrationConfig, progress=None) -> Path:
     created, fresh = not out.exists(), not (out / JOB_FILE).exists()
     job = _open_job(out, fingerprint, config.num_hidden_layers)
     if job.get("complete"):
+        _ensure_fisher(out, cfg, windows, device, lambda: load_float_model(src, CAPTURE_DTYPE, cfg.trust_remote_code))
         return out
     try:
         model = load_float_model(src, CAPTURE_DTYPE, cfg.trust_remote_code)
@@ -199,7 +201,40 @@ def calibrate(cfg: CalibrationConfig, progress=None) -> Path:
     job["complete"] = True
     atomic_write_text(out / JOB_FILE, json.dumps(job, indent=1))
     (out / HIDDEN_FILE).unlink(missing_ok=True)
+    del hidden
+    _ensure_fisher(out, cfg, windows, device, lambda: model)
     return out
+
+
+def _ensure_fisher(out: Path, cfg: CalibrationConfig, windows: torch.Tensor, device: torch.device, get_model) -> None:
+    """Write the loss-gradient energies (fisher.safetensors) unless present for the same windows. A separate,
+    restartable stage after the Hessians: a calibration made without it gains it by rerunning `mpq calibrate`."""
+    from safetensors import safe_open
+
+    from mpq.calib.fisher import FISHER_FILE, output_gradient_energy
+    from mpq.progress import layer_progress
+
+    n = min(cfg.fisher_samples, windows.shape[0])
+    path = out / FISHER_FILE
+    if n <= 0:
+        return
+    if path.exists():
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                if (f.metadata() or {}).get("windows") == str(n):
+                    return
+        except Exception:
+            pass  # unreadable: computed again below
+    model = get_model()
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    run_on = device
+    if device.type == "cuda" and torch.cuda.mem_get_info()[0] < 1.5 * params + 2e9:
+        print("loss gradients: the whole model does not fit on the GPU; running them on the CPU")
+        run_on = torch.device("cpu")
+    with layer_progress(n, "loss gradients", unit="window") as advance:
+        energy = output_gradient_energy(model, windows[:n], run_on, advance)
+    model.to("cpu")
+    atomic_save_tensors(path, energy, metadata={"windows": str(n), "seq_len": str(windows.shape[1])})
 
 
 def _open_job(out: Path, fingerprint: dict, num_layers: int) -> dict:

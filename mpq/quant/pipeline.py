@@ -89,7 +89,10 @@ def outlier_choices(recipe: Recipe) -> tuple[int, ...]:
     return (0, 1) if recipe.outliers == "auto" else (int(recipe.outliers),)
 
 
-def measure_linear(name: str, w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe, keep_masks: bool = False) -> LinearCosts:
+def measure_linear(name: str, w: torch.Tensor, h: torch.Tensor | None, recipe: Recipe, keep_masks: bool = False,
+                   grad2: torch.Tensor | None = None) -> LinearCosts:
+    """The linear's error tables. `grad2` [N]: its loss-gradient energy per output row (calibration's fisher pass),
+    used by `allocation: fisher`; without it that mode ranks as `relative` does."""
     n, k = w.shape
     g = recipe.group_size_for(k)
     hdiag = torch.ones(k, device=w.device) if h is None else torch.diag(h).to(w.device)
@@ -99,7 +102,12 @@ def measure_linear(name: str, w: torch.Tensor, h: torch.Tensor | None, recipe: R
         gains = tuple(gptq_gain(w, hd, g, maxq, recipe.damp, recipe.act_order) for maxq in (3, 15))
     sens = group_sensitivity(w, hdiag, g, outlier_choices(recipe), gains)
     importance = 1.0
-    if recipe.allocation == "relative":  # error relative to the linear's output energy tr(W H W^T)
+    if recipe.allocation == "fisher" and grad2 is not None:
+        # ~ loss increase: row r's output error times g[r] (fisher.py); per row, so it also picks the row tiles
+        rows = grad2.to(w.device).float()[:, None]
+        for s in sens.values():
+            s.err2, s.err4 = s.err2 * rows, s.err4 * rows
+    elif recipe.allocation != "absolute":  # error relative to the linear's output energy tr(W H W^T)
         wf = w.float()
         energy = wf.square().sum() if h is None else torch.einsum("nk,kl,nl->", wf, h.to(w.device).float(), wf)
         importance = 1.0 / float(energy.clamp(min=1e-12))
@@ -151,7 +159,8 @@ def quantize_model(opts: QuantizeOptions) -> Plan:
         from mpq.calib.capture import load_layer_hessians
         return load_layer_hessians(Path(opts.calib), i)
 
-    costs = measure_model(model, hessians, recipe)
+    fisher = calibration_fisher(opts.calib if calib is not None else None, shapes, recipe)
+    costs = measure_model(model, hessians, recipe, fisher)
     plan = allocate(costs, recipe.target_bits, pins)
     if opts.plan_only:
         _write_plan(opts.out, plan)
@@ -167,7 +176,8 @@ def quantize_model(opts: QuantizeOptions) -> Plan:
     print(f"all-in bits/weight over the quantized linears: {bits:.4f} (target {recipe.target_bits})")
     tokenizer = load_tokenizer(src, opts.trust_remote_code)
     gate = None if calib is None else quality_gate(model, results, calib, tokenizer, recipe, opts.force)
-    manifest = provenance(opts, src, config, model, calib, plan, bits, gate, time.time() - started)
+    used = "relative" if recipe.allocation == "fisher" and fisher is None else recipe.allocation
+    manifest = provenance(opts, src, config, model, calib, plan, bits, gate, time.time() - started, used)
     from mpq.verify import reference_quality  # the figure `mpq verify` checks the artifact against
     manifest["verify_reference"] = reference_quality(dequantized_copy(model, results), tokenizer)
     save_quantized(opts.out, model, config, tokenizer, results, plan, manifest, opts.overwrite)
@@ -175,8 +185,22 @@ def quantize_model(opts: QuantizeOptions) -> Plan:
     return plan
 
 
-def measure_model(model, hessians, recipe: Recipe) -> list[LinearCosts]:
-    """Error tables of every decoder linear, in plan order; `hessians(i)` gives layer i's {suffix: H} ({} = data-free)."""
+def calibration_fisher(calib: str | None, shapes, recipe: Recipe) -> dict | None:
+    """The calibration's loss-gradient energies where the recipe allocates by them; says so when they are missing."""
+    if recipe.allocation != "fisher" or calib is None:
+        return None
+    from mpq.calib.fisher import load_fisher
+
+    fisher = load_fisher(calib, {name: n for name, n, _ in shapes})
+    if fisher is None:
+        print(f"note: {calib} has no loss gradients (rerun `mpq calibrate` with the same options to add them); "
+              "allocating by relative error")
+    return fisher
+
+
+def measure_model(model, hessians, recipe: Recipe, fisher: dict | None = None) -> list[LinearCosts]:
+    """Error tables of every decoder linear, in plan order; `hessians(i)` gives layer i's {suffix: H} ({} = data-free);
+    `fisher` {fqn: grad2} from the calibration (None: none there)."""
     from mpq.progress import layer_progress
 
     costs = []
@@ -186,8 +210,8 @@ def measure_model(model, hessians, recipe: Recipe) -> list[LinearCosts]:
         for i, layer in enumerate(model.model.layers):
             hs = hessians(i)
             for s in LINEAR_SUFFIXES:
-                w = layer.get_submodule(s).weight.data
-                costs.append(measure_linear(f"model.layers.{i}.{s}", w, hs.get(s), recipe, keep))
+                w, fqn = layer.get_submodule(s).weight.data, f"model.layers.{i}.{s}"
+                costs.append(measure_linear(fqn, w, hs.get(s), recipe, keep, (fisher or {}).get(fqn)))
             advance(i)
     return costs
 
@@ -285,7 +309,8 @@ def quality_gate(model, results: dict, calib: dict, tokenizer, recipe: Recipe, f
     return gate
 
 
-def provenance(opts: QuantizeOptions, src, config, model, calib, plan: Plan, bits: float, gate, seconds: float) -> dict:
+def provenance(opts: QuantizeOptions, src, config, model, calib, plan: Plan, bits: float, gate, seconds: float,
+               allocation_used: str) -> dict:
     import hashlib
     import platform
 
@@ -308,6 +333,7 @@ def provenance(opts: QuantizeOptions, src, config, model, calib, plan: Plan, bit
         "calibration": None if calib is None else {"path": str(opts.calib), "dataset": fp.get("dataset"), "data": fp.get("data"),
                                                    "samples": fp.get("samples"), "seq_len": fp.get("seq_len"), "seed": fp.get("seed")},
         "recipe": opts.recipe.to_dict(), "recipe_source": opts.recipe_source, "overrides": opts.cli_overrides,
+        "allocation_used": allocation_used,
         "plan": plan.to_dict(), "bits_per_weight": bits, "gate": gate, "quantize_seconds": round(seconds, 1),
     }
 

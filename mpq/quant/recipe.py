@@ -9,6 +9,7 @@ from mpq.errors import MpqError
 
 RECIPE_VERSION = 1
 RECIPE_DIR = Path(__file__).resolve().parents[2] / "recipes"
+ALLOCATIONS = ("fisher", "relative", "absolute")
 
 
 @dataclass
@@ -19,7 +20,9 @@ class Recipe:
     group_size: int | str = "auto"  # "auto": 128 where it divides the input width, else 64
     tile_rows: int = 16
     outliers: int | str = "auto"  # "auto": the allocator picks 0 or 1 per linear
-    allocation: str = "relative"  # rank errors relative to each linear's output energy, or "absolute"
+    # "fisher": weight each linear's errors by its loss-gradient energy (needs the calibration's fisher pass; without
+    # it, falls back to "relative"); "relative": errors relative to each linear's output energy; "absolute"
+    allocation: str = "fisher"
     gptq: bool = True
     act_order: bool = True
     gptq_aware: bool = True  # scale each linear's sensitivities by its measured GPTQ gain (2 GPTQ runs per linear)
@@ -54,8 +57,8 @@ class Recipe:
             raise MpqError(f"recipe group_size must be 'auto' or an integer, not {self.group_size!r}")
         if not (self.outliers == "auto" or isinstance(self.outliers, int)):
             raise MpqError(f"recipe outliers must be 'auto' or an integer, not {self.outliers!r}")
-        if self.allocation not in ("relative", "absolute"):
-            raise MpqError(f"recipe allocation must be 'relative' or 'absolute', not {self.allocation!r}")
+        if self.allocation not in ALLOCATIONS:
+            raise MpqError(f"recipe allocation must be one of {', '.join(ALLOCATIONS)}, not {self.allocation!r}")
         if not isinstance(self.overrides, dict):
             raise MpqError("recipe overrides must be a mapping PATTERN: 2|4|16")
 
