@@ -11,8 +11,9 @@ MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def artifact_info(path: Path) -> dict:
     config, manifest, _ = read_manifest(Path(path))
-    keys = ("source_model", "tool", "source", "calibration", "recipe", "recipe_source", "overrides", "bits_per_weight",
-            "gate", "verify_reference", "quantize_seconds", "float_linears", "format_version", "quant_version", "specee")
+    keys = ("source_model", "tool", "source", "calibration", "recipe", "recipe_source", "allocation_used", "overrides",
+            "bits_per_weight", "gate", "verify_reference", "quantize_seconds", "float_linears", "format_version",
+            "quant_version", "specee")
     info = {k: manifest.get(k) for k in keys if k in manifest}
     info["plan"] = manifest.get("plan")
     info["quantization_config"] = config.get("quantization_config")
@@ -52,7 +53,8 @@ def print_info(info: dict) -> None:
         ("tool", f"mpq {tool.get('mpq')} @ {tool.get('commit')}; torch {tool.get('torch')}, transformers {tool.get('transformers')}, triton {tool.get('triton')}"),
         ("source hashes", f"config {str((info.get('source') or {}).get('config_sha256'))[:16]}, weights {str((info.get('source') or {}).get('weights_sha256'))[:16]}"),
         ("calibration", "none (data-free)" if not calib else f"{calib.get('dataset')}, {calib.get('samples')} x {calib.get('seq_len')}, seed {calib.get('seed')}"),
-        ("recipe", f"{(info.get('recipe') or {}).get('name')} ({info.get('recipe_source') or 'built-in'})"),
+        ("recipe", f"{(info.get('recipe') or {}).get('name')} ({info.get('recipe_source') or 'built-in'}), "
+                   f"allocation {info.get('allocation_used') or (info.get('recipe') or {}).get('allocation')}"),
         ("overrides", str(info.get("overrides") or {})),
         ("quality gate", "not run" if not gate else f"ppl x{gate.get('ppl_ratio', float('nan')):.3f} (limit x{gate.get('max_ppl_ratio')}) {'passed' if gate.get('passed') else 'FAILED (forced)'}"),
         ("predictors", "present" if info.get("specee") else "none"),

@@ -23,6 +23,8 @@ def main(path: str) -> None:
             name = "mpq 2/4 without outliers, GPTQ"
         elif variant == "no-gptq":
             name = "mpq 2/4 + outliers, without GPTQ"
+        elif variant == "relative-allocation":
+            name = "mpq 2/4 + outliers, GPTQ, allocation without loss gradients (quant v2)"
         print(f"| {name} | {p['bits_per_weight']:.3f} | {p['ppl']:.2f} | {p['ppl_ratio']:.3f} | {p['kld']:.3f} | "
               f"{p['top1_agreement']:.3f} | {p['seconds'] if p.get('seconds') is not None else 'not recorded'} |")
 

@@ -87,7 +87,7 @@ def test_provenance_round_trips_through_inspect(setup):
     assert res.exit_code == 0, res.output
     info = last_json(res.stdout)
     manifest = load_artifact(out).manifest
-    for key in ("tool", "source", "calibration", "recipe", "overrides", "plan", "bits_per_weight", "gate"):
+    for key in ("tool", "source", "calibration", "recipe", "allocation_used", "overrides", "plan", "bits_per_weight", "gate"):
         assert info[key] == manifest[key]
     assert info["calibration"]["samples"] == 6 and info["calibration"]["seq_len"] == 128
     assert info["calibration"]["data"]["sha256"] and info["source"]["weights_sha256"]

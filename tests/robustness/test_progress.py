@@ -41,7 +41,9 @@ def test_cli_json_progress_on_a_real_pass(tmp_path, tiny_model):
                   "--out", tmp_path / "calib"])
     assert res.exit_code == 0, res.output
     events = [json.loads(line) for line in res.stderr.splitlines() if line.startswith("{")]
-    assert events and events[-1]["done"] == events[-1]["total"] and events[-1]["what"] == "calibrate"
+    passes = {e["what"]: e for e in events}  # the last event of each pass
+    assert set(passes) == {"calibrate", "loss gradients"}
+    assert all(e["done"] == e["total"] for e in passes.values()) and passes["loss gradients"]["unit"] == "window"
 
 
 def test_cli_refuses_an_unknown_mode(tmp_path):
