@@ -287,7 +287,8 @@ def sweep(
     recipe: Optional[str] = typer.Option(None),
     json_out: bool = typer.Option(False, "--json"),
     plot: Optional[Path] = typer.Option(None, help="bits/weight against ppl ratio (PNG)"),
-    ablation: Optional[float] = typer.Option(None, help="also quantize at this budget without outliers and without GPTQ"),
+    ablation: Optional[float] = typer.Option(None, help="also quantize at this budget without outliers, without GPTQ, "
+                                                         "and without the loss gradients (relative allocation)"),
 ):
     """Quantize at several budgets from one calibration and evaluate each against the float model."""
     from mpq.sweep import SweepOptions, sweep as run_sweep
