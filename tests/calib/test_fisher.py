@@ -80,3 +80,20 @@ def test_allocation_follows_the_loss_gradients():
     assert fours(small, big) == [b, a]
     even = fours(None, None)
     assert even[0] == even[1]
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_energy_for_every_linear_of_other_families(kind):
+    """Qwen2 (q/k/v biases) and Mistral-style configs: every decoder linear gets a finite, positive energy per row."""
+    from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
+
+    cls = Qwen2Config if kind == "qwen2" else MistralConfig
+    config = cls(vocab_size=258, hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    got = output_gradient_energy(model, torch.randint(0, 258, (2, 24)), torch.device("cpu"))
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith("model.layers.")}
+    assert set(got) == set(linears) and len(got) == 14
+    for name, g in got.items():
+        assert g.shape == (linears[name].out_features,) and torch.isfinite(g).all() and (g > 0).all()
