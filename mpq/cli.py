@@ -18,22 +18,6 @@ bench_app = typer.Typer(no_args_is_help=True, help="GPU benchmarks (results as J
 app.add_typer(bench_app, name="bench")
 
 
-@app.callback()
-def _global_options(progress: Optional[str] = typer.Option(
-        None, "--progress", metavar="auto|plain|json",
-        help="progress of long passes: bars on a terminal and lines otherwise (auto), lines (plain), or one JSON "
-             "object per step on stderr (json); default: MPQ_PROGRESS, else auto")):
-    import os
-
-    from mpq.progress import MODES, set_progress_mode
-
-    mode = progress or os.environ.get("MPQ_PROGRESS", "auto")
-    if mode not in MODES:
-        typer.echo(f"error: unknown --progress '{mode}' ({' | '.join(MODES)})", err=True)
-        raise typer.Exit(2)
-    set_progress_mode(mode)
-
-
 def _terminate(signum, frame):
     raise KeyboardInterrupt
 
@@ -67,6 +51,17 @@ def one_line_errors(fn):
             raise typer.Exit(2)
 
     return wrapper
+
+
+@app.callback()
+@one_line_errors
+def _global_options(progress: Optional[str] = typer.Option(
+        None, "--progress", metavar="auto|plain|json",
+        help="progress of long passes: bars on a terminal and lines otherwise (auto), lines (plain), or one JSON "
+             "object per step on stderr (json); default: MPQ_PROGRESS, else auto")):
+    from mpq.progress import set_progress_mode
+
+    set_progress_mode(progress)
 
 
 def print_json_last(obj: dict) -> None:

@@ -18,12 +18,20 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from mpq.errors import MpqError
 
 MODES = ("auto", "plain", "json")
-_mode = {"value": os.environ.get("MPQ_PROGRESS", "auto")}
 
 
-def set_progress_mode(mode: str) -> None:
+def _default_mode() -> str:
+    return os.environ.get("MPQ_PROGRESS", "auto")
+
+
+_mode = {"value": _default_mode()}
+
+
+def set_progress_mode(mode: str | None) -> None:
+    """`mode` one of MODES; None: MPQ_PROGRESS, else auto."""
+    mode = mode or _default_mode()
     if mode not in MODES:
-        raise MpqError(f"unknown progress mode '{mode}' ({' | '.join(MODES)})")
+        raise MpqError(f"unknown --progress '{mode}' ({' | '.join(MODES)})")
     _mode["value"] = mode
 
 

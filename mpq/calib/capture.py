@@ -147,6 +147,8 @@ def calibrate(cfg: CalibrationConfig, progress=None) -> Path:
 
     if cfg.samples <= 0 or cfg.seq_len <= 1:
         raise MpqError("--samples must be positive and --seq-len at least 2")
+    if cfg.fisher_samples < 0:
+        raise MpqError("--fisher-samples must be 0 (skip the loss-gradient pass) or positive")
     device = resolve_device(cfg.device)
     src = resolve_model(cfg.model)
     config = load_config(src, cfg.trust_remote_code)

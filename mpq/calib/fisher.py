@@ -28,7 +28,7 @@ def output_gradient_energy(model, windows: torch.Tensor, device: torch.device, p
     for p in model.parameters():
         p.requires_grad_(False)
     sums: dict[str, torch.Tensor] = {}
-    tokens = {"n": 0}
+    tokens = 0
 
     def hook(name):
         def fn(_module, _grad_in, grad_out):
@@ -44,13 +44,13 @@ def output_gradient_energy(model, windows: torch.Tensor, device: torch.device, p
             ids = windows[i: i + 1].to(device)
             emb = model.model.embed_tokens(ids).detach().requires_grad_(True)  # the graph starts here
             model(inputs_embeds=emb, labels=ids, use_cache=False).loss.backward()
-            tokens["n"] += ids.shape[1]
+            tokens += ids.shape[1]
             if progress is not None:
                 progress(i)
     finally:
         for h in handles:
             h.remove()
-    return {name: (s / tokens["n"]).cpu() for name, s in sums.items()}
+    return {name: (s / tokens).cpu() for name, s in sums.items()}
 
 
 def load_fisher(folder: Path | str | None, shapes: dict[str, int]) -> dict[str, torch.Tensor] | None:

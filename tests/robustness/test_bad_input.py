@@ -167,6 +167,12 @@ def test_unsupported_group_size(tmp_path, tiny_model):
     assert_one_line_error(quantize(tiny_model, out, "--group-size", "48"), "--group-size 48 is not supported", out)
 
 
+def test_negative_fisher_samples(tmp_path, tiny_model, small_text):
+    out = tmp_path / "calib"
+    assert_one_line_error(calibrate(tiny_model, out, small_text, "--fisher-samples", "-1"),
+                          "--fisher-samples must be 0 (skip the loss-gradient pass) or positive", out)
+
+
 def test_calibration_folder_from_another_model(tmp_path, tiny_model, small_text):
     other = save_tiny_model(tmp_path / "other", layers=3, seed=1)
     calib = tmp_path / "calib-other"
