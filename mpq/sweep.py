@@ -69,7 +69,7 @@ def sweep(opts: SweepOptions) -> dict:
     from mpq.calib.data import eval_windows
     from mpq.evaluate import compare_logits, perplexity
     from mpq.models import config_fingerprint, load_float_model, load_tokenizer, resolve_model
-    from mpq.quant.allocation import allocate
+    from mpq.quant.allocation import allocate, parse_overrides, pin_for
     from mpq.quant.pipeline import (calibration_fisher, dequantized_copy, linear_shapes, measure_model, measured_bits,
                                     quantize_model_linears)
     from mpq.quant.recipe import load_recipe
@@ -98,9 +98,12 @@ def sweep(opts: SweepOptions) -> dict:
         print(f"{method:5s} {bits:6.3f} b/w  ppl {point['ppl']:10.2f}  x{point['ppl_ratio']:8.3f}  "
               f"KLD {point['kld']:.4f}  top-1 {point['top1_agreement']:.3f}", flush=True)
 
+    overrides = parse_overrides(recipe.overrides)
+    pins = {c.name: b for c in costs if (b := pin_for(c.name, overrides)) is not None}
+
     def add_mpq(target: float, r, variant_costs, variant: str):
         t0 = time.time()
-        plan = allocate(variant_costs, target, {})
+        plan = allocate(variant_costs, target, pins)
         results = quantize_model_linears(model, hessians, plan, variant_costs, r)
         add("mpq", measured_bits(results, plan), dequantized_copy(model, results), t0, target_bits=target, variant=variant)
 
