@@ -17,11 +17,13 @@ import triton.language as tl
 
 from kernels.splitk import finish_split
 
-_LOP = "lop3.b32 t, {u}, {mask}, {magic}, 0xEA;"  # (u & mask) | magic
+_LOP = "lop3.b32 {t}, {u}, {mask}, {magic}, 0xEA;"  # (u & mask) | magic
 
 
-def _asm(bits: int) -> str:
-    """PTX for one (row, slot, word pair): $0 = sum over the pair's codes of (c - z)/16 * x, in fp32."""
+def _asm(bits: int, pairs: int = 1) -> str:
+    """PTX for one (row, slot) and `pairs` adjacent word pairs of it: $0 = sum over their codes of (c - z)/16 * x,
+    in fp32. Operands: the pairs (b64 each), the zero, then per code position j the x values: one b32 (two fp16)
+    for a single pair, one b64 (the x pairs of both word pairs, in order) for two."""
     n_x = 32 // bits
     # (shift of the joined half, [(mask, magic, zero multiplier)]) per code, codes in order j = 0, 1, ...
     if bits == 2:
@@ -31,35 +33,50 @@ def _asm(bits: int) -> str:
         plan = [(0, 0), (0, 1), (8, 0), (8, 1)]
         k_of = {0: (1, 0x6400), 1: (16, 0x5400)}  # magic 1024 (bits 0-3), 64 (bits 4-7)
     mask_of = lambda m: ((1 << bits) - 1) << (bits * m) | (((1 << bits) - 1) << (bits * m)) << 16  # noqa: E731
-    lines = ["{", ".reg .b32 a, b, u, v, t, s16, acc0, acc1, " + ", ".join(f"k{m}" for m in k_of) + ";",
-             ".reg .b16 h0, h1, h2, h3;", ".reg .f32 f0, f1, f2, f3;",
-             "mov.b64 {a, b}, $1;", "mov.b32 s16, 0x2C002C00;"]  # 1/16 in both halves
+    ps = "AB"[:pairs]
+    regs = [f"{r}{p}" for p in ps for r in ("a", "b", "u", "v", "t", "acc0", "acc1", "x")]
+    lines = ["{", ".reg .b32 s16, " + ", ".join(regs + [f"k{m}" for m in k_of]) + ";",
+             ".reg .b16 h0, h1, h2, h3;", ".reg .f32 f0, f1, f2, f3;", "mov.b32 s16, 0x2C002C00;"]  # 1/16 in both halves
+    lines += [f"mov.b64 {{a{p}, b{p}}}, ${1 + i};" for i, p in enumerate(ps)]
+    zero, first_x = f"${1 + pairs}", 2 + pairs
     for m, (mul, magic) in k_of.items():  # k_m = -(magic + z)/16: exponent - 4, sign set, z in the mantissa
-        lines.append(f"mad.lo.u32 k{m}, $2, {mul * 65537}, 0x{((magic - 0x1000) | 0x8000) * 65537:08X};")
+        lines.append(f"mad.lo.u32 k{m}, {zero}, {mul * 65537}, 0x{((magic - 0x1000) | 0x8000) * 65537:08X};")
     for half, sel in enumerate(("0x5410", "0x7632")):
-        lines.append(f"prmt.b32 u, a, b, {sel};")
+        lines += [f"prmt.b32 u{p}, a{p}, b{p}, {sel};" for p in ps]
         for i, (shift, m) in enumerate(plan):
-            src = "u"
-            if shift:
-                if (shift, m) == plan[[p[0] for p in plan].index(shift)]:
-                    lines.append(f"shr.u32 v, u, {shift};")
-                src = "v"
-            xj = f"${3 + half * len(plan) + i}"
-            lines.append(_LOP.format(u=src, mask=f"0x{mask_of(m):08X}", magic=f"0x{k_of[m][1] * 65537:08X}"))
-            lines.append(f"fma.rn.f16x2 t, t, s16, k{m};")  # (c - z) / 16, exact
-            acc = f"acc{half}"
-            lines.append(f"mul.rn.f16x2 {acc}, t, {xj};" if i == 0 else f"fma.rn.f16x2 {acc}, t, {xj}, {acc};")
-    assert 3 + 2 * len(plan) == 3 + n_x
-    lines += ["mov.b32 {h0, h1}, acc0;", "mov.b32 {h2, h3}, acc1;", "cvt.f32.f16 f0, h0;", "cvt.f32.f16 f1, h1;",
-              "cvt.f32.f16 f2, h2;", "cvt.f32.f16 f3, h3;", "add.f32 f0, f0, f1;", "add.f32 f2, f2, f3;",
-              "add.f32 $0, f0, f2;", "}"]
-    return "\n".join(lines)
+            xj = f"${first_x + half * len(plan) + i}"
+            if pairs == 2:
+                lines.append(f"mov.b64 {{xA, xB}}, {xj};")
+            for p in ps:
+                src = f"u{p}"
+                if shift:
+                    if (shift, m) == plan[[q[0] for q in plan].index(shift)]:
+                        lines.append(f"shr.u32 v{p}, u{p}, {shift};")
+                    src = f"v{p}"
+                x = f"x{p}" if pairs == 2 else xj
+                lines.append(_LOP.format(t=f"t{p}", u=src, mask=f"0x{mask_of(m):08X}", magic=f"0x{k_of[m][1] * 65537:08X}"))
+                lines.append(f"fma.rn.f16x2 t{p}, t{p}, s16, k{m};")  # (c - z) / 16, exact
+                acc = f"acc{half}{p}"
+                lines.append(f"mul.rn.f16x2 {acc}, t{p}, {x};" if i == 0 else f"fma.rn.f16x2 {acc}, t{p}, {x}, {acc};")
+    assert 2 * len(plan) == n_x
+    for n, p in enumerate(ps):  # each fp16x2 partial holds <= 8 products per lane; to fp32 before they meet
+        lines += [f"mov.b32 {{h0, h1}}, acc0{p};", f"mov.b32 {{h2, h3}}, acc1{p};", "cvt.f32.f16 f0, h0;",
+                  "cvt.f32.f16 f1, h1;", "cvt.f32.f16 f2, h2;", "cvt.f32.f16 f3, h3;", "add.f32 f0, f0, f1;",
+                  "add.f32 f2, f2, f3;"]
+        lines += ["add.f32 $0, f0, f2;"] if n == 0 else ["add.f32 f0, f0, f2;", "add.f32 $0, $0, f0;"]
+    return "\n".join(lines + ["}"])
 
 
 ASM2 = tl.constexpr(_asm(2))
 ASM4 = tl.constexpr(_asm(4))
+ASM2_QUAD = tl.constexpr(_asm(2, 2))
+ASM4_QUAD = tl.constexpr(_asm(4, 2))
 CONS2 = tl.constexpr("=f,l,r" + ",r" * 16)
 CONS4 = tl.constexpr("=f,l,r" + ",r" * 8)
+CONS2_QUAD = tl.constexpr("=f,l,l,r" + ",l" * 16)
+CONS4_QUAD = tl.constexpr("=f,l,l,r" + ",l" * 8)
+# two word pairs (16 bytes) of a row in one load; the codes are read once, so evict them first (kernels-notes v9)
+LOAD_QUAD = tl.constexpr("ld.global.L1::evict_first.v2.u64 {$0, $1}, [$2];")
 
 
 @triton.jit
@@ -108,17 +125,21 @@ def _span_field(w0, w1, rel, BITS: tl.constexpr, SPAN: tl.constexpr):
 @triton.jit
 def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, slot, end, r0, offs_r, offs_p,
                 BITS: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, P: tl.constexpr, PT: tl.constexpr,
-                OUTLIERS: tl.constexpr):
-    """Word pairs p and p + P/PT of RB rows [RB, S, P/PT]; group column [1, S, P/PT]; the words holding the RB
+                OUTLIERS: tl.constexpr, FAST: tl.constexpr):
+    """Word pairs PT*p .. PT*p + PT - 1 of RB rows [RB, S, P/PT]; group column [1, S, P/PT]; the words holding the RB
     rows' scale codes, zeros and (where they fit in 128 bits) outlier values and offsets, unpacked where used so
     that the loads stay in flight. Each thread loads its own copies, so nothing changes layout."""
     valid = (slot < end)[None, :, None]
     ts = (t * n_slots + slot)[None, :, None]
     zp = offs_p[None, None, :] * 0
-    q_offs = (ts * R + offs_r[:, None, None]) * P + offs_p[None, None, :]
-    # the codes are read once: evict them first, so L1 keeps x and the metadata (-2 to -4%, kernels-notes v9)
-    q0 = tl.load(q_ptr + q_offs, mask=valid, other=0, eviction_policy="evict_first")
-    q1 = tl.load(q_ptr + q_offs + P // PT, mask=valid, other=0, eviction_policy="evict_first") if PT == 2 else q0
+    q_offs = (ts * R + offs_r[:, None, None]) * P + PT * offs_p[None, None, :]
+    if PT == 2 and FAST:  # one 16-byte load; a slot past the end reads slot 0 (its scale code loads as 0)
+        q0, q1 = tl.inline_asm_elementwise(LOAD_QUAD, "=l,=l,l", [tl.where(valid, q_ptr + q_offs, q_ptr)],
+                                           dtype=(tl.int64, tl.int64), is_pure=True, pack=1)
+    else:
+        # the codes are read once: evict them first, so L1 keeps x and the metadata (-2 to -4%, kernels-notes v9)
+        q0 = tl.load(q_ptr + q_offs, mask=valid, other=0, eviction_policy="evict_first")
+        q1 = tl.load(q_ptr + q_offs + 1, mask=valid, other=0, eviction_policy="evict_first") if PT == 2 else q0
     col0 = tl.load(idx_ptr + ts + zp, mask=valid, other=0).to(tl.int32)
     s0, s1 = _span_words(s_ptr, ts * R + r0 + zp, valid, 8, RB * 8)
     z0, _ = _span_words(z_ptr, ts * R + r0 + zp, valid, BITS, RB * BITS)
@@ -133,16 +154,28 @@ def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, slot, 
 
 
 @triton.jit
-def _dot(x32_row, base, q, zero, BITS: tl.constexpr, W: tl.constexpr):
-    """sum over one word pair's codes of (c - z)/16 * x, fp32 [RB, S, P/PT] (inline PTX, see _asm)."""
-    a0, a1, a2, a3, a4, a5, a6, a7 = _x8(x32_row, base, W // 2)
-    if BITS == 2:
-        b0, b1, b2, b3, b4, b5, b6, b7 = _x8(x32_row, base + 4 * W, W // 2)
-        return tl.inline_asm_elementwise(ASM2, CONS2, [q, zero, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3, b4,
-                                                       b5, b6, b7], dtype=tl.float32, is_pure=True, pack=1)
+def _dot(xw_row, base, q0, q1, zero, BITS: tl.constexpr, W: tl.constexpr, PT: tl.constexpr):
+    """sum over the PT word pairs' codes of (c - z)/16 * x, fp32 [RB, S, P/PT] (inline PTX, see _asm). xw_row is x
+    as words of 2 * PT fp16: one word holds the activations of all the thread's pairs at one code position."""
+    STEP: tl.constexpr = W // (2 * PT)
+    a0, a1, a2, a3, a4, a5, a6, a7 = _x8(xw_row, base, STEP)
+    if PT == 1:
+        if BITS == 2:
+            b0, b1, b2, b3, b4, b5, b6, b7 = _x8(xw_row, base + 8 * STEP, STEP)
+            return tl.inline_asm_elementwise(ASM2, CONS2, [q0, zero, a0, a1, a2, a3, a4, a5, a6, a7, b0, b1, b2, b3,
+                                                           b4, b5, b6, b7], dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(ASM4, CONS4, [q0, zero, a0, a1, a2, a3, a4, a5, a6, a7],
+                                             dtype=tl.float32, is_pure=True, pack=1)
     else:
-        return tl.inline_asm_elementwise(ASM4, CONS4, [q, zero, a0, a1, a2, a3, a4, a5, a6, a7],
-                                         dtype=tl.float32, is_pure=True, pack=1)
+        if BITS == 2:
+            b0, b1, b2, b3, b4, b5, b6, b7 = _x8(xw_row, base + 8 * STEP, STEP)
+            return tl.inline_asm_elementwise(ASM2_QUAD, CONS2_QUAD, [q0, q1, zero, a0, a1, a2, a3, a4, a5, a6, a7, b0,
+                                                                     b1, b2, b3, b4, b5, b6, b7],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise(ASM4_QUAD, CONS4_QUAD, [q0, q1, zero, a0, a1, a2, a3, a4, a5, a6, a7],
+                                             dtype=tl.float32, is_pure=True, pack=1)
 
 
 @triton.jit
@@ -162,19 +195,19 @@ def _dot_plain(x_row, col0, offs_p, q, zero, BITS: tl.constexpr, W: tl.constexpr
 @triton.jit
 def _first(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n_slots, sp, unit, BITS: tl.constexpr,
            G_SIZE: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr, PT: tl.constexpr,
-           SPLIT: tl.constexpr, OUTLIERS: tl.constexpr):
+           SPLIT: tl.constexpr, OUTLIERS: tl.constexpr, FAST: tl.constexpr):
     """This program's slot range [start, end) of one stream and its first chunk's loads."""
     P: tl.constexpr = G_SIZE * BITS // 64
     per_split = tl.cdiv(tl.cdiv(n_slots, S), SPLIT) * S
     start = sp * per_split
     end = tl.minimum(start + per_split, n_slots)
     chunk = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, start + tl.arange(0, S), end, r0,
-                        offs_r, tl.arange(0, P // PT) * unit, BITS, R, RB, P, PT, OUTLIERS)
+                        offs_r, tl.arange(0, P // PT) * unit, BITS, R, RB, P, PT, OUTLIERS, FAST)
     return start, end, chunk
 
 
 @triton.jit
-def _stream(x_row, x32_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n_slots, unit,
+def _stream(x_row, xw_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n_slots, unit,
             start, end, first_chunk,
             BITS: tl.constexpr, G_SIZE: tl.constexpr, R: tl.constexpr, RB: tl.constexpr, S: tl.constexpr,
             PT: tl.constexpr, OUTLIERS: tl.constexpr, FAST: tl.constexpr):
@@ -196,7 +229,7 @@ def _stream(x_row, x32_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0,
         q0, q1, col0, s0, s1, z0, v0, v1, i0, i1 = q0n, q1n, col0_n, s0n, s1n, z0n, v0n, v1n, i0n, i1n
         q0n, q1n, col0_n, s0n, s1n, z0n, v0n, v1n, i0n, i1n = _load_chunk(
             q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, start + (c + 1) * S + offs_s, end, r0, offs_r,
-            offs_p, BITS, R, RB, P, PT, OUTLIERS)
+            offs_p, BITS, R, RB, P, PT, OUTLIERS, FAST)
         sc = _span_field(s0, s1, rel, 8, RB * 8).to(tl.float32)
         zero = _span_field(z0, z0, rel, BITS, RB * BITS)
         slot = start + c * S + offs_s
@@ -212,20 +245,18 @@ def _stream(x_row, x32_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0,
                 oi = tl.load(oi_ptr + o_offs, mask=o_mask, other=0).to(tl.int32)
             acc_o += ov.to(tl.float32) * tl.load(x_row + col0 * G_SIZE + oi, mask=o_mask, other=0.0).to(tl.float32)
         if FAST:
-            base = col0 * (G_SIZE // 2) + offs_p[None, None, :]  # [1, S, PP] index of x pairs (int32)
-            part = _dot(x32_row, base, q0, zero, BITS, W)
-            if PT == 2:
-                part += _dot(x32_row, base + PP, q1, zero, BITS, W)
+            base = col0 * (G_SIZE // (2 * PT)) + offs_p[None, None, :]  # [1, S, PP] index of x words
+            part = _dot(xw_row, base, q0, q1, zero, BITS, W, PT)
         else:
-            part = _dot_plain(x_row, col0, offs_p, q0, zero, BITS, W, G_SIZE)
+            part = _dot_plain(x_row, col0, PT * offs_p, q0, zero, BITS, W, G_SIZE)
             if PT == 2:
-                part += _dot_plain(x_row, col0, offs_p + PP, q1, zero, BITS, W, G_SIZE)
+                part += _dot_plain(x_row, col0, 2 * offs_p + 1, q1, zero, BITS, W, G_SIZE)
         acc += sc * part
     return tl.sum(tl.sum(acc, axis=2), axis=1) * 16.0, tl.sum(tl.sum(acc_o, axis=2), axis=1)
 
 
 @triton.jit(do_not_specialize=["M", "n2", "n4", "unit"])
-def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
+def _gemv_h2_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
                     q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                     q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
                     M, N, n2, n4, stride_xm, stride_ym, unit,
@@ -239,18 +270,18 @@ def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
     r0 = (pid % (R // RB)) * RB
     offs_r = r0 + tl.arange(0, RB)
     x_row = x_ptr + m * stride_xm
-    x32_row = x32_ptr + m * (stride_xm // 2)
+    xw_row = xw_ptr + m * (stride_xm // (2 * PT))
     b0, e0, chunk2 = _first(q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n2, sp, unit, 2, G_SIZE,
-                            R, RB, S2, PT, SPLIT, OUTLIERS)
+                            R, RB, S2, PT, SPLIT, OUTLIERS, FAST)
     if EARLY4:  # the 4-bit stream's first loads in flight during the 2-bit stream
         b1, e1, chunk4 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, sp, unit, 4,
-                                G_SIZE, R, RB, S4, PT, SPLIT, 0)
-    p2, o2 = _stream(x_row, x32_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n2, unit,
+                                G_SIZE, R, RB, S4, PT, SPLIT, 0, FAST)
+    p2, o2 = _stream(x_row, xw_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n2, unit,
                      b0, e0, chunk2, 2, G_SIZE, R, RB, S2, PT, OUTLIERS, FAST)
     if not EARLY4:
         b1, e1, chunk4 = _first(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, sp, unit, 4,
-                                G_SIZE, R, RB, S4, PT, SPLIT, 0)
-    p4, _ = _stream(x_row, x32_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, unit,
+                                G_SIZE, R, RB, S4, PT, SPLIT, 0, FAST)
+    p4, _ = _stream(x_row, xw_row, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, t, r0, offs_r, n4, unit,
                     b1, e1, chunk4, 4, G_SIZE, R, RB, S4, PT, 0, FAST)
     rows = t * R + offs_r
     val = tl.load(ss2_ptr + rows).to(tl.float32) * p2 + tl.load(ss4_ptr + rows).to(tl.float32) * p4 + o2
@@ -262,16 +293,18 @@ def _gemv_h2_kernel(x_ptr, x32_ptr, y_ptr, ws_ptr, cnt_ptr,
 def gemv_h2(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *,
             group_size: int, outliers: int, rows: int, split: int, num_warps: int, pairs: int = 1,
             early4: bool = False, fast: bool):
-    """Same contract as gemv_mixed; `pairs` word pairs of each row per thread (1 or 2; with 2, two threads
-    share the rows); `early4`: the 4-bit stream's first chunk is loaded before the 2-bit stream starts; `fast`
-    (inline PTX, fp16 x on CUDA only) or the plain fp32 path."""
+    """Same contract as gemv_mixed; `pairs` adjacent word pairs of each row per thread (1, or 2: 16 bytes of codes
+    in one load and x in 8-byte words; two threads then share the rows); `early4`: the 4-bit stream's first chunk
+    is loaded before the 2-bit stream starts; `fast` (inline PTX, fp16 x on CUDA only) or the plain fp32 path."""
     M, N, T, R = x.shape[0], y.shape[1], q2.shape[0], q2.shape[2]
     # S slots * P / pairs pair threads * pairs row threads = 32 * num_warps, P = g * bits / 64 pairs per group row
     slots = lambda bits: max(1, 64 * num_warps // (group_size * bits // 32))  # noqa: E731
     assert group_size * 2 // 64 % pairs == 0 and rows % pairs == 0
-    x32 = x.view(torch.int32) if fast else x
+    if fast and pairs == 2 and (x.data_ptr() % 8 or x.stride(0) % 4):
+        pairs = 1  # x rows not in whole 8-byte words
+    xw = x.view(torch.int32 if pairs == 1 else torch.int64) if fast else x
     _gemv_h2_kernel[(T * (R // rows), split, M)](
-        x, x32, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi, q4.view(torch.int64), s4, z4,
+        x, xw, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi, q4.view(torch.int64), s4, z4,
         ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0), 1,
         G_SIZE=group_size, R=R, OUTLIERS=outliers, RB=rows, S2=slots(2), S4=slots(4), PT=pairs, SPLIT=split,
         EARLY4=early4, FAST=fast,

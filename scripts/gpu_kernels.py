@@ -79,7 +79,10 @@ GEMV2_CANDIDATES = [KernelConfig("gemv2", split=sp, rows=r, num_warps=w, pairs=p
                                            (16, 1, 2, 1, False), (16, 1, 1, 1, False), (4, 1, 1, 1, False),
                                            (4, 1, 1, 1, True), (8, 1, 1, 2, False), (8, 1, 1, 4, False),
                                            (16, 1, 1, 2, False), (16, 1, 2, 2, False), (16, 2, 1, 4, False),
-                                           (16, 2, 2, 1, False), (4, 1, 1, 2, False), (8, 1, 2, 2, False))]
+                                           (16, 2, 2, 1, False), (4, 1, 1, 2, False), (8, 1, 2, 2, False),
+                                           (8, 2, 1, 1, False), (8, 2, 1, 2, False), (16, 2, 1, 1, False),
+                                           (16, 2, 1, 2, False), (4, 2, 1, 1, False), (8, 2, 1, 4, False),
+                                           (4, 2, 1, 2, False))]
 
 
 def quick(out: pathlib.Path, gpu: str) -> None:
