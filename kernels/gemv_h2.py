@@ -76,7 +76,8 @@ CONS4 = tl.constexpr("=f,l,r" + ",r" * 8)
 CONS2_QUAD = tl.constexpr("=f,l,l,r" + ",l" * 16)
 CONS4_QUAD = tl.constexpr("=f,l,l,r" + ",l" * 8)
 # two word pairs (16 bytes) of a row in one load; the codes are read once, so evict them first (kernels-notes v9)
-LOAD_QUAD = tl.constexpr("ld.global.L1::evict_first.v2.u64 {$0, $1}, [$2];")
+LOAD_QUAD = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b64 $0, 0; mov.b64 $1, 0; "
+                         "@p ld.global.L1::evict_first.v2.u64 {$0, $1}, [$2]; }")
 
 
 @triton.jit
@@ -133,8 +134,9 @@ def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, n_slots, slot, 
     ts = (t * n_slots + slot)[None, :, None]
     zp = offs_p[None, None, :] * 0
     q_offs = (ts * R + offs_r[:, None, None]) * P + PT * offs_p[None, None, :]
-    if PT == 2 and FAST:  # one 16-byte load; a slot past the end reads slot 0 (its scale code loads as 0)
-        q0, q1 = tl.inline_asm_elementwise(LOAD_QUAD, "=l,=l,l", [tl.where(valid, q_ptr + q_offs, q_ptr)],
+    if PT == 2 and FAST:  # one 16-byte load, predicated like a masked tl.load (a stream may have no slots at all)
+        on = (valid & (q_offs >= 0)).to(tl.int32)
+        q0, q1 = tl.inline_asm_elementwise(LOAD_QUAD, "=l,=l,l,r", [q_ptr + q_offs, on],
                                            dtype=(tl.int64, tl.int64), is_pure=True, pack=1)
     else:
         # the codes are read once: evict them first, so L1 keeps x and the metadata (-2 to -4%, kernels-notes v9)
