@@ -77,18 +77,25 @@ def _device_facts(device: torch.device) -> tuple[int, dict]:
     table = {}
     if path.exists():
         for row in json.loads(path.read_text())["configs"]:
-            table[(row["m_bucket"], row["n"], row["k"], row["group_size"])] = KernelConfig(**row["config"])
+            key = (row["m_bucket"], row["n"], row["k"], row["group_size"], row.get("outliers"))
+            table[key] = KernelConfig(**row["config"])
     return props.multi_processor_count, table
 
 
-def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device) -> KernelConfig:
+def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device, outliers: int = 1) -> KernelConfig:
+    """The table's row for this shape and for layers with (or without) outliers, else its row for any layer, else
+    the heuristic. The two kinds of layer compile to different kernels whose best configurations differ."""
     sm_count, table = _device_facts(device)
-    return table.get((m_bucket(m), n, k, group_size)) or heuristic_config(m, n, k, group_size, sm_count)
+    shape = (m_bucket(m), n, k, group_size)
+    return (table.get((*shape, outliers > 0)) or table.get((*shape, None))
+            or heuristic_config(m, n, k, group_size, sm_count))
 
 
-def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig) -> dict:
-    """One entry of a kernels/configs/<gpu>.json table."""
-    return {"m_bucket": m_bucket(m), "n": n, "k": k, "group_size": group_size, "config": dataclasses.asdict(config)}
+def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig, outliers: int | None = None) -> dict:
+    """One entry of a kernels/configs/<gpu>.json table (`outliers`: measured on layers with them or without; None
+    for any layer)."""
+    row = {"m_bucket": m_bucket(m), "n": n, "k": k, "group_size": group_size, "config": dataclasses.asdict(config)}
+    return row if outliers is None else {**row, "outliers": outliers > 0}
 
 
 @functools.lru_cache(maxsize=None)
@@ -105,7 +112,7 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     x must be contiguous fp16/bf16 (fp32 also works off the tensor-core path); y has x's dtype.
     """
     m, n = x.shape[0], tensors[3].shape[0]
-    cfg = config or choose_config(m, n, x.shape[1], group_size, x.device)
+    cfg = config or choose_config(m, n, x.shape[1], group_size, x.device, outliers)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y

@@ -6,7 +6,6 @@ Writes OUT_DIR/pytest.log, OUT_DIR/sweep.jsonl (every candidate: time, error), O
 winners, also installed as kernels/configs/<gpu>.json for the benchmark) and OUT_DIR/kernels-<gpu>.json.
 """
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -34,11 +33,11 @@ def candidates(m: int) -> list[KernelConfig]:
     return gemm
 
 
-def time_config(x, args, ref, counters, cfg: KernelConfig, label: str) -> tuple[float, float]:
+def time_config(x, args, ref, counters, cfg: KernelConfig, label: str, outliers: int = 1) -> tuple[float, float]:
     """(us under graph replay over the weight copies `args`, relative error of the first against `ref`); a config
     that is wrong is not timed (inf), one that does not compile (e.g. out of registers) is reported and skipped."""
     def run():
-        return [mixed_matmul(x, a, group_size=128, outliers=1, counters=counters, config=cfg) for a in args]
+        return [mixed_matmul(x, a, group_size=128, outliers=outliers, counters=counters, config=cfg) for a in args]
 
     try:
         y = run()[0].float()
@@ -86,9 +85,10 @@ GEMV2_CANDIDATES = [KernelConfig("gemv2", split=sp, rows=r, num_warps=w, pairs=p
 
 
 def quick(out: pathlib.Path, gpu: str) -> None:
-    """M = 1: the tuned GEMV against GEMV2 candidates on the same card (winners into the table); every kernel
-    (default configs, M = 1, 2, 16, 64) checked on CUDA against PackedLinear.dequantize(); then the benchmark
-    rows of M = 1 and 16 on the three shapes (same method as the full run) -> OUT/kernels-<gpu>-quick.json."""
+    """M = 1: the tuned GEMV against GEMV2 candidates on the same card, for layers with one outlier per 2-bit group
+    and for layers without (they compile to different kernels; winners into the table, one row each); every
+    kernel (default configs, M = 1, 2, 16, 64) checked on CUDA against PackedLinear.dequantize(); then the
+    benchmark rows of M = 1 and 16 on the three shapes (same method as the full run) -> OUT/kernels-<gpu>-quick.json."""
     import time
 
     t0 = time.time()
@@ -96,27 +96,30 @@ def quick(out: pathlib.Path, gpu: str) -> None:
     table = json.loads(table_path.read_text())
     log = (out / "quick-sweep.jsonl").open("w")
     for n, k in bench.SHAPES:
-        layers = [bench.random_layer(n, k, 1, "cuda", seed=i) for i in range(bench.ROTATE)]
-        args = [tuple(getattr(p, t) for t in TENSOR_ORDER) for p in layers]
-        counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
-        ref_w = layers[0].dequantize(torch.float32)
-        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        ref = x.float() @ ref_w.t()
-        row = next(r for r in table["configs"] if (r["m_bucket"], r["n"], r["k"]) == (1, n, k))
-        base = KernelConfig(**row["config"])
-        results = []
-        for cfg in [base] + GEMV2_CANDIDATES:
-            us, err = time_config(x, args, ref, counters, cfg, f"{n}x{k}")
-            results.append((us, cfg))
-            log.write(json.dumps({"n": n, "k": k, "m": 1, "config": cfg.__dict__, "us": us, "rel_err": err}) + "\n")
-            log.flush()
-            print(f"{n}x{k} m=1 {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
-                  f"pairs={cfg.pairs} early4={cfg.early4}: {us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]",
-                  flush=True)
-        best = min(results, key=lambda r: r[0])
-        row["config"] = dataclasses.asdict(best[1])
-        del layers, args
-        torch.cuda.empty_cache()
+        old = [r for r in table["configs"] if (r["m_bucket"], r["n"], r["k"]) == (1, n, k)]
+        table["configs"] = [r for r in table["configs"] if r not in old]
+        for ko in (1, 0):
+            layers = [bench.random_layer(n, k, ko, "cuda", seed=i) for i in range(bench.ROTATE)]
+            args = [tuple(getattr(p, t) for t in TENSOR_ORDER) for p in layers]
+            counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
+            ref_w = layers[0].dequantize(torch.float32)
+            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+            ref = x.float() @ ref_w.t()
+            row = next((r for r in old if r.get("outliers") == (ko > 0)), None) or next(r for r in old if "outliers" not in r)
+            results = []
+            for cfg in [KernelConfig(**row["config"])] + GEMV2_CANDIDATES:
+                us, err = time_config(x, args, ref, counters, cfg, f"{n}x{k}", ko)
+                results.append((us, cfg))
+                log.write(json.dumps({"n": n, "k": k, "m": 1, "outliers": ko, "config": cfg.__dict__, "us": us,
+                                      "rel_err": err}) + "\n")
+                log.flush()
+                print(f"{n}x{k} m=1 k={ko} {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
+                      f"pairs={cfg.pairs} early4={cfg.early4}: {us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]",
+                      flush=True)
+            best = min(results, key=lambda r: r[0])
+            table["configs"].append(config_row(1, n, k, 128, best[1], outliers=ko))
+            del layers, args
+            torch.cuda.empty_cache()
     text = json.dumps(table, indent=1)
     (out / f"configs-{gpu}.json").write_text(text)
     table_path.write_text(text)

@@ -137,3 +137,20 @@ def test_gemv2_unaligned_tensor_falls_back_loudly(make_packed):
         y = mixed_matmul(x, tensors, group_size=packed.group_size, outliers=packed.outliers, counters=counters,
                          config=KernelConfig("gemv2"))
     check(y, ref, torch.float16)
+
+
+def test_table_rows_for_layers_with_and_without_outliers(monkeypatch):
+    """A tuned table may hold one row per shape for layers with outliers and one for layers without (they compile
+    to different kernels); a row without the field serves both; shapes it lacks get the heuristic."""
+    import kernels.dispatch as dispatch
+
+    with_o, without_o, any_k = (KernelConfig("gemv2", rows=r) for r in (8, 4, 16))
+    table = {(1, 4096, 4096, 128, True): with_o, (1, 4096, 4096, 128, False): without_o,
+             (1, 11008, 4096, 128, None): any_k}
+    monkeypatch.setattr(dispatch, "_device_facts", lambda device: (132, table))
+    cpu = torch.device("cpu")
+    assert dispatch.choose_config(1, 4096, 4096, 128, cpu, outliers=2) == with_o
+    assert dispatch.choose_config(1, 4096, 4096, 128, cpu, outliers=0) == without_o
+    assert dispatch.choose_config(1, 11008, 4096, 128, cpu, outliers=0) == any_k
+    assert dispatch.choose_config(1, 11008, 4096, 128, cpu, outliers=1) == any_k
+    assert dispatch.choose_config(1, 4096, 11008, 128, cpu) == dispatch.heuristic_config(1, 4096, 11008, 128, 132)
