@@ -219,6 +219,9 @@ def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="writ
         for row in r["rows"]:
             typer.echo(f"{row['trace']} trace, {row['mode']}: {row['ms_per_token_exit']:.3f} ms/token, speed-up "
                        f"{row['speedup']:.3f}x vs ideal {row['ideal_speedup']:.3f}x ({row['speedup_vs_ideal']:.3f} of ideal)")
+        live = r["live_eager_ms_per_token"]
+        typer.echo(f"live exit decoder (eager, what `mpq run` would use): {live['full_depth']:.3f} ms/token at full depth, "
+                   f"{live['exits_on']:.3f} with exits on")
         print_json_last(r)
         return
     from mpq.bench.e2e import bench_e2e as run_bench
