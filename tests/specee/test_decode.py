@@ -111,3 +111,30 @@ def test_drop_mode_masks_the_skipped_positions(float_model):
         layer.kv_cache.kv[:, :, :, 19].normal_()
     b = _decode_rest(dec, [5, 6], 20)
     torch.testing.assert_close(a, b)
+
+
+def test_run_leaves_gpu_decoding_to_the_graph_unless_forced(monkeypatch, capsys):
+    """On CUDA the live exit decoder is eager and far slower than the engine's one-graph step, so `mpq run` decodes
+    at full depth in the graph and says so; --gpu-exits reaches the exit decoder anyway."""
+    from types import SimpleNamespace
+
+    import mpq.specee.bundle as bundle
+    from mpq.runtime.generate import Sampling
+    from mpq.specee.decode import run_with_exits
+
+    monkeypatch.setattr(bundle, "has_specee", lambda path: True)
+    reached = []
+
+    def fake_load(path, config=None):
+        reached.append(path)
+        raise RuntimeError("exit decoder reached")
+
+    monkeypatch.setattr(bundle, "load_specee", fake_load)
+    engine = SimpleNamespace(kind="artifact", model=SimpleNamespace(device=torch.device("cuda")), config={})
+    assert run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None) is None
+    assert "CUDA-graph decode" in capsys.readouterr().err and not reached
+    with pytest.raises(RuntimeError, match="exit decoder reached"):
+        run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None, gpu_exits=True)
+    engine.model.device = torch.device("cpu")
+    with pytest.raises(RuntimeError, match="exit decoder reached"):
+        run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None)
