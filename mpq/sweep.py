@@ -68,16 +68,21 @@ def sweep(opts: SweepOptions) -> dict:
     from mpq.calib.capture import read_calibration
     from mpq.calib.data import eval_windows
     from mpq.evaluate import compare_logits, perplexity
-    from mpq.models import config_fingerprint, load_float_model, load_tokenizer, resolve_model
+    from mpq.models import config_fingerprint, load_config, load_float_model, load_tokenizer, resolve_model
     from mpq.quant.allocation import allocate, parse_overrides, pin_for
-    from mpq.quant.pipeline import (calibration_fisher, dequantized_copy, linear_shapes, measure_model, measured_bits,
-                                    quantize_model_linears)
+    from mpq.quant.pipeline import (calibration_fisher, check_target_reachable, dequantized_copy, linear_shapes,
+                                    measure_model, measured_bits, quantize_model_linears)
     from mpq.quant.recipe import load_recipe
     from mpq.versions import environment
 
     torch.set_flush_denormal(True)
     recipe = load_recipe(opts.recipe)
     src = resolve_model(opts.model)
+    shapes = linear_shapes(load_config(src))
+    overrides = parse_overrides(recipe.overrides)
+    pins = {name: b for name, _, _ in shapes if (b := pin_for(name, overrides)) is not None}
+    for b in [*opts.bits, *([] if opts.ablation_bits is None else [opts.ablation_bits])]:
+        check_target_reachable(shapes, recipe, pins, b)  # before any loading or measuring
     model = load_float_model(src)
     job = read_calibration(Path(opts.calib))
     if job["fingerprint"]["config"] != config_fingerprint(model.config):
@@ -97,9 +102,6 @@ def sweep(opts: SweepOptions) -> dict:
         points.append(point)
         print(f"{method:5s} {bits:6.3f} b/w  ppl {point['ppl']:10.2f}  x{point['ppl_ratio']:8.3f}  "
               f"KLD {point['kld']:.4f}  top-1 {point['top1_agreement']:.3f}", flush=True)
-
-    overrides = parse_overrides(recipe.overrides)
-    pins = {c.name: b for c in costs if (b := pin_for(c.name, overrides)) is not None}
 
     def add_mpq(target: float, r, variant_costs, variant: str):
         t0 = time.time()

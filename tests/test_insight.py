@@ -167,3 +167,17 @@ def test_sweep_honours_recipe_pins(setup, monkeypatch):
         assert all(rows[f"model.layers.{i}.mlp.down_proj"].bits == 16 for i in (0, 1))
         q = rows["model.layers.0.self_attn.q_proj"]
         assert q.pinned == 4 and q.n4 == q.groups
+
+
+def test_sweep_refuses_unreachable_budget_before_loading(setup, monkeypatch):
+    root, model, calib = setup
+    from mpq import models
+
+    def no_load(*a, **k):
+        raise AssertionError("sweep must refuse before loading the model")
+
+    monkeypatch.setattr(models, "load_float_model", no_load)
+    res = invoke("sweep", model, "--calib", calib, "--bits", "3.0,1.5", "--baselines", "",
+                 "--dataset", root / "text.txt", "--windows", 2, "--seq-len", 128)
+    assert res.exit_code == 2 and "--target-bits 1.5 is outside what the format can reach" in res.stderr
+    assert "Traceback" not in res.output and len(res.stderr.strip().splitlines()) == 1

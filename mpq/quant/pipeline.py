@@ -148,7 +148,7 @@ def quantize_model(opts: QuantizeOptions) -> Plan:
         raise MpqError(f"output folder exists: {opts.out} (pass --overwrite to replace it)")
     calib = _open_calibration(opts.calib, config, config_fingerprint(config))
     pins = {name: b for name, _, _ in shapes if (b := pin_for(name, opts.overrides)) is not None}
-    _check_target_reachable(shapes, recipe, pins)
+    check_target_reachable(shapes, recipe, pins, recipe.target_bits)
     _check_host_memory(config, shapes)
     model = load_float_model(src, torch.float32, opts.trust_remote_code)
     started = time.time()
@@ -245,15 +245,15 @@ def _open_calibration(calib: str, config, fingerprint: str) -> dict | None:
     return job
 
 
-def _check_target_reachable(shapes, recipe: Recipe, pins: dict[str, int]) -> None:
-    """Refuse an unreachable --target-bits from the shapes alone, before loading or measuring anything."""
+def check_target_reachable(shapes, recipe: Recipe, pins: dict[str, int], target_bits: float) -> None:
+    """Refuse an unreachable budget from the shapes alone, before loading or measuring anything."""
     from mpq.quant.allocation import reachable_range
 
     ks = outlier_choices(recipe)
     stubs = [LinearCosts(n, o, i, recipe.group_size_for(i), recipe.tile_rows, {k: None for k in ks}, {}) for n, o, i in shapes]
     lo, hi = reachable_range(stubs, pins)
-    if not lo - 1e-9 <= recipe.target_bits <= hi + 1e-9:
-        raise MpqError(f"--target-bits {recipe.target_bits} is outside what the format can reach here: {lo:.3f} to {hi:.3f} bits/weight")
+    if not lo - 1e-9 <= target_bits <= hi + 1e-9:
+        raise MpqError(f"--target-bits {target_bits} is outside what the format can reach here: {lo:.3f} to {hi:.3f} bits/weight")
 
 
 def _check_host_memory(config, shapes) -> None:
