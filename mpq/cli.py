@@ -74,7 +74,7 @@ def print_json_last(obj: dict) -> None:
 @one_line_errors
 def calibrate(
     model: str = typer.Argument(..., help="local HF folder, .gguf file, hub id, or alias smollm2-135m"),
-    dataset: str = typer.Option("shakespeare", help="shakespeare | shakespeare:hamlet | wikitext2 | c4 | a .txt/.jsonl/.parquet file or folder"),
+    dataset: str = typer.Option("shakespeare", help="shakespeare | shakespeare:hamlet | pydoc | wikitext2 | c4 | a .txt/.jsonl/.parquet file or folder"),
     samples: int = typer.Option(128, help="number of token windows"),
     seq_len: int = typer.Option(512, help="tokens per window"),
     seed: int = typer.Option(0),

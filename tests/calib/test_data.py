@@ -104,6 +104,16 @@ def test_shakespeare_windows_and_fingerprint():
     assert "".join(text[i] for i in first[0]) == "HAMLET, P"
 
 
+def test_pydoc_is_an_offline_second_domain():
+    """CPython's documentation topics: in every Python, no network, enough text for the 16 x 512 protocol."""
+    import sys
+
+    corpus = load_corpus("pydoc", "eval")
+    assert corpus.id == f"pydoc:python{sys.version_info.major}.{sys.version_info.minor}"
+    assert len(corpus.text) > 100_000 and "HAMLET" not in corpus.text
+    assert eval_windows("pydoc", PositionTokenizer(), windows=16, seq_len=512).shape == (16, 512)
+
+
 def test_unknown_shakespeare_text_is_one_line_error():
     with pytest.raises(MpqError, match="no Shakespeare text 'nosuchplay'"):
         load_corpus("shakespeare:nosuchplay")
