@@ -112,6 +112,15 @@ def rope(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, s
     return rotate(q), torch.stack((rotate(k), v))
 
 
+def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+               cache: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+    """`rope`, then k and v written into the cache [2, B, heads, length, D] at input_pos; returns the rotated q.
+    One op, so that its compiled copy writes the cache from the rotation kernel (no separate index_copy_)."""
+    q, kv = rope(q, k, v, cos, sin)
+    cache.index_copy_(3, input_pos, kv.transpose(2, 3))
+    return q
+
+
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
@@ -123,6 +132,7 @@ class SmallOps:
     add_rms_norm: Callable = add_rms_norm
     rope: Callable = rope
     silu_mul: Callable = silu_mul
+    rope_write: Callable = rope_write
 
 
 # ---- linears -------------------------------------------------------------------------------------------
@@ -205,7 +215,8 @@ class WeightSource:
 
 # ---- the decoder ---------------------------------------------------------------------------------------
 class KVCache(nn.Module):
-    """Keys and values in one buffer [2, B, heads, length, D]: one index_copy_ per layer and step."""
+    """Keys and values in one buffer [2, B, heads, length, D]. The layer writes it through `rope_write` (one
+    kernel with the rotation once compiled); `update` is the plain write for callers outside the layer."""
 
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
         super().__init__()
@@ -234,9 +245,10 @@ class Block(nn.Module):
         a = self.args
         B, S, _ = h.shape
         q, k, v = self.qkv(h)
-        q, kv = ops.rope(q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim),
-                         v.view(B, S, a.n_kv_heads, a.head_dim), cos, sin)
-        k, v = self.kv_cache.update(input_pos, kv)
+        cache = self.kv_cache.kv
+        q = ops.rope_write(q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim),
+                           v.view(B, S, a.n_kv_heads, a.head_dim), cos, sin, cache, input_pos)
+        k, v = cache[0], cache[1]
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
         return self.o(y.transpose(1, 2).reshape(B, S, a.n_heads * a.head_dim))
 
@@ -291,7 +303,7 @@ class Transformer(nn.Module):
 
     def compile_small_ops(self) -> None:
         """Fuse each small op into one kernel with torch.compile (CUDA only; the matmuls stay as they are)."""
-        self.ops = SmallOps(*(torch.compile(f, dynamic=False) for f in (add_rms_norm, rope, silu_mul)))
+        self.ops = SmallOps(*(torch.compile(f, dynamic=False) for f in (add_rms_norm, rope, silu_mul, rope_write)))
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits [B, S or 1, vocab] for tokens [B, S] at positions input_pos [S]; writes the KV cache."""
