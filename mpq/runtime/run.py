@@ -101,7 +101,7 @@ def run(opts: RunOptions) -> dict:
 
         exit_run = run_with_exits(engine, opts.model, prompt, opts.max_new_tokens, sampling, eos_ids(engine), stream,
                                   gpu_exits=opts.gpu_exits)
-    if exit_run is not None:
+    if exit_run is not None and exit_run[0] is not None:
         result = exit_run[0]
     else:
         result = gen.generate(prompt, opts.max_new_tokens, sampling, seed=opts.seed, eos_ids=eos_ids(engine), on_tokens=stream)

@@ -335,8 +335,9 @@ class ExitDecoder:
 
 def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sampling, eos: set[int], on_tokens,
                    mode: str = "fill", gpu_exits: bool = False):
-    """`mpq run` with exits: (Generation, stats dict), or None where the artifact has no predictors. Exits are
-    defined for greedy decoding; with sampling it says so and leaves decoding to the engine. On CUDA this decoder
+    """`mpq run` with exits: (Generation, stats dict), or None where the artifact has no predictors, or (None,
+    {"used": False, "reason": ...}) where it has them but leaves decoding to the engine, which it also says on
+    stderr. Exits are defined for greedy decoding, so sampling leaves decoding to the engine. On CUDA this decoder
     runs eagerly, with a host decision per predicted layer, against the engine's one-graph step: on the H100
     (7B shape) 58.6 ms/token at full depth against 2.84 (specee-e2e-h100-v4.json, live_eager_ms_per_token), so it
     leaves CUDA decoding to the engine unless `gpu_exits`, and says so."""
@@ -348,17 +349,18 @@ def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sa
 
     if engine.kind != "artifact" or not has_specee(Path(spec)):
         return None
+    reason = None
     if sampling.temperature > 0:
-        print("note: exit-aware decoding is greedy-only; sampling at full depth", file=sys.stderr)
-        return None
-    if engine.model.device.type == "cuda" and not gpu_exits:
-        print("note: on the GPU, exit-aware decoding runs eagerly (a host decision per predicted layer) and is far "
-              "slower than the CUDA-graph decode; decoding at full depth in the graph (--gpu-exits to force exits)",
-              file=sys.stderr)
-        return None
+        reason = "exit-aware decoding is greedy-only; sampling at full depth"
+    elif engine.model.device.type == "cuda" and not gpu_exits:
+        reason = ("on the GPU, exit-aware decoding runs eagerly (a host decision per predicted layer) and is far "
+                  "slower than the CUDA-graph decode; decoding at full depth in the graph (--gpu-exits to force exits)")
+    if reason is not None:
+        print(f"note: {reason}", file=sys.stderr)
+        return None, {"used": False, "reason": reason}
     dec = ExitDecoder(engine.model, load_specee(Path(spec), engine.config), len(prompt) + max_new_tokens + 1, mode=mode)
     out, st, _ = dec.generate(prompt, max_new_tokens, eos_ids=eos, on_token=on_tokens)
     if st.fallback:
         print(f"note: {st.fallback}", file=sys.stderr)
     gen = Generation(out, len(prompt), st.prefill_ms, st.decode_ms, st.tokens, stopped_on_eos=bool(out) and out[-1] in eos)
-    return gen, st.to_dict()
+    return gen, {"used": True, **st.to_dict()}

@@ -131,8 +131,11 @@ def test_run_leaves_gpu_decoding_to_the_graph_unless_forced(monkeypatch, capsys)
 
     monkeypatch.setattr(bundle, "load_specee", fake_load)
     engine = SimpleNamespace(kind="artifact", model=SimpleNamespace(device=torch.device("cuda")), config={})
-    assert run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None) is None
+    gen, info = run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None)
+    assert gen is None and info["used"] is False and "CUDA-graph decode" in info["reason"]
     assert "CUDA-graph decode" in capsys.readouterr().err and not reached
+    gen, info = run_with_exits(engine, "art", [1, 2], 4, Sampling(0.7, 1.0), set(), None)
+    assert gen is None and "greedy-only" in info["reason"] and not reached
     with pytest.raises(RuntimeError, match="exit decoder reached"):
         run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None, gpu_exits=True)
     engine.model.device = torch.device("cpu")

@@ -96,7 +96,7 @@ def test_cli_run_json_and_eval_early_exit(trained):
                                  "--device", "cpu", "--json"])
     assert r.exit_code == 0, r.output
     stats = json.loads(r.output.strip().splitlines()[-1])["early_exit"]
-    assert stats["tokens"] == 11 and 1 <= stats["mean_layers"] <= 5
+    assert stats["used"] is True and stats["tokens"] == 11 and 1 <= stats["mean_layers"] <= 5
     r = CliRunner().invoke(app, ["run", str(art), "--prompt", "To be", "--max-new-tokens", "4", "--raw", "--device", "cpu",
                                  "--json", "--no-exit"])
     assert r.exit_code == 0 and "early_exit" not in json.loads(r.output.strip().splitlines()[-1])
