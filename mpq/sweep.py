@@ -69,7 +69,7 @@ def sweep(opts: SweepOptions) -> dict:
     from mpq.calib.data import eval_windows
     from mpq.evaluate import compare_logits, perplexity
     from mpq.models import config_fingerprint, load_config, load_float_model, load_tokenizer, resolve_model
-    from mpq.quant.allocation import allocate, parse_overrides, pin_for
+    from mpq.quant.allocation import allocate, parse_overrides, pins_for
     from mpq.quant.pipeline import (calibration_fisher, check_target_reachable, dequantized_copy, linear_shapes,
                                     measure_model, measured_bits, quantize_model_linears)
     from mpq.quant.recipe import load_recipe
@@ -79,8 +79,7 @@ def sweep(opts: SweepOptions) -> dict:
     recipe = load_recipe(opts.recipe)
     src = resolve_model(opts.model)
     shapes = linear_shapes(load_config(src))
-    overrides = parse_overrides(recipe.overrides)
-    pins = {name: b for name, _, _ in shapes if (b := pin_for(name, overrides)) is not None}
+    pins = pins_for((name for name, _, _ in shapes), parse_overrides(recipe.overrides))
     for b in [*opts.bits, *([] if opts.ablation_bits is None else [opts.ablation_bits])]:
         check_target_reachable(shapes, recipe, pins, b)  # before any loading or measuring
     model = load_float_model(src)
@@ -91,7 +90,7 @@ def sweep(opts: SweepOptions) -> dict:
     windows = eval_windows(opts.dataset, tokenizer, opts.windows, opts.seq_len)
     fp_ppl, _ = perplexity(model, windows)
     hessians = _cached_hessians(opts.calib, model.config.num_hidden_layers)
-    fisher = calibration_fisher(opts.calib, linear_shapes(model.config), recipe)
+    fisher = calibration_fisher(opts.calib, shapes, recipe)
     costs = measure_model(model, hessians, recipe, fisher) if opts.bits or opts.ablation_bits is not None else []
     points = []
 

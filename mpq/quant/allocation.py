@@ -101,6 +101,11 @@ def pin_for(name: str, overrides: dict[str, int]) -> int | None:
     return found
 
 
+def pins_for(names, overrides: dict[str, int]) -> dict[str, int]:
+    """{name: bits} for every name an override pins (`pin_for`)."""
+    return {name: bits for name in names if (bits := pin_for(name, overrides)) is not None}
+
+
 def _regex_match(pattern: str, name: str) -> bool:
     try:
         return re.fullmatch(pattern, name) is not None

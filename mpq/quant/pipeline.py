@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mpq.errors import MpqError, QualityGateError
-from mpq.quant.allocation import LinearCosts, Plan, allocate, linear_costs, parse_overrides, pin_for, tile_choice
+from mpq.quant.allocation import LinearCosts, Plan, allocate, linear_costs, parse_overrides, pins_for, tile_choice
 from mpq.quant.format import SUPPORTED_GROUP_SIZES, PackedLinear
 from mpq.quant.gptq import single_threaded
 from mpq.quant.quantizer import LinearSpec, quantize_linear
@@ -125,7 +125,7 @@ def quantize_state_dict(weights: dict[str, torch.Tensor], target_bits: float, re
                         overrides: dict[str, int] | None = None) -> tuple[dict[str, PackedLinear], Plan]:
     """Data-free quantization (identity Hessian, range-only sensitivity) of {fqn: W}; used by GPU benchmarks."""
     recipe = recipe or Recipe(target_bits=target_bits)
-    pins = {n: b for n in weights if (b := pin_for(n, overrides or {})) is not None}
+    pins = pins_for(weights, overrides or {})
     costs = [measure_linear(n, w, None, recipe) for n, w in weights.items()]
     plan = allocate(costs, target_bits, pins)
     packed = {}
@@ -147,7 +147,7 @@ def quantize_model(opts: QuantizeOptions) -> Plan:
     if opts.out.exists() and not opts.overwrite and not opts.plan_only:
         raise MpqError(f"output folder exists: {opts.out} (pass --overwrite to replace it)")
     calib = _open_calibration(opts.calib, config, config_fingerprint(config))
-    pins = {name: b for name, _, _ in shapes if (b := pin_for(name, opts.overrides)) is not None}
+    pins = pins_for((name for name, _, _ in shapes), opts.overrides)
     check_target_reachable(shapes, recipe, pins, recipe.target_bits)
     _check_host_memory(config, shapes)
     model = load_float_model(src, torch.float32, opts.trust_remote_code)
