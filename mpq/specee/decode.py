@@ -182,8 +182,7 @@ class ExitDecoder:
             with torch.cuda.stream(self.fill_streams[j % FILL_STREAMS]):
                 k = layer.qkv.parts[1](hs[j:j + 1]).view(1, 1, a.n_kv_heads, a.head_dim)
                 v = layer.qkv.parts[2](hs[j:j + 1]).view(1, 1, a.n_kv_heads, a.head_dim)
-                _, kv = model.ops.rope(k, k, v, cos, sin)
-                layer.kv_cache.update(pos, kv)
+                model.ops.rope_write(k, k, v, cos, sin, layer.kv_cache.kv, pos)  # the layer's own cache write
 
     def join_fill(self) -> None:
         """Make the current stream wait for the KV fill's side streams."""
