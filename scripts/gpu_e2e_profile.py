@@ -23,7 +23,7 @@ FAMILIES = (("_gemv_kernel", "mpq GEMV"), ("_gemm_kernel", "mpq GEMM"), ("_dequa
             ("index", "index/copy"), ("copy", "index/copy"), ("elementwise", "eager elementwise"), ("reduce", "eager reduce"))
 
 
-def random_engine(quantized: bool) -> Transformer:
+def random_engine(quantized: bool, stack: bool = True) -> Transformer:
     a = LLAMA2_7B
     d, f, v, n = a["hidden_size"], a["intermediate_size"], a["vocab_size"], a["num_hidden_layers"]
     shapes = {"self_attn.q_proj": (d, d), "self_attn.k_proj": (d, d), "self_attn.v_proj": (d, d), "self_attn.o_proj": (d, d),
@@ -41,7 +41,7 @@ def random_engine(quantized: bool) -> Transformer:
             else:
                 floats[f"{name}.weight"] = rnd(*shapes[s])
     cfg = dict(LLAMA2_7B, model_type="llama")
-    return Transformer(ModelArgs.from_hf_config(cfg), WeightSource(floats, packed, device=torch.device("cuda"), dtype=torch.float16))
+    return Transformer(ModelArgs.from_hf_config(cfg), WeightSource(floats, packed, device=torch.device("cuda"), dtype=torch.float16, stack=stack))
 
 
 def family(name: str) -> str:
@@ -49,8 +49,8 @@ def family(name: str) -> str:
     return next((label for key, label in FAMILIES if key in low), "other")
 
 
-def profile_engine(quantized: bool) -> dict:
-    model = random_engine(quantized)
+def profile_engine(quantized: bool, stack: bool = True) -> dict:
+    model = random_engine(quantized, stack)
     model.compile_small_ops()
     prompt = list(range(1, 129))
     gen = Generator(model, 384)
@@ -77,7 +77,12 @@ def profile_engine(quantized: bool) -> dict:
 
 def main() -> None:
     out = Path(os.environ.get("OUT", "benchmarks/results"))
-    result = {"device": torch.cuda.get_device_name(), "mpq_random_layers": profile_engine(True), "fp16": profile_engine(False)}
+    result = {"device": torch.cuda.get_device_name()}
+    # stacked shared-input sets (the default) against the same layers run apart, alternated twice on one card
+    for rep in ("", "_2"):
+        result["mpq_random_layers" + rep] = profile_engine(True)
+        result["mpq_random_layers_split" + rep] = profile_engine(True, stack=False)
+    result["fp16"] = profile_engine(False)
     for name, r in result.items():
         if name == "device":
             continue

@@ -2,6 +2,7 @@
 
 Usage (from the repo root): PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR [--skip-tests] [--skip-sweep]
        PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --quick   (a few minutes: see `quick`)
+       PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --stacked (only the M = 1 rows of the stacked shapes)
 Writes OUT_DIR/pytest.log, OUT_DIR/sweep.jsonl (every candidate: time, error), OUT_DIR/configs-<gpu>.json (the
 winners, also installed as kernels/configs/<gpu>.json for the benchmark) and OUT_DIR/kernels-<gpu>.json.
 """
@@ -84,18 +85,17 @@ GEMV2_CANDIDATES = [KernelConfig("gemv2", split=sp, rows=r, num_warps=w, pairs=p
                                            (4, 2, 1, 2, False))]
 
 
-def quick(out: pathlib.Path, gpu: str) -> None:
-    """M = 1: the tuned GEMV against GEMV2 candidates on the same card, for layers with one outlier per 2-bit group
-    and for layers without (they compile to different kernels; winners into the table, one row each); every
-    kernel (default configs, M = 1, 2, 16, 64) checked on CUDA against PackedLinear.dequantize(); then the
-    benchmark rows of M = 1 and 16 on the three shapes (same method as the full run) -> OUT/kernels-<gpu>-quick.json."""
+# the stacked shared-input sets of the 7B shape (`StackedQuantLinear`): k/v/q, gate/up, and the k/v prefix that the
+# exit decoder's KV fill runs
+STACKED_SHAPES = ((12288, 4096), (22016, 4096), (8192, 4096))
+
+
+def sweep_m1(table: dict, shapes, log, t0: float) -> None:
+    """M = 1 winners among the table's current row (if any) and the GEMV2 candidates, for layers with one outlier per
+    2-bit group and for layers without (they compile to different kernels); replaces the shapes' M = 1 rows."""
     import time
 
-    t0 = time.time()
-    table_path = CONFIG_DIR / f"{TABLE_OF.get(gpu, gpu)}.json"  # an H200 re-tunes the H100 table it runs
-    table = json.loads(table_path.read_text())
-    log = (out / "quick-sweep.jsonl").open("w")
-    for n, k in bench.SHAPES:
+    for n, k in shapes:
         old = [r for r in table["configs"] if (r["m_bucket"], r["n"], r["k"]) == (1, n, k)]
         table["configs"] = [r for r in table["configs"] if r not in old]
         for ko in (1, 0):
@@ -105,9 +105,9 @@ def quick(out: pathlib.Path, gpu: str) -> None:
             ref_w = layers[0].dequantize(torch.float32)
             x = torch.randn(1, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ ref_w.t()
-            row = next((r for r in old if r.get("outliers") == (ko > 0)), None) or next(r for r in old if "outliers" not in r)
+            row = next((r for r in old if r.get("outliers") == (ko > 0)), None) or next((r for r in old if "outliers" not in r), None)
             results = []
-            for cfg in [KernelConfig(**row["config"])] + GEMV2_CANDIDATES:
+            for cfg in ([KernelConfig(**row["config"])] if row else []) + GEMV2_CANDIDATES:
                 us, err = time_config(x, args, ref, counters, cfg, f"{n}x{k}", ko)
                 results.append((us, cfg))
                 log.write(json.dumps({"n": n, "k": k, "m": 1, "outliers": ko, "config": cfg.__dict__, "us": us,
@@ -120,9 +120,24 @@ def quick(out: pathlib.Path, gpu: str) -> None:
             table["configs"].append(config_row(1, n, k, 128, best[1], outliers=ko))
             del layers, args
             torch.cuda.empty_cache()
+
+
+def quick(out: pathlib.Path, gpu: str, stacked_only: bool = False) -> None:
+    """M = 1 sweep (`sweep_m1`) of the three shapes and the stacked ones into the table; then (unless stacked_only)
+    every kernel (default configs, M = 1, 2, 16, 64) checked on CUDA against PackedLinear.dequantize(), and the
+    benchmark rows of M = 1 and 16 on the three shapes (same method as the full run) -> OUT/kernels-<gpu>-quick.json."""
+    import time
+
+    t0 = time.time()
+    table_path = CONFIG_DIR / f"{TABLE_OF.get(gpu, gpu)}.json"  # an H200 re-tunes the H100 table it runs
+    table = json.loads(table_path.read_text())
+    with (out / "quick-sweep.jsonl").open("w") as log:
+        sweep_m1(table, STACKED_SHAPES if stacked_only else bench.SHAPES + STACKED_SHAPES, log, t0)
     text = json.dumps(table, indent=1)
     (out / f"configs-{gpu}.json").write_text(text)
     table_path.write_text(text)
+    if stacked_only:
+        return
     _device_facts.cache_clear()
     for n, k in bench.SHAPES:  # every kernel, default configurations, against the dequantized reference
         layer = bench.random_layer(n, k, 1, "cuda", seed=100)
@@ -158,8 +173,8 @@ def main() -> None:
     out = pathlib.Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name().lower().replace("nvidia", "").split()[0]
-    if "--quick" in sys.argv:
-        return quick(out, gpu)
+    if "--quick" in sys.argv or "--stacked" in sys.argv:
+        return quick(out, gpu, stacked_only="--stacked" in sys.argv)
     if "--skip-tests" not in sys.argv:
         env = {**os.environ, "TRITON_INTERPRET": "0"}
         res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/kernels"],
@@ -168,7 +183,7 @@ def main() -> None:
         print(res.stdout[-1500:], flush=True)
     if "--skip-sweep" not in sys.argv:
         table = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-                 "configs": sweep(out, bench.SHAPES)}
+                 "configs": sweep(out, bench.SHAPES + STACKED_SHAPES)}
         text = json.dumps(table, indent=1)
         (out / f"configs-{gpu}.json").write_text(text)
         CONFIG_DIR.mkdir(exist_ok=True)

@@ -5,6 +5,8 @@ Each linear m has a state (n4, k): n4 4-bit tiles in every row tile (the R-row t
 Hessian-weighted squared error summed over groups. Starting from (0, 0) everywhere, a greedy loop takes
 the move (n4 + 1, or k + 1) with the most error removed per stored bit until the budget is spent.
 Pinned linears (overrides) take no moves: 2 = all 2-bit without outliers, 4 = all 4-bit, 16 = float.
+With `tie_shared_inputs`, the unpinned linears of one layer that read the same input (q/k/v, gate/up) move as one
+unit, so they end with equal (n4, k) and the runtime can stack them into one GEMV launch (`PackedLinear.stack_rows`).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from mpq.errors import MpqError
 from mpq.quant.format import bits_per_weight
 
 PIN_VALUES = (2, 4, 16)
+# linears of one decoder layer that read the same input, by HF module suffix
+SHARED_INPUT_SETS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
 
 @dataclass
@@ -136,7 +140,21 @@ def reachable_range(linears: list[LinearCosts], pins: dict[str, int]) -> tuple[f
     return lo / total, hi / total
 
 
-def allocate(linears: list[LinearCosts], target_bits: float, pins: dict[str, int]) -> Plan:
+def shared_input_units(linears: list[LinearCosts]) -> list[list[LinearCosts]]:
+    """The linears grouped into units that move together: each shared-input set of a layer whose members have the
+    same group columns and candidate outlier counts, every other linear alone."""
+    units: dict[tuple, list[LinearCosts]] = {}
+    for lin in linears:
+        key: tuple = (lin.name,)
+        for s, suffixes in enumerate(SHARED_INPUT_SETS):
+            suffix = next((x for x in suffixes if lin.name.endswith("." + x)), None)
+            if suffix is not None:
+                key = (lin.name[: -len(suffix)], s, lin.groups, lin.tile_rows, tuple(sorted(lin.errors)))
+        units.setdefault(key, []).append(lin)
+    return list(units.values())
+
+
+def allocate(linears: list[LinearCosts], target_bits: float, pins: dict[str, int], tie_shared_inputs: bool = False) -> Plan:
     lo, hi = reachable_range(linears, pins)
     if not lo - 1e-9 <= target_bits <= hi + 1e-9:
         raise MpqError(f"--target-bits {target_bits} is outside what the format can reach here: {lo:.3f} to {hi:.3f} bits/weight")
@@ -149,23 +167,25 @@ def allocate(linears: list[LinearCosts], target_bits: float, pins: dict[str, int
         state[lin.name] = pinned_state(lin, pin) if pin in (2, 4) else (0, 0)
         spent += (16.0 if pin == 16 else lin.bits(*state[lin.name])) * lin.weights
     free = [lin for lin in linears if lin.name not in pins]
+    units = shared_input_units(free) if tie_shared_inputs else [[lin] for lin in free]
     while True:
         best, best_ratio = None, 0.0
-        for lin in free:
-            n4, k = state[lin.name]
+        for unit in units:
+            n4, k = state[unit[0].name]
             for nxt in ((n4 + 1, k), (n4, k + 1)):
-                if nxt[0] > lin.groups or nxt[1] not in lin.errors:
+                if nxt[0] > unit[0].groups or nxt[1] not in unit[0].errors:
                     continue
-                cost = (lin.bits(*nxt) - lin.bits(n4, k)) * lin.weights
-                gain = float(lin.errors[k][n4] - lin.errors[nxt[1]][nxt[0]])
+                cost = sum((lin.bits(*nxt) - lin.bits(n4, k)) * lin.weights for lin in unit)
+                gain = sum(float(lin.errors[k][n4] - lin.errors[nxt[1]][nxt[0]]) for lin in unit)
                 if cost <= 0 or spent + cost > budget + 1e-6:
                     continue
                 if gain / cost > best_ratio:
-                    best, best_ratio = (lin, nxt, cost), gain / cost
+                    best, best_ratio = (unit, nxt, cost), gain / cost
         if best is None:
             break
-        lin, nxt, cost = best
-        state[lin.name] = nxt
+        unit, nxt, cost = best
+        for lin in unit:
+            state[lin.name] = nxt
         spent += cost
     plan = Plan(target_bits)
     for lin in linears:

@@ -198,6 +198,33 @@ class PackedLinear:
                 moved[n] = moved[n].to(device)
         return PackedLinear(**moved)
 
+    # ---- row stacking (runtime) ----------------------------------------------------------------------
+    # Every tensor of the layout leads with the row tiles (or the rows), so linears that read the same input and
+    # share (K, g, R, n4, k) stack into one linear whose rows are theirs in turn: one GEMV launch for q/k/v.
+    def stack_key(self) -> tuple:
+        return (self.in_features, self.group_size, self.tile_rows, self.n4, self.outliers)
+
+    @classmethod
+    def stack_rows(cls, parts: list["PackedLinear"]) -> "PackedLinear":
+        """One linear computing [part0(x), part1(x), ...] along the output; the parts must share `stack_key`."""
+        if len({p.stack_key() for p in parts}) != 1:
+            raise ValueError("only linears with the same input width, group size, tile rows, n4 and outliers stack")
+        biases = [p.bias for p in parts]
+        bias = None if all(b is None for b in biases) else torch.cat(
+            [b if b is not None else p.ss2.new_zeros(p.out_features) for p, b in zip(parts, biases)])
+        head = parts[0]
+        return cls(sum(p.out_features for p in parts), head.in_features, head.group_size, head.tile_rows, head.n4,
+                   head.outliers, **{n: torch.cat([getattr(p, n) for p in parts]) for n in TENSOR_NAMES}, bias=bias)
+
+    def leading_rows(self, rows: int) -> "PackedLinear":
+        """The linear of the first `rows` output rows (a multiple of tile_rows), as views of this one's tensors."""
+        if rows % self.tile_rows or not 0 < rows <= self.out_features:
+            raise ValueError(f"leading rows {rows} must be a positive multiple of {self.tile_rows} up to {self.out_features}")
+        t = rows // self.tile_rows
+        views = {n: getattr(self, n)[: rows if n in ("ss2", "ss4") else t] for n in TENSOR_NAMES}
+        return PackedLinear(rows, self.in_features, self.group_size, self.tile_rows, self.n4, self.outliers, **views,
+                            bias=None if self.bias is None else self.bias[:rows])
+
     # ---- building -------------------------------------------------------------------------------
     @classmethod
     def pack(

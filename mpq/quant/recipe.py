@@ -27,6 +27,9 @@ class Recipe:
     act_order: bool = True
     gptq_aware: bool = True  # scale each linear's sensitivities by its measured GPTQ gain (2 GPTQ runs per linear)
     damp: float = 0.01
+    # q/k/v and gate/up of a layer get one shared (4-bit tiles, outliers) state, so the runtime stacks each set into
+    # one GEMV launch; False lets each linear take its own
+    tie_shared_inputs: bool = True
     overrides: dict = field(default_factory=dict)  # module pattern -> 2 | 4 | 16
     max_ppl_ratio: float = 3.0  # quality gate on held-back calibration windows
     gate_windows: int = 4

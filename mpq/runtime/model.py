@@ -21,7 +21,7 @@ from torch import nn
 from mpq.errors import ArtifactError, MpqError
 from mpq.models import SUPPORTED_ARCHITECTURES
 from mpq.quant.format import PackedLinear
-from mpq.runtime.quant_linear import QuantLinear
+from mpq.runtime.quant_linear import QuantLinear, StackedQuantLinear
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -160,15 +160,22 @@ class FusedLinear(DenseLinear):
 
 
 class SplitLinears(nn.Module):
-    """Linears sharing one input (quantized ones cannot be concatenated in format v1). On CUDA each part after the
-    first runs on a side stream forked from and joined back into the current one, so the small decode GEMVs
-    overlap; a captured CUDA graph keeps the fork/join as parallel branches. `parallel = False` runs them in turn."""
+    """Linears sharing one input that cannot be stacked into one (a float-pinned part, or quantized parts with
+    different layouts). On CUDA each part after the first runs on a side stream forked from and joined back into
+    the current one, so the small decode GEMVs overlap; a captured CUDA graph keeps the fork/join as parallel
+    branches. `parallel = False` runs them in turn."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
         self.parts = nn.ModuleList(parts)
         self.parallel = True
         self._streams: list[torch.cuda.Stream] = []
+
+    def leading(self, n: int) -> "SplitLinears":
+        """The first n parts (the same modules), run in turn."""
+        lead = SplitLinears(list(self.parts[:n]))
+        lead.parallel = False
+        return lead
 
     def forward(self, x):
         if not (self.parallel and x.is_cuda and len(self.parts) > 1):
@@ -191,8 +198,9 @@ class WeightSource:
     """Tensors by HF name (float) and PackedLinears by HF module name, delivered on one device and dtype."""
 
     def __init__(self, floats: dict[str, torch.Tensor], packed: dict[str, PackedLinear] | None = None, *,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, stack: bool = True):
         self.floats, self.packed, self.device, self.dtype = floats, packed or {}, device, dtype
+        self.stack = stack  # False keeps stackable quantized linears apart (A/B timing of the stacking)
 
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.floats:
@@ -208,7 +216,11 @@ class WeightSource:
         return DenseLinear(self.tensor(f"{fqn}.weight"), self._bias(fqn))
 
     def linears(self, fqns: list[str]) -> nn.Module:
+        """One module for linears that read the same input; it returns their outputs in the order of `fqns`."""
         if any(f in self.packed for f in fqns):
+            parts = [self.packed.get(f) for f in fqns]
+            if self.stack and all(parts) and len({p.stack_key() for p in parts}) == 1:
+                return StackedQuantLinear.of([p.to(self.device) for p in parts])
             return SplitLinears([self.linear(f) for f in fqns])
         return FusedLinear([self.tensor(f"{f}.weight") for f in fqns], [self._bias(f) for f in fqns])
 
@@ -235,7 +247,8 @@ class Block(nn.Module):
         self.args = args
         self.register_buffer("attn_norm", w.tensor(p + "input_layernorm.weight"))
         self.register_buffer("mlp_norm", w.tensor(p + "post_attention_layernorm.weight"))
-        self.qkv = w.linears([p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"])
+        # k and v lead, so that the exit decoder's KV fill runs on a prefix of the same weights (`leading(2)`)
+        self.kvq = w.linears([p + "self_attn.k_proj", p + "self_attn.v_proj", p + "self_attn.q_proj"])
         self.o = w.linear(p + "self_attn.o_proj")
         self.gate_up = w.linears([p + "mlp.gate_proj", p + "mlp.up_proj"])
         self.down = w.linear(p + "mlp.down_proj")
@@ -244,7 +257,7 @@ class Block(nn.Module):
     def attention(self, h, input_pos, cos, sin, mask, ops: SmallOps):
         a = self.args
         B, S, _ = h.shape
-        q, k, v = self.qkv(h)
+        k, v, q = self.kvq(h)
         cache = self.kv_cache.kv
         q = ops.rope_write(q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim),
                            v.view(B, S, a.n_kv_heads, a.head_dim), cos, sin, cache, input_pos)

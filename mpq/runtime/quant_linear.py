@@ -52,3 +52,24 @@ class QuantLinear(nn.Module):
         w = self.dequantized_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, w, bias)
+
+
+class StackedQuantLinear(QuantLinear):
+    """Quantized linears that read one input and share one layout (`PackedLinear.stack_key`), stored as one
+    linear: one GEMV launch for the set, whose larger grid fills the card better than three small ones in a
+    row. Returns the parts' outputs."""
+
+    def __init__(self, packed: PackedLinear, splits: list[int]):
+        super().__init__(packed)
+        self.splits = list(splits)
+
+    @classmethod
+    def of(cls, parts: list[PackedLinear]) -> "StackedQuantLinear":
+        return cls(PackedLinear.stack_rows(parts), [p.out_features for p in parts])
+
+    def leading(self, n: int) -> "StackedQuantLinear":
+        """The first n parts as their own module, over views of this one's buffers (no copy)."""
+        return StackedQuantLinear(self.packed().leading_rows(sum(self.splits[:n])), self.splits[:n])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return super().forward(x).split(self.splits, dim=-1)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from mpq.errors import MpqError
-from mpq.runtime.model import SmallOps, Transformer, rope_inv_freq
+from mpq.runtime.model import SmallOps, SplitLinears, Transformer, rope_inv_freq
+from mpq.runtime.quant_linear import StackedQuantLinear
 from mpq.specee.bundle import SpecEE
 from mpq.specee.draft import _rotate, rope_tables
 from mpq.specee.features import final_norm, fold_norm
@@ -76,17 +77,23 @@ def lm_head_weight(model: Transformer) -> torch.Tensor:
 
 def kv_projection(layer, dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Dense [2*kv_dim, D] k/v weights (and bias) of a Block, or None when they are quantized on the GPU."""
-    qkv = layer.qkv
-    if hasattr(qkv, "splits"):  # FusedLinear
-        nq = qkv.splits[0]
-        return qkv.weight[nq:], None if qkv.bias is None else qkv.bias[nq:]
-    k, v = qkv.parts[1], qkv.parts[2]
-    if k.weight.is_cuda if hasattr(k, "weight") else k.q2.is_cuda:
-        return None
-    ws = [p.weight if hasattr(p, "weight") else p.dequantized_weight(dtype) for p in (k, v)]
-    bs = [p.bias for p in (k, v)]
-    bias = None if all(b is None for b in bs) else torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(ws, bs)])
-    return torch.cat(ws), bias
+    kvq = layer.kvq
+    if isinstance(kvq, SplitLinears):
+        k, v = kvq.parts[0], kvq.parts[1]
+        if k.weight.is_cuda if hasattr(k, "weight") else k.q2.is_cuda:
+            return None
+        ws = [p.weight if hasattr(p, "weight") else p.dequantized_weight(dtype) for p in (k, v)]
+        bs = [p.bias for p in (k, v)]
+        bias = None if all(b is None for b in bs) else torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(ws, bs)])
+        return torch.cat(ws), bias
+    rows = sum(kvq.splits[:2])  # a stacked linear (float or quantized): k and v are its leading rows
+    if isinstance(kvq, StackedQuantLinear):
+        if kvq.q2.is_cuda:
+            return None
+        weight = kvq.dequantized_weight(dtype)
+    else:
+        weight = kvq.weight
+    return weight[:rows], None if kvq.bias is None else kvq.bias[:rows].to(weight.dtype)
 
 
 class ExitDecoder:
@@ -130,6 +137,8 @@ class ExitDecoder:
         self.kv_w = None if any(p is None for p in projs) else torch.stack([p[0] for p in projs])
         self.kv_b = None if self.kv_w is None or projs[0][1] is None else torch.stack([p[1] for p in projs])
         self.attn_norms = torch.stack([layer.attn_norm for layer in self.model.layers])
+        # GPU, quantized: each layer's k and v linears as one module (a prefix of its stacked weights where stacked)
+        self.kv_linears = [layer.kvq.leading(2) for layer in self.model.layers] if self.kv_w is None else []
 
     # ---- the engine's layer, piece by piece --------------------------------------------------------------
     def run_layer(self, i: int, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, ops: SmallOps) -> torch.Tensor:
@@ -180,8 +189,8 @@ class ExitDecoder:
                 t.record_stream(side)
         for j, layer in enumerate(model.layers[first:]):
             with torch.cuda.stream(self.fill_streams[j % FILL_STREAMS]):
-                k = layer.qkv.parts[1](hs[j:j + 1]).view(1, 1, a.n_kv_heads, a.head_dim)
-                v = layer.qkv.parts[2](hs[j:j + 1]).view(1, 1, a.n_kv_heads, a.head_dim)
+                k, v = self.kv_linears[first + j](hs[j:j + 1])
+                k, v = k.view(1, 1, a.n_kv_heads, a.head_dim), v.view(1, 1, a.n_kv_heads, a.head_dim)
                 model.ops.rope_write(k, k, v, cos, sin, layer.kv_cache.kv, pos)  # the layer's own cache write
 
     def join_fill(self) -> None:

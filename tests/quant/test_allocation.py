@@ -85,3 +85,46 @@ def test_override_parsing_and_matching():
     assert pin_for("model.layers.3.mlp.up_proj", o) is None
     with pytest.raises(MpqError):
         parse_overrides(["*.q_proj=3"])
+
+
+def shared_input_costs(seed=0):
+    """Two layers of q/k/v (k and v narrower, as in GQA) and gate/up, plus a down projection, all K = 128."""
+    gen = torch.Generator().manual_seed(seed)
+    costs = []
+    for layer in range(2):
+        for suffix, n in (("self_attn.q_proj", 64), ("self_attn.k_proj", 32), ("self_attn.v_proj", 32),
+                          ("mlp.gate_proj", 48), ("mlp.up_proj", 48), ("mlp.down_proj", 32)):
+            w = torch.randn(n, 128, generator=gen) * (1 + 3 * torch.rand(1, generator=gen))
+            hd = torch.rand(128, generator=gen) + 0.1
+            costs.append(linear_costs(f"model.layers.{layer}.{suffix}", group_sensitivity(w, hd, 32, (0, 1)), n, 128, 32, 16))
+    return costs
+
+
+@pytest.mark.parametrize("target", [2.8, 3.2, 3.8])
+def test_tied_shared_inputs_end_with_one_state_per_set(target):
+    costs = shared_input_costs()
+    free = allocate(costs, target, {})
+    plan = allocate(costs, target, {}, tie_shared_inputs=True)
+    by = {p.name: (p.n4, p.outliers) for p in plan.linears}
+    for layer in range(2):
+        p = f"model.layers.{layer}."
+        assert by[p + "self_attn.q_proj"] == by[p + "self_attn.k_proj"] == by[p + "self_attn.v_proj"]
+        assert by[p + "mlp.gate_proj"] == by[p + "mlp.up_proj"]
+    assert target - 0.25 < plan.bits_per_weight <= target + 1e-9
+    # tying only removes choices, so the untied plan predicts no more error
+    assert sum(p.predicted_error for p in free.linears) <= sum(p.predicted_error for p in plan.linears) + 1e-9
+
+
+def test_a_pinned_member_leaves_its_set_and_keeps_its_pin():
+    costs = shared_input_costs()
+    pins = {"model.layers.0.self_attn.v_proj": 4}
+    plan = allocate(costs, 3.0, pins, tie_shared_inputs=True)
+    by = {p.name: p for p in plan.linears}
+    assert by["model.layers.0.self_attn.v_proj"].n4 == costs[2].groups
+    assert (by["model.layers.0.self_attn.q_proj"].n4, by["model.layers.0.self_attn.q_proj"].outliers) == \
+        (by["model.layers.0.self_attn.k_proj"].n4, by["model.layers.0.self_attn.k_proj"].outliers)
+
+
+def test_untied_sets_differ_here_so_the_tie_test_means_something():
+    by = {p.name: (p.n4, p.outliers) for p in allocate(shared_input_costs(), 3.0, {}).linears}
+    assert any(len({by[f"model.layers.{i}.self_attn.{m}_proj"] for m in "qkv"}) > 1 for i in range(2))

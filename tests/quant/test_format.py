@@ -93,3 +93,25 @@ def test_bits_formula_matches_docs_and_stored_bytes(N, K, g, n4, k):
 
 def test_documented_example():
     assert bits_per_weight(4096, 4096, 128, 16, 8, 1) == pytest.approx(2.738, abs=5e-4)
+
+
+def test_stacked_rows_dequantize_to_the_parts_in_turn_and_lead_as_views():
+    parts = [random_packed(N=n, n4=1, k=2, seed=s)[0] for s, n in enumerate((32, 16, 48))]
+    parts[1].bias = torch.randn(16).half()
+    stacked = PackedLinear.stack_rows(parts)
+    assert stacked.out_features == 96 and stacked.stored_bytes() == sum(p.stored_bytes() for p in parts)
+    assert torch.equal(stacked.dequantize(), torch.cat([p.dequantize() for p in parts]))
+    assert torch.equal(stacked.bias, torch.cat([torch.zeros(32).half(), parts[1].bias, torch.zeros(48).half()]))
+    lead = stacked.leading_rows(48)
+    assert torch.equal(lead.dequantize(), torch.cat([p.dequantize() for p in parts[:2]]))
+    assert lead.q2.data_ptr() == stacked.q2.data_ptr()  # views, no copy
+    PackedLinear.from_tensors(lead.meta(), lead.tensors())  # a valid linear by the reader's checks
+    with pytest.raises(ValueError):
+        stacked.leading_rows(40)  # not a whole number of row tiles
+
+
+def test_linears_with_different_layouts_do_not_stack():
+    with pytest.raises(ValueError):
+        PackedLinear.stack_rows([random_packed(N=32, n4=1)[0], random_packed(N=32, n4=2)[0]])
+    with pytest.raises(ValueError):
+        PackedLinear.stack_rows([random_packed(N=32, k=1)[0], random_packed(N=32, k=2)[0]])

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from engine_testlib import engine_from_hf, rel_err, rtn_artifact, tiny_config, tiny_hf_model
+from engine_testlib import engine_from_hf, rel_err, rtn_artifact, rtn_pack, tiny_config, tiny_hf_model
 from mpq.errors import MpqError
-from mpq.runtime.model import ModelArgs, Transformer, WeightSource, weight_bytes
+from mpq.runtime.model import ModelArgs, SplitLinears, Transformer, WeightSource, weight_bytes
+from mpq.runtime.quant_linear import StackedQuantLinear
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -81,6 +82,8 @@ def test_artifact_logits_match_dequantized_reference(kind, tmp_path, byte_tokeni
         ids = torch.randint(0, 258, (1, 50), generator=torch.Generator().manual_seed(3))
         ref, out = hf(ids).logits, model(ids, torch.arange(50))
     assert rel_err(out, ref) < 1e-3
+    # the RTN layouts match within each shared-input set, so each set runs as one stacked linear
+    assert all(isinstance(m, StackedQuantLinear) for layer in model.layers for m in (layer.kvq, layer.gate_up))
     float_model = engine_from_hf(tiny_hf_model(tiny_config(kind)))
     assert weight_bytes(model) < weight_bytes(float_model) / 2  # packed linears, fp32 for the rest
 
@@ -99,3 +102,28 @@ def test_engine_on_the_data_free_quantizer_matches_its_dequantization():
             hf.get_submodule(fqn).weight.copy_(p.dequantize())
         ids = torch.randint(0, 258, (1, 32), generator=torch.Generator().manual_seed(4))
         assert rel_err(model(ids, torch.arange(32)), hf(ids).logits) < 1e-3
+
+
+def test_stacked_and_split_quantized_linears_give_the_same_logits(tmp_path, byte_tokenizer):
+    """Stacking is a runtime layout only: the engine with each set stacked equals the one with its parts apart, and
+    a set whose layouts differ falls back to separate parts."""
+    from mpq.artifact import load_artifact
+
+    hf = tiny_hf_model(tiny_config("llama"))
+    rtn_artifact(hf, tmp_path / "art", byte_tokenizer)
+    art = load_artifact(tmp_path / "art")
+    ids = torch.randint(0, 258, (1, 20), generator=torch.Generator().manual_seed(5))
+    logits = []
+    for stack in (True, False):
+        src = WeightSource(art.floats, art.linears, device=torch.device("cpu"), dtype=torch.float32, stack=stack)
+        model = Transformer(ModelArgs.from_hf_config(art.config), src).eval()
+        assert isinstance(model.layers[0].kvq, StackedQuantLinear if stack else SplitLinears)
+        model.setup_caches(32)
+        with torch.no_grad():
+            logits.append(model(ids, torch.arange(20)))
+    assert rel_err(logits[0], logits[1]) < 1e-5
+    linears = dict(art.linears)  # layer 0's v with two outliers per group: its set no longer stacks
+    linears["model.layers.0.self_attn.v_proj"] = rtn_pack(hf.state_dict()["model.layers.0.self_attn.v_proj.weight"], outliers=2)
+    src = WeightSource(art.floats, linears, device=torch.device("cpu"), dtype=torch.float32)
+    model = Transformer(ModelArgs.from_hf_config(art.config), src)
+    assert isinstance(model.layers[0].kvq, SplitLinears) and isinstance(model.layers[1].kvq, StackedQuantLinear)

@@ -66,7 +66,7 @@ def _reference_fill(model, x, pos, first):
     a = model.args
     for layer in model.layers[first:]:
         _, h = ops.add_rms_norm(x, None, layer.attn_norm, a.norm_eps)
-        q, k, v = layer.qkv(h)
+        k, v, q = layer.kvq(h)
         _, kv = ops.rope(q.view(1, 1, a.n_heads, a.head_dim), k.view(1, 1, a.n_kv_heads, a.head_dim),
                          v.view(1, 1, a.n_kv_heads, a.head_dim), model.rope_cos[pos], model.rope_sin[pos])
         layer.kv_cache.update(pos, kv)
