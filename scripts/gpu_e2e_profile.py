@@ -18,7 +18,7 @@ from mpq.bench.kernels import random_layer
 from mpq.runtime.generate import Generator
 from mpq.runtime.model import ModelArgs, Transformer, WeightSource
 
-FAMILIES = (("_gemv_kernel", "mpq GEMV"), ("_gemm_kernel", "mpq GEMM"), ("_dequant_kernel", "mpq dequant"), ("fmha", "SDPA"),
+FAMILIES = (("_gemv_kernel", "mpq GEMV"), ("_gemv_h2", "mpq GEMV"), ("_gemm_kernel", "mpq GEMM"), ("_dequant_kernel", "mpq dequant"), ("fmha", "SDPA"),
             ("attention", "SDPA"), ("triton_", "inductor (small ops)"), ("gemv", "cuBLAS GEMV"), ("gemm", "cuBLAS"),
             ("index", "index/copy"), ("copy", "index/copy"), ("elementwise", "eager elementwise"), ("reduce", "eager reduce"))
 
