@@ -113,7 +113,8 @@ class GraphStep:
             masks = m.causal[pos].view(1, 1, 1, 1, -1).expand(L, -1, -1, -1, -1)
         else:  # drop mode: each layer masks the positions it skipped (one add for all layers)
             masks = (m.causal[pos].view(1, -1) + self.dropped).view(L, 1, 1, 1, -1)
-        x, delta, joined = m.embed[self.token].view(1, 1, -1), None, False
+        x, delta = m.embed[self.token].view(1, 1, -1), None
+        joined = not draft  # the draft stream joins main once, before the first predictor reads its rows
         calls = ([i for i in self.offline if i < e - 1] + ([e - 1] if e < L else [])) if predict else []
         for i, layer in enumerate(m.layers[:e]):
             x, h = ops.add_rms_norm(x, delta, layer.attn_norm, eps)
@@ -126,7 +127,7 @@ class GraphStep:
                     joined = True
                 exit_probability(x.view(-1), m.norm, eps, rows, self.p_state, self.probe, i, self.mlp,
                                  self.preds.slot[i], first=i == calls[0], delta=delta.view(-1))
-        if draft and not joined:
+        if not joined:
             main.wait_stream(self.draft_stream)
         x, hn = ops.add_rms_norm(x, delta, m.norm, eps)
         if e < L and fill:  # forked before the LM head, so the skipped layers' K/V overlap it
