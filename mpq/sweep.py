@@ -104,7 +104,7 @@ def sweep(opts: SweepOptions) -> dict:
 
     def add_mpq(target: float, r, variant_costs, variant: str):
         t0 = time.time()
-        plan = allocate(variant_costs, target, pins, recipe.tie_shared_inputs)
+        plan = allocate(variant_costs, target, pins, recipe.tied_sets)
         results = quantize_model_linears(model, hessians, plan, variant_costs, r)
         add("mpq", measured_bits(results, plan), dequantized_copy(model, results), t0, target_bits=target, variant=variant)
 

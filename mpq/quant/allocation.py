@@ -5,7 +5,7 @@ Each linear m has a state (n4, k): n4 4-bit tiles in every row tile (the R-row t
 Hessian-weighted squared error summed over groups. Starting from (0, 0) everywhere, a greedy loop takes
 the move (n4 + 1, or k + 1) with the most error removed per stored bit until the budget is spent.
 Pinned linears (overrides) take no moves: 2 = all 2-bit without outliers, 4 = all 4-bit, 16 = float.
-With `tie_shared_inputs`, the unpinned linears of one layer that read the same input (q/k/v, gate/up) move as one
+With `tied_sets` (module suffixes, e.g. k/v and gate/up), the unpinned linears of one set in one layer move as one
 unit, so they end with equal (n4, k) and the runtime can stack them into one GEMV launch (`PackedLinear.stack_rows`).
 """
 
@@ -21,8 +21,6 @@ from mpq.errors import MpqError
 from mpq.quant.format import bits_per_weight
 
 PIN_VALUES = (2, 4, 16)
-# linears of one decoder layer that read the same input, by HF module suffix
-SHARED_INPUT_SETS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("mlp.gate_proj", "mlp.up_proj"))
 
 
 @dataclass
@@ -140,13 +138,13 @@ def reachable_range(linears: list[LinearCosts], pins: dict[str, int]) -> tuple[f
     return lo / total, hi / total
 
 
-def shared_input_units(linears: list[LinearCosts]) -> list[list[LinearCosts]]:
-    """The linears grouped into units that move together: each shared-input set of a layer whose members have the
-    same group columns and candidate outlier counts, every other linear alone."""
+def tied_units(linears: list[LinearCosts], tied_sets) -> list[list[LinearCosts]]:
+    """The linears grouped into units that move together: the members of each tied set (module suffixes) within one
+    layer that have the same group columns and candidate outlier counts; every other linear alone."""
     units: dict[tuple, list[LinearCosts]] = {}
     for lin in linears:
         key: tuple = (lin.name,)
-        for s, suffixes in enumerate(SHARED_INPUT_SETS):
+        for s, suffixes in enumerate(tied_sets):
             suffix = next((x for x in suffixes if lin.name.endswith("." + x)), None)
             if suffix is not None:
                 key = (lin.name[: -len(suffix)], s, lin.groups, lin.tile_rows, tuple(sorted(lin.errors)))
@@ -154,7 +152,7 @@ def shared_input_units(linears: list[LinearCosts]) -> list[list[LinearCosts]]:
     return list(units.values())
 
 
-def allocate(linears: list[LinearCosts], target_bits: float, pins: dict[str, int], tie_shared_inputs: bool = False) -> Plan:
+def allocate(linears: list[LinearCosts], target_bits: float, pins: dict[str, int], tied_sets=()) -> Plan:
     lo, hi = reachable_range(linears, pins)
     if not lo - 1e-9 <= target_bits <= hi + 1e-9:
         raise MpqError(f"--target-bits {target_bits} is outside what the format can reach here: {lo:.3f} to {hi:.3f} bits/weight")
@@ -167,7 +165,7 @@ def allocate(linears: list[LinearCosts], target_bits: float, pins: dict[str, int
         state[lin.name] = pinned_state(lin, pin) if pin in (2, 4) else (0, 0)
         spent += (16.0 if pin == 16 else lin.bits(*state[lin.name])) * lin.weights
     free = [lin for lin in linears if lin.name not in pins]
-    units = shared_input_units(free) if tie_shared_inputs else [[lin] for lin in free]
+    units = tied_units(free, tied_sets)
     while True:
         best, best_ratio = None, 0.0
         for unit in units:

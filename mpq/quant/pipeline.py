@@ -127,7 +127,7 @@ def quantize_state_dict(weights: dict[str, torch.Tensor], target_bits: float, re
     recipe = recipe or Recipe(target_bits=target_bits)
     pins = pins_for(weights, overrides or {})
     costs = [measure_linear(n, w, None, recipe) for n, w in weights.items()]
-    plan = allocate(costs, target_bits, pins, recipe.tie_shared_inputs)
+    plan = allocate(costs, target_bits, pins, recipe.tied_sets)
     packed = {}
     for c, row in zip(costs, plan.linears):
         if row.pinned != 16:
@@ -161,7 +161,7 @@ def quantize_model(opts: QuantizeOptions) -> Plan:
 
     fisher = calibration_fisher(opts.calib if calib is not None else None, shapes, recipe)
     costs = measure_model(model, hessians, recipe, fisher)
-    plan = allocate(costs, recipe.target_bits, pins, recipe.tie_shared_inputs)
+    plan = allocate(costs, recipe.target_bits, pins, recipe.tied_sets)
     if opts.plan_only:
         _write_plan(opts.out, plan)
         print_plan(plan)

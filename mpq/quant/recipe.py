@@ -27,9 +27,9 @@ class Recipe:
     act_order: bool = True
     gptq_aware: bool = True  # scale each linear's sensitivities by its measured GPTQ gain (2 GPTQ runs per linear)
     damp: float = 0.01
-    # q/k/v and gate/up of a layer get one shared (4-bit tiles, outliers) state, so the runtime stacks each set into
-    # one GEMV launch; False lets each linear take its own
-    tie_shared_inputs: bool = True
+    # module suffixes whose linears (same input) share one (4-bit tiles, outliers) state in each layer, so that the
+    # runtime stacks each set into one GEMV launch; [] lets every linear take its own
+    tied_sets: list = field(default_factory=lambda: [["self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]])
     overrides: dict = field(default_factory=dict)  # module pattern -> 2 | 4 | 16
     max_ppl_ratio: float = 3.0  # quality gate on held-back calibration windows
     gate_windows: int = 4
@@ -62,6 +62,9 @@ class Recipe:
             raise MpqError(f"recipe outliers must be 'auto' or an integer, not {self.outliers!r}")
         if self.allocation not in ALLOCATIONS:
             raise MpqError(f"recipe allocation must be one of {', '.join(ALLOCATIONS)}, not {self.allocation!r}")
+        if not (isinstance(self.tied_sets, list) and all(isinstance(t, list) and all(isinstance(m, str) for m in t)
+                                                         for t in self.tied_sets)):
+            raise MpqError("recipe tied_sets must be a list of lists of module suffixes, e.g. [[mlp.gate_proj, mlp.up_proj]]")
         if not isinstance(self.overrides, dict):
             raise MpqError("recipe overrides must be a mapping PATTERN: 2|4|16")
 

@@ -160,8 +160,8 @@ class FusedLinear(DenseLinear):
 
 
 class SplitLinears(nn.Module):
-    """Linears sharing one input that cannot be stacked into one (a float-pinned part, or quantized parts with
-    different layouts). On CUDA each part after the first runs on a side stream forked from and joined back into
+    """Linears sharing one input that cannot all be stacked into one (a float-pinned part, or quantized parts with
+    different layouts); a part may itself be a stack. On CUDA each part after the first runs on a side stream forked from and joined back into
     the current one, so the small decode GEMVs overlap; a captured CUDA graph keeps the fork/join as parallel
     branches. `parallel = False` runs them in turn."""
 
@@ -171,15 +171,26 @@ class SplitLinears(nn.Module):
         self.parallel = True
         self._streams: list[torch.cuda.Stream] = []
 
-    def leading(self, n: int) -> "SplitLinears":
-        """The first n parts (the same modules), run in turn."""
-        lead = SplitLinears(list(self.parts[:n]))
-        lead.parallel = False
-        return lead
+    def leading(self, n: int) -> nn.Module:
+        """A module computing the first n outputs (the same modules, run in turn)."""
+        lead = []
+        for part in self.parts:
+            width = len(part.splits) if isinstance(part, StackedQuantLinear) else 1
+            if width > n:
+                part = part.leading(n)
+            lead.append(part)
+            n -= min(width, n)
+            if n == 0:
+                break
+        if len(lead) == 1 and isinstance(lead[0], StackedQuantLinear):
+            return lead[0]
+        split = SplitLinears(lead)
+        split.parallel = False
+        return split
 
     def forward(self, x):
         if not (self.parallel and x.is_cuda and len(self.parts) > 1):
-            return tuple(p(x) for p in self.parts)
+            return _flat([p(x) for p in self.parts])
         if not self._streams:  # created on the first (warm-up) call, never inside a capture
             self._streams = [torch.cuda.Stream(x.device) for _ in self.parts[1:]]
         main = torch.cuda.current_stream(x.device)
@@ -191,7 +202,12 @@ class SplitLinears(nn.Module):
         first = self.parts[0](x)
         for side in self._streams:
             main.wait_stream(side)
-        return (first, *outs)
+        return _flat([first, *outs])
+
+
+def _flat(outputs: list) -> tuple[torch.Tensor, ...]:
+    """The parts' outputs in order, a stacked part's own outputs spliced in."""
+    return tuple(y for out in outputs for y in (out if isinstance(out, tuple) else (out,)))
 
 
 class WeightSource:
@@ -210,18 +226,27 @@ class WeightSource:
     def _bias(self, fqn: str) -> torch.Tensor | None:
         return self.tensor(f"{fqn}.bias") if f"{fqn}.bias" in self.floats else None
 
+    def _stackable(self, a: str, b: str) -> bool:
+        return a in self.packed and b in self.packed and self.packed[a].stack_key() == self.packed[b].stack_key()
+
     def linear(self, fqn: str) -> nn.Module:
         if fqn in self.packed:
             return QuantLinear(self.packed[fqn].to(self.device))
         return DenseLinear(self.tensor(f"{fqn}.weight"), self._bias(fqn))
 
     def linears(self, fqns: list[str]) -> nn.Module:
-        """One module for linears that read the same input; it returns their outputs in the order of `fqns`."""
+        """One module for linears that read the same input; it returns their outputs in the order of `fqns`.
+        Consecutive quantized ones with one layout (`PackedLinear.stack_key`) stack into one linear (one launch)."""
         if any(f in self.packed for f in fqns):
-            parts = [self.packed.get(f) for f in fqns]
-            if self.stack and all(parts) and len({p.stack_key() for p in parts}) == 1:
-                return StackedQuantLinear.of([p.to(self.device) for p in parts])
-            return SplitLinears([self.linear(f) for f in fqns])
+            runs: list[list[str]] = []
+            for f in fqns:
+                if runs and self.stack and self._stackable(runs[-1][-1], f):
+                    runs[-1].append(f)
+                else:
+                    runs.append([f])
+            parts = [StackedQuantLinear.of([self.packed[f].to(self.device) for f in run]) if len(run) > 1
+                     else self.linear(run[0]) for run in runs]
+            return parts[0] if len(parts) == 1 else SplitLinears(parts)
         return FusedLinear([self.tensor(f"{f}.weight") for f in fqns], [self._bias(f) for f in fqns])
 
 

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from mpq.errors import MpqError
-from mpq.runtime.model import SmallOps, SplitLinears, Transformer, rope_inv_freq
-from mpq.runtime.quant_linear import StackedQuantLinear
+from mpq.runtime.model import FusedLinear, SmallOps, SplitLinears, Transformer, rope_inv_freq
+from mpq.runtime.quant_linear import QuantLinear
 from mpq.specee.bundle import SpecEE
 from mpq.specee.draft import _rotate, rope_tables
 from mpq.specee.features import final_norm, fold_norm
@@ -78,22 +78,17 @@ def lm_head_weight(model: Transformer) -> torch.Tensor:
 def kv_projection(layer, dtype) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """Dense [2*kv_dim, D] k/v weights (and bias) of a Block, or None when they are quantized on the GPU."""
     kvq = layer.kvq
-    if isinstance(kvq, SplitLinears):
-        k, v = kvq.parts[0], kvq.parts[1]
-        if k.weight.is_cuda if hasattr(k, "weight") else k.q2.is_cuda:
-            return None
-        ws = [p.weight if hasattr(p, "weight") else p.dequantized_weight(dtype) for p in (k, v)]
-        bs = [p.bias for p in (k, v)]
-        bias = None if all(b is None for b in bs) else torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(ws, bs)])
-        return torch.cat(ws), bias
-    rows = sum(kvq.splits[:2])  # a stacked linear (float or quantized): k and v are its leading rows
-    if isinstance(kvq, StackedQuantLinear):
-        if kvq.q2.is_cuda:
-            return None
-        weight = kvq.dequantized_weight(dtype)
-    else:
-        weight = kvq.weight
-    return weight[:rows], None if kvq.bias is None else kvq.bias[:rows].to(weight.dtype)
+    if isinstance(kvq, FusedLinear):  # float: k and v are the leading rows
+        rows = sum(kvq.splits[:2])
+        return kvq.weight[:rows], None if kvq.bias is None else kvq.bias[:rows]
+    lead = kvq.leading(2)
+    if any(isinstance(m, QuantLinear) and m.q2.is_cuda for m in lead.modules()):
+        return None
+    parts = list(lead.parts) if isinstance(lead, SplitLinears) else [lead]
+    ws = [p.weight if hasattr(p, "weight") else p.dequantized_weight(dtype) for p in parts]
+    bs = [p.bias for p in parts]
+    bias = None if all(b is None for b in bs) else torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(ws, bs)])
+    return torch.cat(ws), bias
 
 
 class ExitDecoder:

@@ -87,6 +87,9 @@ def test_override_parsing_and_matching():
         parse_overrides(["*.q_proj=3"])
 
 
+QKV_GATE_UP = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]]
+
+
 def shared_input_costs(seed=0):
     """Two layers of q/k/v (k and v narrower, as in GQA) and gate/up, plus a down projection, all K = 128."""
     gen = torch.Generator().manual_seed(seed)
@@ -104,7 +107,7 @@ def shared_input_costs(seed=0):
 def test_tied_shared_inputs_end_with_one_state_per_set(target):
     costs = shared_input_costs()
     free = allocate(costs, target, {})
-    plan = allocate(costs, target, {}, tie_shared_inputs=True)
+    plan = allocate(costs, target, {}, tied_sets=QKV_GATE_UP)
     by = {p.name: (p.n4, p.outliers) for p in plan.linears}
     for layer in range(2):
         p = f"model.layers.{layer}."
@@ -118,7 +121,7 @@ def test_tied_shared_inputs_end_with_one_state_per_set(target):
 def test_a_pinned_member_leaves_its_set_and_keeps_its_pin():
     costs = shared_input_costs()
     pins = {"model.layers.0.self_attn.v_proj": 4}
-    plan = allocate(costs, 3.0, pins, tie_shared_inputs=True)
+    plan = allocate(costs, 3.0, pins, tied_sets=QKV_GATE_UP)
     by = {p.name: p for p in plan.linears}
     assert by["model.layers.0.self_attn.v_proj"].n4 == costs[2].groups
     assert (by["model.layers.0.self_attn.q_proj"].n4, by["model.layers.0.self_attn.q_proj"].outliers) == \

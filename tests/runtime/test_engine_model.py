@@ -122,8 +122,18 @@ def test_stacked_and_split_quantized_linears_give_the_same_logits(tmp_path, byte
         with torch.no_grad():
             logits.append(model(ids, torch.arange(20)))
     assert rel_err(logits[0], logits[1]) < 1e-5
-    linears = dict(art.linears)  # layer 0's v with two outliers per group: its set no longer stacks
-    linears["model.layers.0.self_attn.v_proj"] = rtn_pack(hf.state_dict()["model.layers.0.self_attn.v_proj.weight"], outliers=2)
+    # layer 0's q with two outliers per group: k/v still stack, q runs beside them; layer 1 stays one stack
+    linears = dict(art.linears)
+    linears["model.layers.0.self_attn.q_proj"] = rtn_pack(hf.state_dict()["model.layers.0.self_attn.q_proj.weight"], outliers=2)
     src = WeightSource(art.floats, linears, device=torch.device("cpu"), dtype=torch.float32)
     model = Transformer(ModelArgs.from_hf_config(art.config), src)
-    assert isinstance(model.layers[0].kvq, SplitLinears) and isinstance(model.layers[1].kvq, StackedQuantLinear)
+    kvq = model.layers[0].kvq
+    assert isinstance(kvq, SplitLinears) and isinstance(kvq.parts[0], StackedQuantLinear)
+    assert isinstance(model.layers[1].kvq, StackedQuantLinear)
+    h = torch.randn(3, 64)
+    with torch.no_grad():
+        k, v, q = kvq(h)
+        for lead in (kvq.leading(2), model.layers[1].kvq.leading(2)):
+            assert isinstance(lead, StackedQuantLinear) and len(lead.splits) == 2
+        lk, lv = kvq.leading(2)(h)
+    assert torch.equal(lk, k) and torch.equal(lv, v) and q.shape == (3, 64)
