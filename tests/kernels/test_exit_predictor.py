@@ -53,28 +53,3 @@ def test_exit_probability_matches_reference(dim, hidden, dtype):
         torch.testing.assert_close(p_state, p_ref.float(), rtol=1e-4, atol=1e-5)  # fp32, summation order differs
     untouched = [i for i in range(8) if i not in layers]
     assert torch.isnan(out[untouched]).all()  # writes only its own slot
-
-
-@pytest.mark.parametrize("split", [2, 8])
-def test_split_programs_give_the_single_programs_result(split):
-    """The split kernel sums its partial logits in a fixed order: equal to one program up to fp32 rounding, and its
-    counter is back at zero after each call (so a replayed graph starts clean)."""
-    from kernels.exit_predictor import _workspace
-
-    gen = torch.Generator().manual_seed(split)
-    dim, layers = 1000, [2, 5]
-    pred = random_predictors(layers, 96, gen)
-    norm_w = (torch.rand(dim, generator=gen) + 0.5).to(DEV, torch.float16)
-    rows = (torch.randn(4, dim, generator=gen) * 0.3).to(DEV, torch.float16)
-    outs, states = [], []
-    for s in (1, split):
-        out, p_state = torch.full((8,), float("nan"), device=DEV), torch.zeros(4, device=DEV)
-        for step, layer in enumerate(layers):
-            x = (torch.randn(dim, generator=torch.Generator().manual_seed(step)) * 2).to(DEV, torch.float16)
-            exit_probability(x, norm_w, 1e-5, rows, p_state, out, layer, pred.kernel_tensors(), pred.slot[layer],
-                             first=step == 0, split=s)
-            assert int(_workspace(x.device)[1]) == 0
-        outs.append(out)
-        states.append(p_state)
-    torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-6, equal_nan=True)
-    torch.testing.assert_close(states[1], states[0], rtol=1e-5, atol=1e-6)
