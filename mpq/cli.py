@@ -211,7 +211,8 @@ def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="writ
               early_exit: bool = typer.Option(False, "--early-exit", help="SpecEE exits, trace-driven (see --trace)"),
               trace: Path = typer.Option(Path("benchmarks/results/specee-trace-smollm2.json"),
                                          help="--early-exit: JSON of `mpq eval --early-exit --json` whose exit histogram is replayed"),
-              draft_vocab: int = typer.Option(4096, help="--early-exit: rows of the draft head's reduced vocabulary")):
+              draft_vocab: int = typer.Option(4096, help="--early-exit: rows of the draft head's reduced vocabulary"),
+              recipe: Optional[str] = typer.Option(None, help="recipe name or YAML whose allocation options the data-free quantization uses")):
     """Batch-1 decode of a Llama-2-7B-shaped model: mpq vs this engine in fp16 vs transformers fp16."""
     if early_exit:
         from mpq.specee.bench import bench_early_exit
@@ -228,7 +229,9 @@ def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="writ
         return
     from mpq.bench.e2e import bench_e2e as run_bench
 
-    result = run_bench(json_out)
+    from mpq.quant.recipe import load_recipe
+
+    result = run_bench(json_out, recipe=load_recipe(recipe) if recipe else None)
     for r in result["rows"]:
         typer.echo(f"{r['impl']:12s} {r['ms_per_token']:8.2f} ms/token {r['tokens_per_s']:8.1f} tokens/s {r['weight_gb']:6.2f} GB")
     typer.echo(f"floor {result['floor_ms_per_token']:.2f} ms/token at {result['copy_tb_s']:.2f} TB/s copy bandwidth")

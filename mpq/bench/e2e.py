@@ -83,12 +83,16 @@ def random_hf_model(config):
 
 
 def quantized_source(state_dict: dict[str, torch.Tensor], n_layers: int, device, dtype=torch.float16,
-                     target_bits: float = TARGET_BITS) -> WeightSource:
-    """Data-free quantization of every decoder linear (the `--calib none` path); the rest stays fp16."""
+                     target_bits: float = TARGET_BITS, recipe=None) -> WeightSource:
+    """Data-free quantization of every decoder linear (the `--calib none` path, with the recipe's allocation
+    options); the rest stays fp16."""
+    from dataclasses import replace
+
     from mpq.quant.pipeline import quantize_state_dict
 
     names = [f"model.layers.{i}.{s}" for i in range(n_layers) for s in LINEAR_SUFFIXES]
-    packed, _ = quantize_state_dict({n: state_dict[f"{n}.weight"] for n in names}, target_bits)
+    recipe = None if recipe is None else replace(recipe, target_bits=target_bits)
+    packed, _ = quantize_state_dict({n: state_dict[f"{n}.weight"] for n in names}, target_bits, recipe)
     packed = {n: p.to("cpu") for n, p in packed.items()}  # so that building the engine allocates what it keeps
     floats = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[0] not in packed}
     return WeightSource(floats, packed, device=device, dtype=dtype)
@@ -103,7 +107,18 @@ def _build(config: dict, source: WeightSource) -> tuple[Transformer, float]:
     return model, (torch.cuda.memory_allocated() - before) / 1e9
 
 
-def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens: int = 256) -> dict:
+def stacked_sets(model: Transformer) -> dict[str, str]:
+    """How many layers run each shared-input set as one stacked GEMV (the allocation decides)."""
+    from mpq.runtime.quant_linear import StackedQuantLinear
+
+    n = len(model.layers)
+    kvq = sum(isinstance(b.kvq, StackedQuantLinear) for b in model.layers)
+    kv = sum(isinstance(b.kvq.leading(2), StackedQuantLinear) for b in model.layers if hasattr(b.kvq, "leading"))
+    gate_up = sum(isinstance(b.gate_up, StackedQuantLinear) for b in model.layers)
+    return {"k/v/q": f"{kvq} of {n}", "k/v": f"{kv} of {n}", "gate/up": f"{gate_up} of {n}"}
+
+
+def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens: int = 256, recipe=None) -> dict:
     if not torch.cuda.is_available():
         raise MpqError("mpq bench e2e needs a CUDA GPU")
     from transformers import LlamaConfig
@@ -120,7 +135,7 @@ def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens
     rows = []
 
     started = time.time()
-    qsource = quantized_source(sd, config.num_hidden_layers, dev)
+    qsource = quantized_source(sd, config.num_hidden_layers, dev, recipe=recipe)
     quantize_s = time.time() - started
     bits = 8 * sum(p.stored_bytes() for p in qsource.packed.values()) / sum(
         p.in_features * p.out_features for p in qsource.packed.values())
@@ -131,6 +146,7 @@ def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens
         model.compile_small_ops()
         extra = {}
         if impl == "mpq":  # the same engine with q/k/v and gate/up run one after another instead of overlapped
+            extra["stacked_sets"] = stacked_sets(model)
             model.parallel_linears(False)
             extra["ms_per_token_serial_linears"] = time_engine(model, prompt, new_tokens)["ms_per_token"]
             model.parallel_linears(True)
@@ -150,6 +166,7 @@ def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens
     result = {
         **environment(),
         "model": "Llama-2-7B shape, random fp16 weights (std 0.02)", "prompt_tokens": prompt_tokens, "new_tokens": new_tokens,
+        "recipe": "default" if recipe is None else recipe.name,
         "bits_per_weight": bits, "quantize_seconds": quantize_s, "copy_tb_s": bandwidth / 1e12,
         "floor_ms_per_token": floor, "rows": rows,
         "speedup_vs_engine_fp16": by["engine_fp16"]["ms_per_token"] / by["mpq"]["ms_per_token"],

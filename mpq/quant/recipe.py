@@ -29,7 +29,7 @@ class Recipe:
     damp: float = 0.01
     # module suffixes whose linears (same input) share one (4-bit tiles, outliers) state in each layer, so that the
     # runtime stacks each set into one GEMV launch; [] lets every linear take its own
-    tied_sets: list = field(default_factory=lambda: [["self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]])
+    tied_sets: list = field(default_factory=lambda: [["self_attn.k_proj", "self_attn.v_proj"]])
     overrides: dict = field(default_factory=dict)  # module pattern -> 2 | 4 | 16
     max_ppl_ratio: float = 3.0  # quality gate on held-back calibration windows
     gate_windows: int = 4
