@@ -143,21 +143,26 @@ def test_sweep_ablation_measures_each_variant_with_its_own_recipe(setup, monkeyp
     assert variants == ["default", "no-gptq", "no-outliers", "relative-allocation"]
 
 
-def test_sweep_honours_recipe_pins(setup, monkeypatch):
-    """A recipe's overrides pin modules at every budget of a sweep, as they do in `quantize`."""
+def test_sweep_honours_recipe_pins_and_ties(setup, monkeypatch):
+    """A recipe's overrides pin modules and its tied sets share one state at every budget of a sweep, as they do in
+    `quantize`."""
     root, model, calib = setup
     import mpq.quant.allocation as allocation
 
     plans = []
     real = allocation.allocate
 
-    def spy(costs, target, pins):
-        plans.append(real(costs, target, pins))
+    ties = []
+
+    def spy(costs, target, pins, tied_sets=()):
+        ties.append(tied_sets)
+        plans.append(real(costs, target, pins, tied_sets))
         return plans[-1]
 
     monkeypatch.setattr(allocation, "allocate", spy)
     recipe = root / "pinned.yaml"
-    recipe.write_text('version: 1\nname: pinned\noverrides: {"*.down_proj": 16, "model.layers.0.self_attn.q_proj": 4}\n')
+    recipe.write_text('version: 1\nname: pinned\noverrides: {"*.down_proj": 16, "model.layers.0.self_attn.q_proj": 4}\n'
+                      'tied_sets: [[mlp.gate_proj, mlp.up_proj]]\n')
     res = invoke("sweep", model, "--calib", calib, "--bits", "6.0,6.8", "--baselines", "", "--recipe", recipe,
                  "--dataset", root / "text.txt", "--windows", 2, "--seq-len", 128, "--json")
     assert res.exit_code == 0, res.output
@@ -167,6 +172,8 @@ def test_sweep_honours_recipe_pins(setup, monkeypatch):
         assert all(rows[f"model.layers.{i}.mlp.down_proj"].bits == 16 for i in (0, 1))
         q = rows["model.layers.0.self_attn.q_proj"]
         assert q.pinned == 4 and q.n4 == q.groups
+    assert ties == [[["mlp.gate_proj", "mlp.up_proj"]]] * 2  # the recipe's sets reach the allocator (test_allocation
+    # checks what a tie does)
 
 
 def test_sweep_refuses_unreachable_budget_before_loading(setup, monkeypatch):

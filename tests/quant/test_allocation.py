@@ -131,3 +131,13 @@ def test_a_pinned_member_leaves_its_set_and_keeps_its_pin():
 def test_untied_sets_differ_here_so_the_tie_test_means_something():
     by = {p.name: (p.n4, p.outliers) for p in allocate(shared_input_costs(), 3.0, {}).linears}
     assert any(len({by[f"model.layers.{i}.self_attn.{m}_proj"] for m in "qkv"}) > 1 for i in range(2))
+
+
+def test_recipe_tied_sets_are_checked_and_the_shipped_recipes_load():
+    from mpq.quant.recipe import Recipe, load_recipe
+
+    assert load_recipe("default") == Recipe()  # the YAML and the built-in defaults agree
+    assert load_recipe("fast").tied_sets == [["self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]]
+    for bad in ("mlp.gate_proj", [["mlp.gate_proj", 3]], ["mlp.gate_proj"]):
+        with pytest.raises(MpqError, match="tied_sets"):
+            Recipe.from_dict({"tied_sets": bad})
