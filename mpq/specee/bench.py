@@ -32,26 +32,30 @@ def scaled_trace(hist: dict, src_layers: int, layers: int, n: int, seed: int = 0
     return [max(1, min(layers, round(keys[i] * layers / src_layers))) for i in draw.tolist()]
 
 
-def _quantized_draft(model, draft, dev):
+def _quantized_draft(draft, dev):
+    """The draft layer's linears quantized data-free, as the engine's are, into draft.linears (its own eager path,
+    which the live decoder runs); the returned source builds the graph step's q/k/v and gate/up as the engine
+    builds its own (stacked where their layouts agree)."""
     from mpq.quant.pipeline import quantize_state_dict
+    from mpq.runtime.model import WeightSource
     from mpq.runtime.quant_linear import QuantLinear
 
     names = ("fc", "q", "k", "v", "o", "gate", "up", "down")
     packed, _ = quantize_state_dict({n: getattr(draft, n).detach().float().cpu() for n in names}, 2.9)
     draft.linears = {n: QuantLinear(packed[n].to(dev)) for n in names}
+    return WeightSource({}, {n: packed[n] for n in ("q", "k", "v", "gate", "up")}, device=dev, dtype=torch.float16)
 
 
 class GraphStep:
     """Static buffers and one captured decode step per (exit layer, fill or drop).
 
-    The step mirrors `Transformer.forward` (residual adds fused into the next norm, q/k/v and gate/up overlapped
-    on side streams) and adds the exit machinery: the draft head on its own stream, overlapped with the first
+    The step mirrors `Transformer.forward` (residual adds fused into the next norm, each shared-input set stacked
+    into one GEMV or its parts overlapped on side streams) and adds the exit machinery: the draft head on its own stream, overlapped with the first
     layers and joined before the first predictor; at each predicted layer one fused kernel for the features and
     the predictor (`kernels.exit_predictor`); at the exit, the LM head; in fill mode, the skipped layers' K/V
     (`ExitDecoder.fill_kv`, spread over side streams)."""
 
-    def __init__(self, model, draft, preds, offline, max_len):
-        from mpq.runtime.model import SplitLinears
+    def __init__(self, model, draft, draft_source, preds, offline, max_len):
         from mpq.specee.decode import ExitDecoder
 
         self.model, self.draft, self.preds, self.offline = model, draft, preds, offline
@@ -65,8 +69,8 @@ class GraphStep:
         self.p_state = torch.zeros(4, dtype=torch.float32, device=dev)
         self.mlp = preds.kernel_tensors()
         self.dcache = torch.zeros(2, a.n_kv_heads, max_len, a.head_dim, dtype=dt, device=dev)
-        self.d_qkv = SplitLinears([draft.linears[n] for n in ("q", "k", "v")])
-        self.d_gate_up = SplitLinears([draft.linears[n] for n in ("gate", "up")])
+        self.d_qkv = draft_source.linears(["q", "k", "v"])
+        self.d_gate_up = draft_source.linears(["gate", "up"])
         self.draft_stream = torch.cuda.Stream(dev)
         self.lm_w = model.output.weight
         self.dropped = torch.zeros(a.n_layers, max_len, dtype=dt, device=dev)
@@ -234,14 +238,14 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     with torch.no_grad():
         for n in ("o", "down"):
             getattr(draft, n).normal_(0, 0.02)
-    _quantized_draft(model, draft, dev)
+    draft_source = _quantized_draft(draft, dev)
     draft.to(dev, torch.float16)
     draft.bind_rows(model.output.weight)
     first = next(iter(traces.values()))
     exit_hist = torch.bincount(torch.tensor(first) - 1, minlength=L).float()
     preds = ExitPredictors(list(range(L - 1))).to(dev)
     # the engine's own cache length: SDPA's cost grows with it, so base and exits share it
-    step = GraphStep(model, draft, preds, auto_layers(exit_hist, call_cost=0.05),
+    step = GraphStep(model, draft, draft_source, preds, auto_layers(exit_hist, call_cost=0.05),
                      cache_length(model, prompt_tokens + new_tokens))
     rows = []
     variants = {"fill": {"fill": True, "draft": True, "predict": True}, "drop": {"fill": False, "draft": True, "predict": True}}
