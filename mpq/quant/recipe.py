@@ -28,8 +28,9 @@ class Recipe:
     gptq_aware: bool = True  # scale each linear's sensitivities by its measured GPTQ gain (2 GPTQ runs per linear)
     damp: float = 0.01
     # module suffixes whose linears (same input) share one (4-bit tiles, outliers) state in each layer, so that the
-    # runtime stacks each set into one GEMV launch; [] lets every linear take its own
-    tied_sets: list = field(default_factory=lambda: [["self_attn.k_proj", "self_attn.v_proj"]])
+    # runtime stacks each set into one GEMV launch (recipes/fast.yaml); [] lets every linear take its own, and
+    # untied parts that end in one state still stack
+    tied_sets: list = field(default_factory=list)
     overrides: dict = field(default_factory=dict)  # module pattern -> 2 | 4 | 16
     max_ppl_ratio: float = 3.0  # quality gate on held-back calibration windows
     gate_windows: int = 4
