@@ -161,9 +161,9 @@ class FusedLinear(DenseLinear):
 
 class SplitLinears(nn.Module):
     """Linears sharing one input that cannot all be stacked into one (a float-pinned part, or quantized parts with
-    different layouts); a part may itself be a stack. On CUDA each part after the first runs on a side stream forked from and joined back into
-    the current one, so the small decode GEMVs overlap; a captured CUDA graph keeps the fork/join as parallel
-    branches. `parallel = False` runs them in turn."""
+    different layouts); a part may itself be a stack. On CUDA each part after the first runs on a side stream
+    forked from and joined back into the current one, so the small decode GEMVs overlap; a captured CUDA graph
+    keeps the fork/join as parallel branches. `parallel = False` runs them in turn."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
