@@ -71,9 +71,7 @@ class GraphStep:
         self.dcache = torch.zeros(2, a.n_kv_heads, max_len, a.head_dim, dtype=dt, device=dev)
         self.d_qkv = draft_source.linears(["q", "k", "v"])
         self.d_gate_up = draft_source.linears(["gate", "up"])
-        # high priority: the first predicted layer waits for the draft, so its kernels go first when both streams
-        # have work ready
-        self.draft_stream = torch.cuda.Stream(dev, priority=-1)
+        self.draft_stream = torch.cuda.Stream(dev)
         self.lm_w = model.output.weight
         self.dropped = torch.zeros(a.n_layers, max_len, dtype=dt, device=dev)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
