@@ -228,7 +228,6 @@ def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="writ
         print_json_last(r)
         return
     from mpq.bench.e2e import bench_e2e as run_bench
-
     from mpq.quant.recipe import load_recipe
 
     result = run_bench(json_out, recipe=load_recipe(recipe) if recipe else None)

@@ -86,12 +86,9 @@ def quantized_source(state_dict: dict[str, torch.Tensor], n_layers: int, device,
                      target_bits: float = TARGET_BITS, recipe=None) -> WeightSource:
     """Data-free quantization of every decoder linear (the `--calib none` path, with the recipe's allocation
     options); the rest stays fp16."""
-    from dataclasses import replace
-
     from mpq.quant.pipeline import quantize_state_dict
 
     names = [f"model.layers.{i}.{s}" for i in range(n_layers) for s in LINEAR_SUFFIXES]
-    recipe = None if recipe is None else replace(recipe, target_bits=target_bits)
     packed, _ = quantize_state_dict({n: state_dict[f"{n}.weight"] for n in names}, target_bits, recipe)
     packed = {n: p.to("cpu") for n, p in packed.items()}  # so that building the engine allocates what it keeps
     floats = {k: v for k, v in state_dict.items() if k.rsplit(".", 1)[0] not in packed}

@@ -209,10 +209,8 @@ class PackedLinear:
         """One linear computing [part0(x), part1(x), ...] along the output; the parts must share `stack_key`."""
         if len({p.stack_key() for p in parts}) != 1:
             raise ValueError("only linears with the same input width, group size, tile rows, n4 and outliers stack")
-        biases = [p.bias for p in parts]
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else p.ss2.new_zeros(p.out_features) for p, b in zip(parts, biases)])
         head = parts[0]
+        bias = stack_biases([p.bias for p in parts], [p.out_features for p in parts], head.ss2)
         return cls(sum(p.out_features for p in parts), head.in_features, head.group_size, head.tile_rows, head.n4,
                    head.outliers, **{n: torch.cat([getattr(p, n) for p in parts]) for n in TENSOR_NAMES}, bias=bias)
 
@@ -309,6 +307,14 @@ class PackedLinear:
             ix = self.idx2.to(torch.int64).view(T, -1, 1, 1).expand(-1, -1, R, g)
             w.scatter_add_(1, ix, corr)
         return w.permute(0, 2, 1, 3).reshape(N, K).to(dtype)
+
+
+def stack_biases(biases: list, rows: list[int], like: torch.Tensor) -> torch.Tensor | None:
+    """The biases of linears stacked along the output (zeros for a part without one, dtype and device of `like`);
+    None when no part has one."""
+    if all(b is None for b in biases):
+        return None
+    return torch.cat([b if b is not None else like.new_zeros(n) for b, n in zip(biases, rows)])
 
 
 def check_geometry(out_features: int, in_features: int, group_size: int, tile_rows: int, n4: int, outliers: int) -> None:

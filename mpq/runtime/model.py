@@ -20,7 +20,7 @@ from torch import nn
 
 from mpq.errors import ArtifactError, MpqError
 from mpq.models import SUPPORTED_ARCHITECTURES
-from mpq.quant.format import PackedLinear
+from mpq.quant.format import PackedLinear, stack_biases
 from mpq.runtime.quant_linear import QuantLinear, StackedQuantLinear
 
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -150,8 +150,7 @@ class FusedLinear(DenseLinear):
     """Float linears sharing one input, run as one matmul (one launch, one weight stream); returns the parts."""
 
     def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor | None]):
-        bias = None if all(b is None for b in biases) else torch.cat(
-            [b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(weights, biases)])
+        bias = stack_biases(biases, [w.shape[0] for w in weights], weights[0])
         super().__init__(torch.cat(weights), bias)
         self.splits = [w.shape[0] for w in weights]
 

@@ -50,10 +50,10 @@ class GraphStep:
     """Static buffers and one captured decode step per (exit layer, fill or drop).
 
     The step mirrors `Transformer.forward` (residual adds fused into the next norm, each shared-input set stacked
-    into one GEMV or its parts overlapped on side streams) and adds the exit machinery: the draft head on its own stream, overlapped with the first
-    layers and joined before the first predictor; at each predicted layer one fused kernel for the features and
-    the predictor (`kernels.exit_predictor`); at the exit, the LM head; in fill mode, the skipped layers' K/V
-    (`ExitDecoder.fill_kv`, spread over side streams)."""
+    into one GEMV or its parts overlapped on side streams) and adds the exit machinery: the draft head on its own
+    stream, overlapped with the first layers and joined before the first predictor; at each predicted layer one
+    fused kernel for the features and the predictor (`kernels.exit_predictor`); at the exit, the LM head; in fill
+    mode, the skipped layers' K/V (`ExitDecoder.fill_kv`, spread over side streams)."""
 
     def __init__(self, model, draft, draft_source, preds, offline, max_len):
         from mpq.specee.decode import ExitDecoder

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from mpq.errors import MpqError
+from mpq.quant.format import stack_biases
 from mpq.runtime.model import FusedLinear, SmallOps, SplitLinears, Transformer, rope_inv_freq
 from mpq.runtime.quant_linear import QuantLinear
 from mpq.specee.bundle import SpecEE
@@ -87,8 +88,7 @@ def kv_projection(layer, dtype) -> tuple[torch.Tensor, torch.Tensor | None] | No
     parts = list(lead.parts) if isinstance(lead, SplitLinears) else [lead]
     ws = [p.weight if hasattr(p, "weight") else p.dequantized_weight(dtype) for p in parts]
     bs = [p.bias for p in parts]
-    bias = None if all(b is None for b in bs) else torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in zip(ws, bs)])
-    return torch.cat(ws), bias
+    return torch.cat(ws), stack_biases(bs, [w.shape[0] for w in ws], ws[0])
 
 
 class ExitDecoder:
