@@ -29,6 +29,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMM_MAX_M = 64
 # cards that run another card's table: the H200 is the H100's die (132 SMs, sm_90) with faster, larger HBM
 TABLE_OF = {"h200": "h100"}
+# programmatic dependent launch of the decode GEMV on sm_90+ (MPQ_PDL=0 turns it off, e.g. for an A/B)
+PDL = os.environ.get("MPQ_PDL", "1") != "0"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +64,16 @@ def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> 
     return KernelConfig("prefill")
 
 
+@functools.lru_cache(maxsize=None)
+def _props(device: torch.device):
+    return torch.cuda.get_device_properties(device)
+
+
+def pdl_enabled(device: torch.device) -> bool:
+    """Launch the GEMV as a programmatic dependent: on sm_90+ CUDA devices, unless MPQ_PDL=0 or PDL is set False."""
+    return PDL and device.type == "cuda" and not INTERPRET and _props(device).major >= 9
+
+
 def m_bucket(m: int) -> int:
     return 1 if m <= 1 else min(triton.next_power_of_2(m), 2 * GEMM_MAX_M)
 
@@ -71,7 +83,7 @@ def _device_facts(device: torch.device) -> tuple[int, dict]:
     """(SM count, tuned table) of a device; read once, on first use, never at import."""
     if device.type != "cuda":
         return 132, {}
-    props = torch.cuda.get_device_properties(device)
+    props = _props(device)
     slug = props.name.lower().replace("nvidia", "").split()[0] if props.name else "unknown"
     path = CONFIG_DIR / f"{TABLE_OF.get(slug, slug)}.json"
     table = {}
@@ -134,7 +146,8 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                        rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,
-                       pairs=cfg.pairs if group_size >= 64 else 1, early4=cfg.early4, fast=True)
+                       pairs=cfg.pairs if group_size >= 64 else 1, early4=cfg.early4, fast=True,
+                       pdl=pdl_enabled(x.device))
     if cfg.kind == "gemv":
         return gemv_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                           rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps)

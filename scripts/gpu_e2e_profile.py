@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -13,12 +14,14 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from kernels import dispatch
 from mpq.bench.e2e import LINEAR_SUFFIXES, LLAMA2_7B
 from mpq.bench.kernels import random_layer
 from mpq.runtime.generate import Generator
 from mpq.runtime.model import ModelArgs, Transformer, WeightSource
 
-FAMILIES = (("_gemv_kernel", "mpq GEMV"), ("_gemv_h2", "mpq GEMV"), ("_gemm_kernel", "mpq GEMM"), ("_dequant_kernel", "mpq dequant"), ("fmha", "SDPA"),
+FAMILIES = (("_gemv_kernel", "mpq GEMV"), ("_gemv_h2", "mpq GEMV"), ("_gemm_kernel", "mpq GEMM"), ("_dequant_kernel", "mpq dequant"),
+            ("_decode_attention", "fused decode attention"), ("fmha", "SDPA"),
             ("attention", "SDPA"), ("triton_", "inductor (small ops)"), ("gemv", "cuBLAS GEMV"), ("gemm", "cuBLAS"),
             ("index", "index/copy"), ("copy", "index/copy"), ("elementwise", "eager elementwise"), ("reduce", "eager reduce"))
 
@@ -49,9 +52,13 @@ def family(name: str) -> str:
     return next((label for key, label in FAMILIES if key in low), "other")
 
 
-def profile_engine(quantized: bool, stack: bool = True) -> dict:
+def profile_engine(quantized: bool, stack: bool = True, pdl: bool = True, fused_attention: bool = True) -> dict:
+    dispatch.PDL = pdl  # read when the small ops compile and when each GEMV launches (so at capture)
+    torch._dynamo.reset()
     model = random_engine(quantized, stack)
     model.compile_small_ops()
+    if not fused_attention:
+        model.ops.decode_attention = None  # RoPE + cache write, then SDPA over the whole cache
     prompt = list(range(1, 129))
     gen = Generator(model, 384)
     gen.generate(prompt, 256)
@@ -78,11 +85,19 @@ def profile_engine(quantized: bool, stack: bool = True) -> dict:
 def main() -> None:
     out = Path(os.environ.get("OUT", "benchmarks/results"))
     result = {"device": torch.cuda.get_device_name()}
-    # stacked shared-input sets (the default) against the same layers run apart, alternated twice on one card
+    if "--quick" in sys.argv:  # the default configuration only
+        r = profile_engine(True)
+        print(f"graph replay {r['graph_ms_per_token']:.3f} ms/token")
+        return
+    # the fused decode attention and programmatic dependent launch (the defaults on sm_90+) against SDPA and
+    # plain stream order, alternated twice on one card
     for rep in ("", "_2"):
         result["mpq_random_layers" + rep] = profile_engine(True)
-        result["mpq_random_layers_split" + rep] = profile_engine(True, stack=False)
+        result["mpq_random_layers_sdpa" + rep] = profile_engine(True, fused_attention=False)
+        result["mpq_random_layers_sdpa_no_pdl" + rep] = profile_engine(True, pdl=False, fused_attention=False)
     result["fp16"] = profile_engine(False)
+    result["fp16_sdpa"] = profile_engine(False, fused_attention=False)
+    result["fp16_sdpa_no_pdl"] = profile_engine(False, pdl=False, fused_attention=False)
     for name, r in result.items():
         if name == "device":
             continue

@@ -10,6 +10,7 @@ fixed shapes and can be captured in one CUDA graph. The small ops between matmul
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels.decode_attention import decode_attention
+from kernels.dispatch import pdl_enabled
 from mpq.errors import ArtifactError, MpqError
 from mpq.models import SUPPORTED_ARCHITECTURES
 from mpq.quant.format import PackedLinear, stack_biases
@@ -127,12 +130,15 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SmallOps:
-    """The ops between matmuls, swappable as a set (eager here; compiled ones from `compile_small_ops`)."""
+    """The ops between matmuls, swappable as a set (eager here; compiled ones from `compile_small_ops`).
+    `decode_attention` (CUDA): RoPE, the cache write and attention over the causal prefix of one new token in one
+    kernel, used where the caller's mask is that prefix; None: `rope_write` then SDPA under the mask."""
 
     add_rms_norm: Callable = add_rms_norm
     rope: Callable = rope
     silu_mul: Callable = silu_mul
     rope_write: Callable = rope_write
+    decode_attention: Callable | None = None
 
 
 # ---- linears -------------------------------------------------------------------------------------------
@@ -257,6 +263,8 @@ class KVCache(nn.Module):
     def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
         super().__init__()
         self.register_buffer("kv", torch.zeros(2, batch, heads, length, head_dim, dtype=dtype, device=device), persistent=False)
+        # the fused decode attention's per-head arrival counters (zero between calls)
+        self.register_buffer("counters", torch.zeros(batch * heads, dtype=torch.int32, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, kv: torch.Tensor):
         """kv [2, B, S, heads, D] for positions input_pos [S]; returns the whole cache's k and v."""
@@ -278,13 +286,17 @@ class Block(nn.Module):
         self.down = w.linear(p + "mlp.down_proj")
         self.kv_cache: KVCache | None = None
 
-    def attention(self, h, input_pos, cos, sin, mask, ops: SmallOps):
+    def attention(self, h, input_pos, cos, sin, mask, ops: SmallOps, causal_prefix: bool = False):
+        """causal_prefix: the mask is the plain causal one (positions 0..input_pos), so a one-token step may run
+        the fused decode kernel, which ignores `mask`."""
         a = self.args
         B, S, _ = h.shape
         k, v, q = self.kvq(h)
         cache = self.kv_cache.kv
-        q = ops.rope_write(q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim),
-                           v.view(B, S, a.n_kv_heads, a.head_dim), cos, sin, cache, input_pos)
+        q, k, v = q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim), v.view(B, S, a.n_kv_heads, a.head_dim)
+        if causal_prefix and S == 1 and ops.decode_attention is not None:
+            return self.o(ops.decode_attention(q, k, v, cos, sin, cache, input_pos, self.kv_cache.counters))
+        q = ops.rope_write(q, k, v, cos, sin, cache, input_pos)
         k, v = cache[0], cache[1]
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
         return self.o(y.transpose(1, 2).reshape(B, S, a.n_heads * a.head_dim))
@@ -339,8 +351,18 @@ class Transformer(nn.Module):
                 module.parallel = on
 
     def compile_small_ops(self) -> None:
-        """Fuse each small op into one kernel with torch.compile (CUDA only; the matmuls stay as they are)."""
-        self.ops = SmallOps(*(torch.compile(f, dynamic=False) for f in (add_rms_norm, rope, silu_mul, rope_write)))
+        """Fuse each small op into one kernel with torch.compile (CUDA only; the matmuls stay as they are).
+
+        Where the GEMV runs as a programmatic dependent (sm_90+, `kernels.dispatch.pdl_enabled`), the small ops do
+        too: each launches while the kernel before it runs and waits for its output on the device, so a decode
+        step does not pay a launch gap at every one of its ~10 kernels per layer."""
+        import torch._inductor.config as inductor_config
+
+        pdl = pdl_enabled(self.embed.device) and hasattr(inductor_config.triton, "enable_pdl")
+        options = {"triton.enable_pdl": True} if pdl else None
+        self.ops = SmallOps(*(torch.compile(f, dynamic=False, options=options)
+                              for f in (add_rms_norm, rope, silu_mul, rope_write)),
+                            decode_attention=functools.partial(decode_attention, pdl=pdl_enabled(self.device)))
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits [B, S or 1, vocab] for tokens [B, S] at positions input_pos [S]; writes the KV cache."""
@@ -351,7 +373,7 @@ class Transformer(nn.Module):
         x, delta = F.embedding(tokens, self.embed), None
         for layer in self.layers:
             x, h = ops.add_rms_norm(x, delta, layer.attn_norm, self.args.norm_eps)
-            delta = layer.attention(h, input_pos, cos, sin, mask, ops)
+            delta = layer.attention(h, input_pos, cos, sin, mask, ops, causal_prefix=True)
             x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.args.norm_eps)
             delta = layer.mlp(h, ops)
         _, h = ops.add_rms_norm(x, delta, self.norm, self.args.norm_eps)

@@ -122,7 +122,7 @@ class GraphStep:
         calls = ([i for i in self.offline if i < e - 1] + ([e - 1] if e < L else [])) if predict else []
         for i, layer in enumerate(m.layers[:e]):
             x, h = ops.add_rms_norm(x, delta, layer.attn_norm, eps)
-            delta = layer.attention(h, pos, cos, sin, masks[i], ops)
+            delta = layer.attention(h, pos, cos, sin, masks[i], ops, causal_prefix=fill)
             x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, eps)
             delta = layer.mlp(h, ops)
             if i in calls:

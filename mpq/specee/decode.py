@@ -142,7 +142,8 @@ class ExitDecoder:
         if self.dropped is not None:
             mask = mask + self.dropped[i]
         x, h = ops.add_rms_norm(x, None, layer.attn_norm, self.eps)
-        x, h = ops.add_rms_norm(x, layer.attention(h, pos, cos, sin, mask, ops), layer.mlp_norm, self.eps)
+        delta = layer.attention(h, pos, cos, sin, mask, ops, causal_prefix=self.dropped is None)
+        x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.eps)
         return x + layer.mlp(h, ops)
 
     def fill_kv(self, x: torch.Tensor, pos: torch.Tensor, first: int, join: bool = True) -> None:

@@ -78,6 +78,33 @@ def test_quantized_engine_matches_cpu_reference(kind, tmp_path, byte_tokenizer):
     assert graph == Generator(model, 128, use_graph=False).generate(prompt, 24).tokens
 
 
+def test_programmatic_dependent_launch_changes_no_token(tmp_path, byte_tokenizer):
+    """With PDL (sm_90+) each GEMV and compiled small op launches while the kernel before it runs and waits for its
+    output on the device; a missing wait would read a stale activation. The graph-replayed decode, small ops
+    compiled, must give the same tokens and logits as with every launch in plain stream order."""
+    from kernels import dispatch
+    from mpq.artifact import load_artifact
+
+    if not dispatch.pdl_enabled(CUDA):
+        pytest.skip("programmatic dependent launch needs sm_90+")
+    hf = tiny_hf_model(tiny_config(**CFG))
+    rtn_artifact(hf, tmp_path / "art", byte_tokenizer)
+    art = load_artifact(tmp_path / "art")
+    prompt = list(range(40, 90))
+    runs = []
+    for pdl in (True, False):
+        dispatch.PDL = pdl
+        try:
+            torch._dynamo.reset()
+            model = cuda_engine(hf, packed=art.linears, floats=art.floats)
+            model.compile_small_ops()
+            gen = Generator(model, 128)
+            runs.append(gen.generate(prompt, 48).tokens)
+        finally:
+            dispatch.PDL = True
+    assert runs[0] == runs[1]
+
+
 def test_run_cli_on_cuda(tmp_path, byte_tokenizer):
     import json
 
