@@ -369,7 +369,8 @@ class Transformer(nn.Module):
         S = tokens.shape[1]
         ops = self.ops if S == 1 else SmallOps()  # compiled ops are specialised to the decode shape
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        mask = self.causal[input_pos].view(1, 1, S, self.max_seq_len)
+        fused = S == 1 and ops.decode_attention is not None  # its kernel applies the causal mask itself
+        mask = None if fused else self.causal[input_pos].view(1, 1, S, self.max_seq_len)
         x, delta = F.embedding(tokens, self.embed), None
         for layer in self.layers:
             x, h = ops.add_rms_norm(x, delta, layer.attn_norm, self.args.norm_eps)

@@ -1,0 +1,110 @@
+"""Tune the M = 1 kernel table inside the decode step rather than on the GEMV alone (GPU).
+
+The table in kernels/configs/ was swept with each GEMV timed back to back over rotating weights. In the engine each
+GEMV follows a small op or the attention kernel and, with programmatic dependent launch, overlaps its tail, so the
+best row can differ. For each candidate configuration of one shape (the other rows as committed), this captures
+the random-layer 7B engine of scripts/gpu_e2e_profile.py and times graph-replayed decode, alternating candidates
+twice. Prints a table; writes $OUT/engine-table.json (or benchmarks/results/). --write stores the winners in
+kernels/configs/<gpu>.json (or $OUT/<gpu>.json on the device machine)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from gpu_e2e_profile import random_engine  # noqa: E402
+from kernels import dispatch  # noqa: E402
+from kernels.dispatch import KernelConfig  # noqa: E402
+from mpq.runtime.generate import Generator  # noqa: E402
+
+G = 128
+CANDIDATES = {  # (n, k): configurations to try beside the committed row
+    (4096, 4096): [KernelConfig("gemv2", rows=8), KernelConfig("gemv2", rows=4), KernelConfig("gemv2", rows=8, split=2),
+                   KernelConfig("gemv2", rows=16), KernelConfig("gemv2", rows=8, pairs=2)],
+    (4096, 11008): [KernelConfig("gemv2", rows=8, split=2), KernelConfig("gemv2", rows=8, split=1),
+                    KernelConfig("gemv2", rows=16, split=4), KernelConfig("gemv2", rows=4, split=4),
+                    KernelConfig("gemv2", rows=8, split=4, pairs=2)],
+    (12288, 4096): [KernelConfig("gemv2", rows=8, pairs=1), KernelConfig("gemv2", rows=16, pairs=2)],
+    (22016, 4096): [KernelConfig("gemv2", rows=8, pairs=2), KernelConfig("gemv2", rows=16, pairs=1)],
+}
+
+
+def step_ms(model) -> float:
+    prompt = list(range(1, 129))
+    gen = Generator(model, 384)
+    gen.generate(prompt, 256)
+    ms = statistics.median(gen.generate(prompt, 256).decode_ms_per_token for _ in range(3))
+    del gen
+    return ms
+
+
+def main() -> None:
+    out = Path(os.environ.get("OUT", "benchmarks/results"))
+    model = random_engine(True)
+    model.compile_small_ops()
+    base_facts = dispatch._device_facts(torch.device("cuda"))
+    sm_count, table = base_facts[0], dict(base_facts[1])
+    rows = []
+
+    def run(patch: dict) -> float:
+        dispatch._device_facts.cache_clear()
+        patched = {**table, **patch}
+        dispatch._device_facts = _facts(sm_count, patched)
+        return step_ms(model)
+
+    committed = step_ms(model)
+    print(f"committed table: {committed:.3f} ms/token", flush=True)
+    winners = {}
+    for (n, k), cands in CANDIDATES.items():
+        keys = [key for key in table if key[:4] == (1, n, k, G)] or [(1, n, k, G, None)]
+        current = {key: table.get(key) for key in keys}
+        options = [("committed", current)] + [(str(dataclasses.asdict(c)), {key: c for key in keys}) for c in cands]
+        times = {name: [] for name, _ in options}
+        for _ in range(2):
+            for name, patch in options:
+                times[name].append(run({key: cfg for key, cfg in patch.items() if cfg is not None}))
+        for name, ts in times.items():
+            rows.append({"shape": f"{n}x{k}", "config": name, "ms_per_token": ts})
+            print(f"{n}x{k} {name:70s} {statistics.mean(ts):.3f} ms/token ({', '.join(f'{t:.3f}' for t in ts)})",
+                  flush=True)
+        best = min(times, key=lambda name: statistics.mean(times[name]))
+        if best != "committed" and statistics.mean(times[best]) < statistics.mean(times["committed"]) - 0.005:
+            winners[(n, k)] = dict(options)[best]
+            table.update(winners[(n, k)])  # later shapes are tuned with this one's winner in place
+    result = {"device": torch.cuda.get_device_name(), "committed_ms_per_token": committed, "rows": rows,
+              "winners": {f"{n}x{k}": str(next(iter(p.values()))) for (n, k), p in winners.items()}}
+    (out / "engine-table.json").write_text(json.dumps(result, indent=1))
+    if "--write" in sys.argv:
+        write_table(out, winners)
+
+
+def _facts(sm_count, table):
+    def facts(device):
+        return sm_count, table
+    facts.cache_clear = lambda: None
+    return facts
+
+
+def write_table(out: Path, winners: dict) -> None:
+    name = torch.cuda.get_device_name().lower().replace("nvidia", "").split()[0]
+    src = dispatch.CONFIG_DIR / f"{dispatch.TABLE_OF.get(name, name)}.json"
+    data = json.loads(src.read_text())
+    for (n, k), patch in winners.items():
+        for key, cfg in patch.items():
+            data["configs"] = [r for r in data["configs"] if not (r["m_bucket"] == 1 and r["n"] == n and r["k"] == k
+                                                               and r.get("outliers") == key[4])]
+            data["configs"].append(dispatch.config_row(1, n, k, G, cfg, None if key[4] is None else int(key[4])))
+    (out / src.name).write_text(json.dumps(data, indent=1))
+    print(f"wrote {out / src.name}")
+
+
+if __name__ == "__main__":
+    main()
