@@ -8,7 +8,8 @@ program, so the launch replays in a CUDA graph) merges the shares in a fixed ord
 which it still holds in registers, and writes the heads' outputs. Share 0 writes the new k and v into the cache;
 no program reads position pos from the cache, so nothing waits for that write. The heads of a GQA group share
 their KV head's program, so each cached key and value is read once. Positions are read on the device, so one
-captured graph serves every step; the mask is the causal prefix [0, pos] (callers with other masks use SDPA).
+captured graph serves every step; the mask is the causal prefix [0, pos], plus an optional additive bias over the
+cached positions (SpecEE's drop mode masks the tokens a layer skipped).
 
 Launched as a programmatic dependent (sm_90+), the kernel starts while the q/k/v projection finishes and waits
 for it before any load; it lets the o projection launch once its shares are written. (Loading the first cached
@@ -46,11 +47,12 @@ def _tile(base, stride_c0, keys, end, offs_d):
 
 
 @triton.jit
-def _attend(q, kt, vt, ok, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
-    """One tile of the online softmax: (running max, sum, weighted V) of the q rows after keys kt, values vt."""
+def _attend(q, kt, vt, ok, bias, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
+    """One tile of the online softmax: (running max, sum, weighted V) of the q rows after keys kt, values vt
+    (bias [BLOCK_N]: added to the scores)."""
     if DOT_F32:
         kt, vt = kt.to(tl.float32), vt.to(tl.float32)
-    s = tl.dot(q.to(kt.dtype), tl.trans(kt)) * scale  # [MP, BLOCK_N], fp32
+    s = tl.dot(q.to(kt.dtype), tl.trans(kt)) * scale + bias[None, :]  # [MP, BLOCK_N], fp32
     s = tl.where(ok[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing seen yet stays at zero
@@ -60,11 +62,12 @@ def _attend(q, kt, vt, ok, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, out_ptr,
+def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, bias_ptr, out_ptr,
                              m_ws, l_ws, acc_ws, cnt_ptr,
                              n_kv, stride_c0, stride_cb, stride_ch, scale,
                              G: tl.constexpr, GP: tl.constexpr, MP: tl.constexpr, D: tl.constexpr,
-                             SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PDL: tl.constexpr):
+                             SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr, DOT_F32: tl.constexpr,
+                             PDL: tl.constexpr):
     if PDL:  # q, k, v are the output of the kernel before (launched early, this program waits here for it)
         tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)  # batch * n_kv + KV head
@@ -95,7 +98,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
     acc = tl.zeros([MP, D], tl.float32)
     for n in range(start, end, BLOCK_N):
         kt, vt = _tile(base, stride_c0, n + offs_n, end, offs_d)
-        m_i, l_i, acc = _attend(q, kt, vt, n + offs_n < end, m_i, l_i, acc, scale, DOT_F32)
+        ok = n + offs_n < end
+        bias = tl.zeros([BLOCK_N], tl.float32)
+        if BIAS:
+            bias = tl.load(bias_ptr + n + offs_n, mask=ok, other=0.0).to(tl.float32)
+        m_i, l_i, acc = _attend(q, kt, vt, ok, bias, m_i, l_i, acc, scale, DOT_F32)
     ws = (bh * SPLITS + sp) * GP + offs_m
     row_ok = offs_m < GP
     tl.store(m_ws + ws, m_i, mask=row_ok)
@@ -133,12 +140,15 @@ def attention_splits(cache_len: int, kv_heads: int, batch: int = 1, block_n: int
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                     cache: torch.Tensor, input_pos: torch.Tensor, counters: torch.Tensor, *,
+                     cache: torch.Tensor, input_pos: torch.Tensor, counters: torch.Tensor,
+                     bias: torch.Tensor | None = None, *,
                      splits: int | None = None, out: torch.Tensor | None = None, pdl: bool = False,
                      block_n: int = BLOCK_N) -> torch.Tensor:
     """Attention of one new token per sequence: q [B, 1, heads, D], k/v [B, 1, kv heads, D] (before RoPE),
     cos/sin [1, D] at the new position input_pos [1] (a device tensor), cache [2, B, kv heads, length, D]
-    (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call). splits: shares per
+    (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call). bias: None, or an
+    additive row [length] over the cached positions (SpecEE's drop mode: -inf where this layer skipped a token;
+    the new token itself is never masked). splits: shares per
     KV head (default `attention_splits`). Returns `out` (or a new tensor) [B, 1, heads * D] in the cache's dtype."""
     B, S, H, D = q.shape
     _, _, KV, L, _ = cache.shape
@@ -153,10 +163,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     acc_ws = torch.empty(m_ws.numel() * D, dtype=torch.float32, device=q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     _decode_attention_kernel[(B * KV, splits)](
-        q, k, v, cos, sin, input_pos, cache, out, m_ws, l_ws, acc_ws, counters,
+        q, k, v, cos, sin, input_pos, cache, cache if bias is None else bias, out, m_ws, l_ws, acc_ws, counters,
         KV, cache.stride(0), cache.stride(1), cache.stride(2), D ** -0.5,
         G=G, GP=triton.next_power_of_2(G), MP=max(16, triton.next_power_of_2(G)), D=D, SPLITS=splits,
-        BLOCK_N=block_n, DOT_F32=INTERPRET and cache.dtype == torch.bfloat16, PDL=pdl,
+        BLOCK_N=block_n, BIAS=bias is not None, DOT_F32=INTERPRET and cache.dtype == torch.bfloat16, PDL=pdl,
         num_warps=4, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -286,16 +286,18 @@ class Block(nn.Module):
         self.down = w.linear(p + "mlp.down_proj")
         self.kv_cache: KVCache | None = None
 
-    def attention(self, h, input_pos, cos, sin, mask, ops: SmallOps, causal_prefix: bool = False):
-        """causal_prefix: the mask is the plain causal one (positions 0..input_pos), so a one-token step may run
-        the fused decode kernel, which ignores `mask`."""
+    def attention(self, h, input_pos, cos, sin, mask, ops: SmallOps, causal_prefix: bool = False,
+                  dropped: torch.Tensor | None = None):
+        """causal_prefix: the mask is the causal one (positions 0..input_pos) plus `dropped` (None, or an additive
+        row over the cache: SpecEE's drop mode), so a one-token step may run the fused decode kernel, which
+        ignores `mask`."""
         a = self.args
         B, S, _ = h.shape
         k, v, q = self.kvq(h)
         cache = self.kv_cache.kv
         q, k, v = q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim), v.view(B, S, a.n_kv_heads, a.head_dim)
         if causal_prefix and S == 1 and ops.decode_attention is not None:
-            return self.o(ops.decode_attention(q, k, v, cos, sin, cache, input_pos, self.kv_cache.counters))
+            return self.o(ops.decode_attention(q, k, v, cos, sin, cache, input_pos, self.kv_cache.counters, dropped))
         q = ops.rope_write(q, k, v, cos, sin, cache, input_pos)
         k, v = cache[0], cache[1]
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)

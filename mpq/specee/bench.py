@@ -113,7 +113,9 @@ class GraphStep:
             rows = self.lm_w[:4]
         pos = self.pos
         cos, sin = m.rope_cos[pos], m.rope_sin[pos]
-        if fill:
+        if ops.decode_attention is not None:  # the fused kernel applies the causal mask and `dropped` itself
+            masks = [None] * L
+        elif fill:
             masks = m.causal[pos].view(1, 1, 1, 1, -1).expand(L, -1, -1, -1, -1)
         else:  # drop mode: each layer masks the positions it skipped (one add for all layers)
             masks = (m.causal[pos].view(1, -1) + self.dropped).view(L, 1, 1, 1, -1)
@@ -122,7 +124,8 @@ class GraphStep:
         calls = ([i for i in self.offline if i < e - 1] + ([e - 1] if e < L else [])) if predict else []
         for i, layer in enumerate(m.layers[:e]):
             x, h = ops.add_rms_norm(x, delta, layer.attn_norm, eps)
-            delta = layer.attention(h, pos, cos, sin, masks[i], ops, causal_prefix=fill)
+            delta = layer.attention(h, pos, cos, sin, masks[i], ops, causal_prefix=True,
+                                    dropped=None if fill else self.dropped[i])
             x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, eps)
             delta = layer.mlp(h, ops)
             if i in calls:

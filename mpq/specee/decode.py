@@ -139,10 +139,11 @@ class ExitDecoder:
     def run_layer(self, i: int, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, ops: SmallOps) -> torch.Tensor:
         layer = self.model.layers[i]
         cos, sin = self.model.rope_cos[pos], self.model.rope_sin[pos]
-        if self.dropped is not None:
-            mask = mask + self.dropped[i]
+        dropped = None if self.dropped is None else self.dropped[i]
+        if dropped is not None:
+            mask = mask + dropped
         x, h = ops.add_rms_norm(x, None, layer.attn_norm, self.eps)
-        delta = layer.attention(h, pos, cos, sin, mask, ops, causal_prefix=self.dropped is None)
+        delta = layer.attention(h, pos, cos, sin, mask, ops, causal_prefix=True, dropped=dropped)
         x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.eps)
         return x + layer.mlp(h, ops)
 

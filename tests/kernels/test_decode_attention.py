@@ -25,12 +25,14 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 
 
-def reference(q, k, v, cos, sin, cache, pos):
+def reference(q, k, v, cos, sin, cache, pos, bias=None):
     """The engine's eager decode attention, in fp32."""
     cache = cache.float()
     qr = rope_write(q.float(), k.float(), v.float(), cos.float(), sin.float(), cache, pos)
     mask = torch.full((1, cache.shape[3]), float("-inf"), device=q.device)
     mask[:, : int(pos) + 1] = 0
+    if bias is not None:
+        mask[:, : int(pos)] += bias[: int(pos)].float()
     y = F.scaled_dot_product_attention(qr.transpose(1, 2), cache[0], cache[1], attn_mask=mask,
                                        enable_gqa=q.shape[2] != k.shape[2])
     return y.transpose(1, 2).reshape(q.shape[0], 1, -1), cache
@@ -69,3 +71,25 @@ def test_decode_attention_matches_eager_path(case, dtype):
     assert int(counters.abs().sum()) == 0  # left ready for the next call (graph replay)
     again = decode_attention(q, k, v, cos, sin, cache, pos, counters, splits=splits)
     assert torch.equal(again, got)  # same shares, fixed merge order: deterministic
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_decode_attention_bias_masks_dropped_positions(dtype):
+    """SpecEE's drop mode: an additive row of -inf at the positions a layer skipped (a whole share of them
+    included); the new token's own key always counts."""
+    B, H, KV, D, L, p = 1, 4, 2, 32, 160, 150
+    gen = torch.Generator().manual_seed(7)
+    rnd = lambda *s: torch.randn(*s, generator=gen).to(DEVICE, dtype)  # noqa: E731
+    q, k, v = rnd(B, 1, H, D), rnd(B, 1, KV, D), rnd(B, 1, KV, D)
+    cos, sin = torch.ones(1, D, device=DEVICE, dtype=dtype), torch.zeros(1, D, device=DEVICE, dtype=dtype)
+    cache = rnd(2, B, KV, L, D)
+    bias = torch.zeros(L, device=DEVICE, dtype=dtype)
+    bias[torch.randperm(p, generator=gen)[:40].to(DEVICE)] = float("-inf")
+    bias[0:30] = float("-inf")  # all of share 0 (5 shares of 30)
+    want, _ = reference(q, k, v, cos, sin, cache.clone(), torch.tensor([p], device=DEVICE), bias)
+    counters = torch.zeros(B * KV, dtype=torch.int32, device=DEVICE)
+    got = decode_attention(q, k, v, cos, sin, cache, torch.tensor([p], device=DEVICE), counters, bias, splits=5)
+    err = ((got.float() - want).norm() / want.norm()).item()
+    assert err < BOUND[dtype], err
+    unbiased, _ = reference(q, k, v, cos, sin, cache.clone(), torch.tensor([p], device=DEVICE))
+    assert ((unbiased - want).norm() / want.norm()).item() > 10 * BOUND[dtype]  # the bias changed the answer
