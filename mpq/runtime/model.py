@@ -2,10 +2,12 @@
 
 `ModelArgs` comes from the HF config dict (never a folder name). Tensors come from a `WeightSource`: a float
 HF state dict (`mpq run MODEL`) or an artifact, whose quantized linears become `QuantLinear`s. Float q/k/v and
-gate/up are concatenated into one matmul each; quantized ones stay separate calls (format v1 has no concat).
-The KV cache is preallocated once (`setup_caches`) and indexed by an `input_pos` tensor, so the decode step keeps
-fixed shapes and can be captured in one CUDA graph. The small ops between matmuls are plain functions
-(`rms_norm`, `rope`, `silu_mul`) that `compile_small_ops` may swap for torch.compile'd kernels on CUDA.
+gate/up are concatenated into one matmul each; quantized ones stack into one linear where their layouts agree
+(`WeightSource.linears`). The KV cache is preallocated once (`setup_caches`) and indexed by an `input_pos` tensor,
+so the decode step keeps fixed shapes and can be captured in one CUDA graph. The small ops between matmuls are
+plain functions (`add_rms_norm`, `rope_write`, `silu_mul`) that `compile_small_ops` swaps on CUDA for compiled
+kernels, with one fused kernel for a one-token step's RoPE, cache write and attention; on sm_90+ the step's
+kernels launch as programmatic dependents (each starts while the one before finishes).
 """
 
 from __future__ import annotations
