@@ -148,8 +148,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     cos/sin [1, D] at the new position input_pos [1] (a device tensor), cache [2, B, kv heads, length, D]
     (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call). bias: None, or an
     additive row [length] over the cached positions (SpecEE's drop mode: -inf where this layer skipped a token;
-    the new token itself is never masked). splits: shares per
-    KV head (default `attention_splits`). Returns `out` (or a new tensor) [B, 1, heads * D] in the cache's dtype."""
+    the new token itself is never masked). splits: shares per KV head (default `attention_splits`). Returns `out`
+    (or a new tensor) [B, 1, heads * D] in the cache's dtype."""
     B, S, H, D = q.shape
     _, _, KV, L, _ = cache.shape
     if S != 1 or H % KV or D & (D - 1) or cache.stride(4) != 1 or cache.stride(3) != D:

@@ -362,19 +362,18 @@ class Transformer(nn.Module):
         step does not pay a launch gap at every one of its ~10 kernels per layer."""
         import torch._inductor.config as inductor_config
 
-        pdl = pdl_enabled(self.embed.device) and hasattr(inductor_config.triton, "enable_pdl")
-        options = {"triton.enable_pdl": True} if pdl else None
+        pdl = pdl_enabled(self.device)
+        options = {"triton.enable_pdl": True} if pdl and hasattr(inductor_config.triton, "enable_pdl") else None
         self.ops = SmallOps(*(torch.compile(f, dynamic=False, options=options)
                               for f in (add_rms_norm, rope, silu_mul, rope_write)),
-                            decode_attention=functools.partial(decode_attention, pdl=pdl_enabled(self.device)))
+                            decode_attention=functools.partial(decode_attention, pdl=pdl))
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits [B, S or 1, vocab] for tokens [B, S] at positions input_pos [S]; writes the KV cache."""
         S = tokens.shape[1]
         ops = self.ops if S == 1 else SmallOps()  # compiled ops are specialised to the decode shape
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        fused = S == 1 and ops.decode_attention is not None  # its kernel applies the causal mask itself
-        mask = None if fused else self.causal[input_pos].view(1, 1, S, self.max_seq_len)
+        mask = self.causal[input_pos].view(1, 1, S, self.max_seq_len)  # unused where the fused kernel runs
         x, delta = F.embedding(tokens, self.embed), None
         for layer in self.layers:
             x, h = ops.add_rms_norm(x, delta, layer.attn_norm, self.args.norm_eps)

@@ -113,9 +113,7 @@ class GraphStep:
             rows = self.lm_w[:4]
         pos = self.pos
         cos, sin = m.rope_cos[pos], m.rope_sin[pos]
-        if ops.decode_attention is not None:  # the fused kernel applies the causal mask and `dropped` itself
-            masks = [None] * L
-        elif fill:
+        if fill:  # (the fused decode attention, where it runs, applies the causal mask and `dropped` itself)
             masks = m.causal[pos].view(1, 1, 1, 1, -1).expand(L, -1, -1, -1, -1)
         else:  # drop mode: each layer masks the positions it skipped (one add for all layers)
             masks = (m.causal[pos].view(1, -1) + self.dropped).view(L, 1, 1, 1, -1)
