@@ -9,7 +9,8 @@ OUT=${OUT:-benchmarks/results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,memory.used,memory.total --format=csv | tee "$OUT/e2e-gpu.txt"
 python3 -m pytest -q -p no:cacheprovider tests/runtime/test_engine_cuda.py tests/kernels/test_exit_predictor.py \
-    tests/specee/test_decode.py tests/specee/test_train_e2e.py tests/kernels/test_decode_attention.py 2>&1 | tee "$OUT/e2e-spotcheck.log"
+    tests/specee/test_decode.py tests/specee/test_train_e2e.py tests/kernels/test_decode_attention.py \
+    tests/kernels/test_step_ops.py 2>&1 | tee "$OUT/e2e-spotcheck.log"
 python3 -m mpq.cli bench e2e --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e-bench.log"
 python3 -m mpq.cli bench e2e --early-exit --trace benchmarks/results/specee-trace-smollm2.json \
     --json "$OUT/specee-e2e.json" 2>&1 | tee "$OUT/specee-bench.log"

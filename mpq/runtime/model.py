@@ -5,7 +5,7 @@ HF state dict (`mpq run MODEL`) or an artifact, whose quantized linears become `
 gate/up are concatenated into one matmul each; quantized ones stack into one linear where their layouts agree
 (`WeightSource.linears`). The KV cache is preallocated once (`setup_caches`) and indexed by an `input_pos` tensor,
 so the decode step keeps fixed shapes and can be captured in one CUDA graph. The small ops between matmuls are
-plain functions (`add_rms_norm`, `rope_write`, `silu_mul`) that `compile_small_ops` swaps on CUDA for compiled
+plain functions (`add_rms_norm`, `rope_write`, `silu_mul`) that `compile_small_ops` swaps on CUDA for GPU
 kernels, with one fused kernel for a one-token step's RoPE, cache write and attention; on sm_90+ the step's
 kernels launch as programmatic dependents (each starts while the one before finishes).
 """
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import step_ops
 from kernels.decode_attention import decode_attention
 from kernels.dispatch import pdl_enabled
 from mpq.errors import ArtifactError, MpqError
@@ -355,17 +356,21 @@ class Transformer(nn.Module):
                 module.parallel = on
 
     def compile_small_ops(self) -> None:
-        """Fuse each small op into one kernel with torch.compile (CUDA only; the matmuls stay as they are).
+        """The step's small ops as GPU kernels (CUDA only; the matmuls stay as they are): the residual add + RMSNorm
+        and the SwiGLU product as the kernels of `kernels.step_ops`, the rotations through torch.compile, and one
+        fused kernel for a one-token step's RoPE, cache write and attention.
 
-        Where the GEMV runs as a programmatic dependent (sm_90+, `kernels.dispatch.pdl_enabled`), the small ops do
+        Where the GEMV runs as a programmatic dependent (sm_90+, `kernels.dispatch.pdl_enabled`), these kernels do
         too: each launches while the kernel before it runs and waits for its output on the device, so a decode
-        step does not pay a launch gap at every one of its ~10 kernels per layer."""
+        step does not pay a launch gap at every one of its ~8 kernels per layer."""
         import torch._inductor.config as inductor_config
 
         pdl = pdl_enabled(self.device)
         options = {"triton.enable_pdl": True} if pdl and hasattr(inductor_config.triton, "enable_pdl") else None
-        self.ops = SmallOps(*(torch.compile(f, dynamic=False, options=options)
-                              for f in (add_rms_norm, rope, silu_mul, rope_write)),
+        self.ops = SmallOps(add_rms_norm=functools.partial(step_ops.add_rms_norm, pdl=pdl),
+                            rope=torch.compile(rope, dynamic=False, options=options),
+                            silu_mul=functools.partial(step_ops.silu_mul, pdl=pdl),
+                            rope_write=torch.compile(rope_write, dynamic=False, options=options),
                             decode_attention=functools.partial(decode_attention, pdl=pdl))
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:

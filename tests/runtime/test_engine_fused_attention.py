@@ -1,5 +1,6 @@
-"""The engine's one-token steps through the fused decode-attention kernel (Triton interpreter on the CPU, fp32):
-the wiring in `Block.attention` (the KV cache, its counters, the drop-mode bias) against the eager path."""
+"""The engine's one-token steps through its GPU kernels (Triton interpreter on the CPU, fp32): the fused decode
+attention (its wiring in `Block.attention`: the KV cache, its counters, the drop-mode bias) and the small-op
+kernels of `kernels.step_ops`, against the eager path."""
 
 import os
 
@@ -14,10 +15,11 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("runs the Triton kernel on CPU tensors (TRITON_INTERPRET=1, as scripts/test.sh sets)",
                 allow_module_level=True)
 
+from kernels import step_ops  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
 
 
-def test_greedy_decode_with_the_fused_kernel_matches_transformers_generate():
+def test_greedy_decode_with_the_step_kernels_matches_transformers_generate():
     hf = tiny_hf_model(tiny_config(num_attention_heads=4, num_key_value_heads=2), seed=11)
     hf.generation_config.eos_token_id = None
     model = engine_from_hf(hf)
@@ -27,7 +29,8 @@ def test_greedy_decode_with_the_fused_kernel_matches_transformers_generate():
         calls.append(1)
         return decode_attention(*args, **kw)
 
-    model.ops = SmallOps(decode_attention=counted)  # prefill keeps the eager ops; decode steps fuse
+    # prefill keeps the eager ops; decode steps run the kernels compile_small_ops puts in on CUDA (rotations aside)
+    model.ops = SmallOps(add_rms_norm=step_ops.add_rms_norm, silu_mul=step_ops.silu_mul, decode_attention=counted)
     prompt = torch.randint(0, 258, (1, 21), generator=torch.Generator().manual_seed(2))
     want = hf.generate(prompt, max_new_tokens=12, do_sample=False)[0, 21:].tolist()
     assert Generator(model, 80).generate(prompt[0].tolist(), 12).tokens == want

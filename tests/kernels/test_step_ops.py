@@ -1,0 +1,67 @@
+"""The decode step's small-op kernels (kernels/step_ops.py) against the engine's eager ops they replace.
+
+Runs on CUDA, or on the CPU under TRITON_INTERPRET=1. The outputs are new tensors compared element by element
+with the eager ones, so an unwritten element fails. Bounds: the residual add rounds exactly as the eager add
+(equal); the RMSNorm sums its squares in another order, and the SiLU's exponential is not the eager one, so an
+element may land one rounding step away (at most 1 in 1000 elements, each within 1e-3 relative). bf16 only on
+CUDA: the interpreter (Triton 3.9) rounds fp32 -> bf16 casts differently from the GPU and torch.
+"""
+
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kernels.step_ops import add_rms_norm, silu_mul  # noqa: E402
+from mpq.runtime import model as eager  # noqa: E402
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not INTERPRET and not torch.cuda.is_available():
+    pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+DEVICE = "cpu" if INTERPRET else "cuda"
+DTYPES = [torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+
+
+def assert_nearly_equal(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    off = got != want
+    assert off.float().mean() <= 1e-3, f"{int(off.sum())} of {off.numel()} elements differ"
+    torch.testing.assert_close(got.float(), want.float(), rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [100, 576, 4096])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_eager(dtype, n, with_delta):
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(3, 1, n, generator=gen) * 4).to(dtype).to(DEVICE)
+    delta = torch.randn(3, 1, n, generator=gen).to(dtype).to(DEVICE) if with_delta else None
+    w = (torch.rand(n, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    x_got, h_got = add_rms_norm(x, delta, w, 1e-5)
+    x_want, h_want = eager.add_rms_norm(x, delta, w, 1e-5)
+    assert torch.equal(x_got, x_want)
+    assert with_delta or x_got is x  # no add: the residual passes through
+    assert_nearly_equal(h_got, h_want)
+
+
+def test_add_rms_norm_with_a_wider_weight_returns_the_eager_dtype():
+    """HF multiplies the rounded rows by the weight in the weight's dtype: an fp32 weight gives fp32 rows."""
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 1, 300, generator=gen).half().to(DEVICE)
+    w = (torch.rand(300, generator=gen) + 0.5).to(DEVICE)
+    _, h_got = add_rms_norm(x, x.flip(-1).contiguous(), w, 1e-6)
+    _, h_want = eager.add_rms_norm(x, x.flip(-1).contiguous(), w, 1e-6)
+    assert_nearly_equal(h_got, h_want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows, n", [(1, 3000), (2, 1024), (3, 77)])
+def test_silu_mul_on_the_halves_of_a_stacked_output(dtype, rows, n):
+    """gate and up as the two halves of one stacked gate/up output (rows contiguous, row stride 2n)."""
+    stacked = (torch.randn(rows, 1, 2 * n, generator=torch.Generator().manual_seed(rows)) * 3).to(dtype).to(DEVICE)
+    gate, up = stacked.split(n, dim=-1)
+    got = silu_mul(gate, up)
+    assert got.is_contiguous()
+    assert_nearly_equal(got, eager.silu_mul(gate, up))
