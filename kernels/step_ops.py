@@ -4,8 +4,8 @@ SwiGLU product. Both round as the eager ops of `mpq.runtime.model` do.
 Launched as programmatic dependents (sm_90+), each lets the next kernel launch at once and then waits for the one
 before it: the decode GEMV after it issues its first weight loads during this kernel's whole run (it waits for
 this one to finish before it reads the output). Nothing is read before the wait except the norm weight, a
-constant. Against inductor's compiled ops in the same places, the 7B random-layer step took 2.253 against 2.326
-ms (RMSNorm) on one H100 (benchmarks/e2e-notes.md, run 12).
+constant. Against inductor's compiled ops in the same places, the 7B random-layer step took 2.251 against 2.337
+ms on one H100 (benchmarks/e2e-notes.md, run 12).
 """
 
 import torch
