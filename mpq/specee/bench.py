@@ -54,18 +54,24 @@ class GraphStep:
     into one GEMV or its parts overlapped on side streams) and adds the exit machinery: the draft head on its own
     stream, overlapped with the first layers and joined before the first predictor; at each predicted layer one
     fused kernel for the features and the predictor (`kernels.exit_predictor`); at the exit, the LM head; in fill
-    mode, the skipped layers' K/V (`ExitDecoder.fill_kv`, spread over side streams)."""
+    mode, the skipped layers' K/V (`ExitDecoder.fill_kv`, spread over side streams). Every layer's attention and
+    the draft's run the fused decode kernel, so the step builds no attention masks (the model's GPU kernels must be
+    in: `compile_small_ops`)."""
 
     def __init__(self, model, draft, draft_source, preds, offline, max_len):
         from mpq.specee.decode import ExitDecoder
 
+        if model.ops.decode_attention is None:
+            raise MpqError("the exit bench needs the engine's GPU kernels (Transformer.compile_small_ops)")
         self.model, self.draft, self.preds, self.offline = model, draft, preds, offline
         self.dec = ExitDecoder(model, None, max_len, exits=False)
         dev, dt = model.device, model.dtype
         a = model.args
         self.token = torch.zeros(1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        self.h_prev = torch.zeros(model.args.dim, dtype=dt, device=dev)
+        # the draft's input: the last step's final hidden state, then this token's embedding (which the main stream
+        # gathers once for both)
+        self.fc_in = torch.zeros(2 * a.dim, dtype=dt, device=dev)
         self.probe = torch.zeros(64, dtype=torch.float32, device=dev)
         self.p_state = torch.zeros(4, dtype=torch.float32, device=dev)
         self.mlp = preds.kernel_tensors()
@@ -82,12 +88,12 @@ class GraphStep:
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
 
-    def _draft(self) -> torch.Tensor:
-        """The draft head's step at self.pos: LM-head rows [4, D] of its top-4 tokens."""
+    def _draft(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The draft head's step at self.pos (cos/sin: the rotation there): LM-head rows [4, D] of its top-4
+        tokens."""
         d, m, a = self.draft, self.model, self.model.args
         ops, eps = m.ops, a.norm_eps
-        x = d.linears["fc"](torch.cat((self.h_prev, m.embed[self.token][0]))[None, None])
-        cos, sin = m.rope_cos[self.pos], m.rope_sin[self.pos]
+        x = d.linears["fc"](self.fc_in.view(1, 1, -1))
         _, h = ops.add_rms_norm(x, None, d.attn_norm, eps)
         q, k, v = self.d_qkv(h)
         q, k, v = (q.view(1, 1, a.n_heads, a.head_dim), k.view(1, 1, a.n_kv_heads, a.head_dim),
@@ -106,24 +112,22 @@ class GraphStep:
 
         m, L, ops, eps = self.model, self.model.args.n_layers, self.model.ops, self.model.args.norm_eps
         main = torch.cuda.current_stream()
+        pos, D = self.pos, m.args.dim
+        cos, sin = m.rope_cos[pos], m.rope_sin[pos]
+        torch.index_select(m.embed, 0, self.token, out=self.fc_in[D:].view(1, D))
         if draft:
             self.draft_stream.wait_stream(main)
             with torch.cuda.stream(self.draft_stream):
-                rows = self._draft()
+                rows = self._draft(cos, sin)
         else:
             rows = self.lm_w[:4]
-        pos = self.pos
-        cos, sin = m.rope_cos[pos], m.rope_sin[pos]
-        if fill:  # (the fused decode attention, where it runs, applies the causal mask and `dropped` itself)
-            masks = m.causal[pos].view(1, 1, 1, 1, -1).expand(L, -1, -1, -1, -1)
-        else:  # drop mode: each layer masks the positions it skipped (one add for all layers)
-            masks = (m.causal[pos].view(1, -1) + self.dropped).view(L, 1, 1, 1, -1)
-        x, delta = m.embed[self.token].view(1, 1, -1), None
+        x, delta = self.fc_in[D:].view(1, 1, D), None
         joined = not draft  # the draft stream joins main once, before the first predictor reads its rows
         calls = ([i for i in self.offline if i < e - 1] + ([e - 1] if e < L else [])) if predict else []
         for i, layer in enumerate(m.layers[:e]):
             x, h = ops.add_rms_norm(x, delta, layer.attn_norm, eps)
-            delta = layer.attention(h, pos, cos, sin, masks[i], ops, causal_prefix=True,
+            # the fused decode attention applies the causal mask (and in drop mode the layer's skipped positions)
+            delta = layer.attention(h, pos, cos, sin, None, ops, causal_prefix=True,
                                     dropped=None if fill else self.dropped[i])
             x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, eps)
             delta = layer.mlp(h, ops)
@@ -143,7 +147,7 @@ class GraphStep:
         nxt = m.output(hn.view(1, -1)).argmax(-1)
         if e < L and fill:
             self.dec.join_fill()
-        self.h_prev.copy_(hn.view(-1))
+        self.fc_in[:D].copy_(hn.view(-1))
         self.token.copy_(nxt.view(1))
         self.pos.add_(1)
 
