@@ -21,7 +21,8 @@ from mpq.runtime.generate import Generator
 from mpq.runtime.model import ModelArgs, Transformer, WeightSource
 
 FAMILIES = (("_gemv_kernel", "mpq GEMV"), ("_gemv_h2", "mpq GEMV"), ("_gemm_kernel", "mpq GEMM"), ("_dequant_kernel", "mpq dequant"),
-            ("_decode_attention", "fused decode attention"), ("fmha", "SDPA"),
+            ("_decode_attention", "fused decode attention"), ("_add_rms_norm", "step ops (kernels/step_ops.py)"),
+            ("_silu_mul", "step ops (kernels/step_ops.py)"), ("fmha", "SDPA"),
             ("attention", "SDPA"), ("triton_", "inductor (small ops)"), ("gemv", "cuBLAS GEMV"), ("gemm", "cuBLAS"),
             ("index", "index/copy"), ("copy", "index/copy"), ("elementwise", "eager elementwise"), ("reduce", "eager reduce"))
 
