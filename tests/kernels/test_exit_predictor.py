@@ -14,7 +14,11 @@ if not (torch.cuda.is_available() or INTERPRET):
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
+from kernels.dispatch import pdl_enabled  # noqa: E402
 from kernels.exit_predictor import exit_probability  # noqa: E402
+
+# launched as a programmatic dependent too, where the GPU can (sm_90+), as the trace bench launches it
+PDL = [False] + ([True] if DEV == "cuda" and pdl_enabled(torch.device(DEV)) else [])
 
 
 def random_predictors(layers, hidden, gen):
@@ -26,9 +30,10 @@ def random_predictors(layers, hidden, gen):
     return pred.to(DEV)
 
 
+@pytest.mark.parametrize("pdl", PDL)
 @pytest.mark.parametrize("dim,hidden,dtype", [(200, 512, torch.float32), (1100, 300, torch.float16),
                                               (576, 512, torch.float16), (9000, 700, torch.float16), (4096, 512, torch.float16)])
-def test_exit_probability_matches_reference(dim, hidden, dtype):
+def test_exit_probability_matches_reference(dim, hidden, dtype, pdl):
     gen = torch.Generator().manual_seed(dim)
     layers = [1, 4, 7]
     pred = random_predictors(layers, hidden, gen)
@@ -43,10 +48,11 @@ def test_exit_probability_matches_reference(dim, hidden, dtype):
         if step == 1:  # the deferred residual add: the kernel is given x - delta and delta
             delta = (torch.randn(dim, generator=gen)).to(DEV, dtype)
             exit_probability(x - delta, norm_w, 1e-5, rows, p_state, out, layer, mlp, pred.slot[layer], first=False,
-                             delta=delta)
+                             delta=delta, pdl=pdl)
             x = (x - delta) + delta
         else:
-            exit_probability(x, norm_w, 1e-5, rows, p_state, out, layer, mlp, pred.slot[layer], first=step == 0)
+            exit_probability(x, norm_w, 1e-5, rows, p_state, out, layer, mlp, pred.slot[layer], first=step == 0,
+                             pdl=pdl)
         feat, p_ref = features(draft_logits(final_norm(x, norm_w, 1e-5), rows), p_ref)
         want = float(pred.prob(layer, feat.float()))
         assert abs(float(out[layer]) - want) < 1e-4 * max(1.0, abs(want)), (layer, float(out[layer]), want)

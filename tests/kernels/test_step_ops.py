@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
+from kernels.dispatch import pdl_enabled  # noqa: E402
 from kernels.step_ops import add_rms_norm, silu_mul  # noqa: E402
 from mpq.runtime import model as eager  # noqa: E402
 
@@ -22,6 +23,8 @@ if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 DEVICE = "cpu" if INTERPRET else "cuda"
 DTYPES = [torch.float16] + ([] if INTERPRET else [torch.bfloat16])
+# launched as programmatic dependents too, where the GPU can (sm_90+), as the engine launches them
+PDL = [False] + ([True] if not INTERPRET and pdl_enabled(torch.device(DEVICE)) else [])
 
 
 def assert_nearly_equal(got: torch.Tensor, want: torch.Tensor) -> None:
@@ -31,15 +34,16 @@ def assert_nearly_equal(got: torch.Tensor, want: torch.Tensor) -> None:
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.parametrize("pdl", PDL)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [100, 576, 4096])
 @pytest.mark.parametrize("with_delta", [True, False])
-def test_add_rms_norm_matches_eager(dtype, n, with_delta):
+def test_add_rms_norm_matches_eager(dtype, n, with_delta, pdl):
     gen = torch.Generator().manual_seed(n)
     x = (torch.randn(3, 1, n, generator=gen) * 4).to(dtype).to(DEVICE)
     delta = torch.randn(3, 1, n, generator=gen).to(dtype).to(DEVICE) if with_delta else None
     w = (torch.rand(n, generator=gen) + 0.5).to(dtype).to(DEVICE)
-    x_got, h_got = add_rms_norm(x, delta, w, 1e-5)
+    x_got, h_got = add_rms_norm(x, delta, w, 1e-5, pdl=pdl)
     x_want, h_want = eager.add_rms_norm(x, delta, w, 1e-5)
     assert torch.equal(x_got, x_want)
     assert with_delta or x_got is x  # no add: the residual passes through
@@ -56,12 +60,13 @@ def test_add_rms_norm_with_a_wider_weight_returns_the_eager_dtype():
     assert_nearly_equal(h_got, h_want)
 
 
+@pytest.mark.parametrize("pdl", PDL)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows, n", [(1, 3000), (2, 1024), (3, 77)])
-def test_silu_mul_on_the_halves_of_a_stacked_output(dtype, rows, n):
+def test_silu_mul_on_the_halves_of_a_stacked_output(dtype, rows, n, pdl):
     """gate and up as the two halves of one stacked gate/up output (rows contiguous, row stride 2n)."""
     stacked = (torch.randn(rows, 1, 2 * n, generator=torch.Generator().manual_seed(rows)) * 3).to(dtype).to(DEVICE)
     gate, up = stacked.split(n, dim=-1)
-    got = silu_mul(gate, up)
+    got = silu_mul(gate, up, pdl=pdl)
     assert got.is_contiguous()
     assert_nearly_equal(got, eager.silu_mul(gate, up))
