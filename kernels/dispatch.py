@@ -137,7 +137,8 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
             _say_slow_path(f"x is {x.dtype}, not torch.float16" if x.dtype != torch.float16 else
                            "a format tensor is not 16-byte aligned (a view at an odd offset?)")
         cfg = dataclasses.replace(cfg, kind="gemv")
-    blocks = m * (16 // cfg.rows) if cfg.kind.startswith("gemv") else triton.cdiv(m, cfg.block_m)
+    # split-K counters a row tile needs: a GEMV runs tile_rows / rows programs per tile and activation row
+    blocks = m * (tensors[0].shape[2] // cfg.rows) if cfg.kind.startswith("gemv") else triton.cdiv(m, cfg.block_m)
     if cfg.split > 1 and blocks > COUNTERS_PER_ROW_TILE:
         cfg = dataclasses.replace(cfg, split=1)
     if counters.numel() < COUNTERS_PER_ROW_TILE * tensors[0].shape[0]:

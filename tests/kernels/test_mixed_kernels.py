@@ -84,6 +84,24 @@ def test_gemv_h2(make_packed, layer, m, split, rows, warps, pairs, early4):
         assert not counters.any()
 
 
+@pytest.mark.parametrize("m, cfg", [(1, KernelConfig("gemv", rows=4, split=2)), (2, KernelConfig("gemv", rows=4, split=2)),
+                                    (2, KernelConfig("gemv2", rows=8, split=3)), (5, KernelConfig("gemm", block_m=16, split=2))])
+def test_64_row_tiles_keep_split_counters_in_bounds(make_packed, m, cfg):
+    """tile_rows is a format parameter: with 64-row tiles a GEMV runs 64 / rows programs per tile, so split-K must
+    fall back to one share where that many counters per row tile would not fit (a 2-row, 4-row-program GEMV needs
+    32, the buffer holds 16). Counters past the end are a sentinel that any stray atomic would change."""
+    packed = make_packed(128, 384, 64, 2, 1, seed=m, tile_rows=64)
+    x = torch.randn(m, 384, generator=torch.Generator().manual_seed(9)).half()
+    ref = x.double() @ packed.dequantize(torch.float64).t()
+    tensors = tuple(getattr(packed, name).to(DEVICE) for name in TENSOR_ORDER)
+    need = 16 * packed.row_tiles
+    buffer = torch.full((2 * need,), 7, dtype=torch.int32, device=DEVICE)
+    buffer[:need] = 0
+    y = mixed_matmul(x.to(DEVICE), tensors, group_size=64, outliers=1, counters=buffer[:need], config=cfg)
+    check(y, ref, torch.float16)
+    assert not buffer[:need].any() and (buffer[need:] == 7).all()
+
+
 @pytest.mark.parametrize("layer", LAYERS)
 @pytest.mark.parametrize("m, split", [(3, 2), (16, 1), (33, 3)])
 def test_gemm(make_packed, layer, m, split):
