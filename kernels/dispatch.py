@@ -29,7 +29,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMM_MAX_M = 64
 # cards that run another card's table: the H200 is the H100's die (132 SMs, sm_90) with faster, larger HBM
 TABLE_OF = {"h200": "h100"}
-# programmatic dependent launch of the decode GEMV on sm_90+ (MPQ_PDL=0 turns it off, e.g. for an A/B)
+# programmatic dependent launch of the decode step's kernels on sm_90+ (MPQ_PDL=0 turns it off, e.g. for an A/B)
 PDL = os.environ.get("MPQ_PDL", "1") != "0"
 
 
@@ -70,7 +70,8 @@ def _props(device: torch.device):
 
 
 def pdl_enabled(device: torch.device) -> bool:
-    """Launch the GEMV as a programmatic dependent: on sm_90+ CUDA devices, unless MPQ_PDL=0 or PDL is set False."""
+    """Launch the decode step's kernels as programmatic dependents: on sm_90+ CUDA devices, unless MPQ_PDL=0 or PDL
+    is set False."""
     return PDL and device.type == "cuda" and not INTERPRET and _props(device).major >= 9
 
 

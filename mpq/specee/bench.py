@@ -82,7 +82,6 @@ class GraphStep:
         # high priority: the first predicted layer waits for the draft's tokens, so its kernels go first where both
         # streams have work (waiting for the draft: 2.0% of a step against 2.7% at normal priority, run 12)
         self.draft_stream = torch.cuda.Stream(dev, priority=-1)
-        self.pdl = pdl_enabled(dev)  # the predictor kernel launches as a programmatic dependent, as the step's do
         self.lm_w = model.output.weight
         self.dropped = torch.zeros(a.n_layers, max_len, dtype=dt, device=dev)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
@@ -136,7 +135,8 @@ class GraphStep:
                     main.wait_stream(self.draft_stream)
                     joined = True
                 exit_probability(x.view(-1), m.norm, eps, rows, self.p_state, self.probe, i, self.mlp,
-                                 self.preds.slot[i], first=i == calls[0], delta=delta.view(-1), pdl=self.pdl)
+                                 self.preds.slot[i], first=i == calls[0], delta=delta.view(-1),
+                                 pdl=pdl_enabled(m.device))  # a programmatic dependent, as the step's kernels
         if not joined:
             main.wait_stream(self.draft_stream)
         x, hn = ops.add_rms_norm(x, delta, m.norm, eps)
