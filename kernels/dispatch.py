@@ -20,6 +20,7 @@ import triton
 from kernels.gemm_mixed import gemm_mixed, prefill_mixed
 from kernels.gemv_h2 import gemv_h2
 from kernels.gemv_mixed import gemv_mixed
+from kernels.gemv_tc import GROUP_SIZE as TC_GROUP, MAX_M as TC_MAX_M, TILE_ROWS as TC_ROWS, gemv_tc
 
 CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
@@ -35,8 +36,9 @@ PDL = os.environ.get("MPQ_PDL", "1") != "0"
 
 @dataclasses.dataclass(frozen=True)
 class KernelConfig:
-    kind: str  # "gemv"/"gemv2" (CUDA cores, M tiny; gemv2 decodes in fp16x2, fp16 x on CUDA only, else it runs
-    # as gemv), "gemm" (tensor cores, skinny M), "prefill" (dequantize + cuBLAS)
+    kind: str  # "tc" (decode GEMV on tensor cores, M <= 16: fp16 x, 16-row tiles, g = 128, sm_80+; else the
+    # heuristic's CUDA-core choice runs), "gemv"/"gemv2" (CUDA cores, M tiny; gemv2 decodes in fp16x2, fp16 x on CUDA
+    # only, else it runs as gemv), "gemm" (tensor cores, skinny M), "prefill" (dequantize + cuBLAS)
     split: int = 1
     rows: int = 8  # GEMV: rows of a 16-row tile per program
     block_m: int = 16  # GEMM: activation rows per program
@@ -44,12 +46,20 @@ class KernelConfig:
     num_stages: int = 2
     pairs: int = 1  # GEMV2: word pairs of each row per thread (2: two threads share a program's rows)
     early4: bool = False  # GEMV2: the 4-bit stream's first chunk loaded before the 2-bit stream runs
+    unroll: int = 1  # TC: slots per loop step (1 or 2)
+    prefetch: bool = True  # TC: the next step's loads issued before this step's arithmetic
+    l2: bool = False  # TC: each program first asks L2 for all its weights
 
 
-def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int) -> KernelConfig:
-    """Enough programs to fill the chip about three times over, each with at least one chunk of slots per stream."""
+def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int, tensor_cores: bool = True) -> KernelConfig:
+    """Enough programs to fill the chip several times over, each with a few slots per stream."""
     tiles = n // 16
     groups = k // group_size
+    if tensor_cores and m <= TC_MAX_M:  # one warp per (row tile, split share): 16-32 warps per SM measured best
+        split = 1
+        while tiles * split < 16 * sm_count and groups // (split * 2) >= 4:
+            split *= 2
+        return KernelConfig("tc", split=split)
     if m <= GEMV_MAX_M:
         split = 1
         while tiles * m * split < 8 * sm_count and groups // (split * 2) >= 8:
@@ -111,6 +121,19 @@ def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig, ou
     return row if outliers is None else {**row, "outliers": outliers > 0}
 
 
+def _tc_layout(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: int) -> bool:
+    """The shapes the tensor-core GEMV's fragments assume: M <= 16, 16-row tiles, g = 128."""
+    return x.shape[0] <= TC_MAX_M and tensors[0].shape[2] == TC_ROWS and group_size == TC_GROUP
+
+
+def _tc_fast(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: int) -> bool:
+    """The tensor-core GEMV runs: its layout, fp16 x in whole 4-byte words, 8-byte aligned format tensors (it reads
+    zeros as 32/64-bit words), a CUDA device with mma.sync (sm_80+), not the interpreter."""
+    return (_tc_layout(x, tensors, group_size) and x.dtype == torch.float16 and x.device.type == "cuda"
+            and not INTERPRET and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
+            and not any(t.data_ptr() % 8 for t in tensors) and _props(x.device).major >= 8)
+
+
 @functools.lru_cache(maxsize=None)
 def _say_slow_path(reason: str) -> None:
     """Warn once per reason that the decode GEMV runs the slower v1 kernel (users should know when the fast
@@ -131,6 +154,10 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
         return y
     if cfg.kind == "prefill":
         return prefill_mixed(x, y, *tensors, group_size=group_size, outliers=outliers)
+    tc_fast = cfg.kind == "tc" and _tc_fast(x, tensors, group_size)
+    if cfg.kind == "tc" and not tc_fast and not (INTERPRET and _tc_layout(x, tensors, group_size)):
+        # no tensor-core GEMV for this input: the CUDA-core kernels' heuristic choice
+        cfg = heuristic_config(m, n, x.shape[1], group_size, _device_facts(x.device)[0], tensor_cores=False)
     if cfg.kind == "gemv2" and (x.dtype != torch.float16 or INTERPRET or any(t.data_ptr() % 16 for t in tensors)):
         # the fp16x2 path needs fp16 x, a GPU (inline PTX) and 16-byte aligned tensors (it reads a program's
         # scale codes, zeros and outliers as whole 64-bit words)
@@ -139,12 +166,16 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
                            "a format tensor is not 16-byte aligned (a view at an odd offset?)")
         cfg = dataclasses.replace(cfg, kind="gemv")
     # split-K counters a row tile needs: a GEMV runs tile_rows / rows programs per tile and activation row
-    blocks = m * (tensors[0].shape[2] // cfg.rows) if cfg.kind.startswith("gemv") else triton.cdiv(m, cfg.block_m)
+    blocks = (1 if cfg.kind == "tc" else m * (tensors[0].shape[2] // cfg.rows) if cfg.kind.startswith("gemv")
+              else triton.cdiv(m, cfg.block_m))
     if cfg.split > 1 and blocks > COUNTERS_PER_ROW_TILE:
         cfg = dataclasses.replace(cfg, split=1)
     if counters.numel() < COUNTERS_PER_ROW_TILE * tensors[0].shape[0]:
         raise ValueError(f"counters too small: need {COUNTERS_PER_ROW_TILE} int32 per row tile")
     ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
+    if cfg.kind == "tc":
+        return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
+                       prefetch=cfg.prefetch, l2=cfg.l2, fast=tc_fast, pdl=tc_fast and pdl_enabled(x.device))
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                        rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,

@@ -26,14 +26,13 @@ from kernels.dispatch import KernelConfig  # noqa: E402
 from mpq.runtime.generate import Generator  # noqa: E402
 
 G = 128
+TC = lambda split, unroll=1, prefetch=True, l2=False: KernelConfig("tc", split=split, unroll=unroll,  # noqa: E731
+                                                                     prefetch=prefetch, l2=l2)
 CANDIDATES = {  # (n, k): configurations to try beside the committed row
-    (4096, 4096): [KernelConfig("gemv2", rows=8), KernelConfig("gemv2", rows=4), KernelConfig("gemv2", rows=8, split=2),
-                   KernelConfig("gemv2", rows=16), KernelConfig("gemv2", rows=8, pairs=2)],
-    (4096, 11008): [KernelConfig("gemv2", rows=8, split=2), KernelConfig("gemv2", rows=8, split=1),
-                    KernelConfig("gemv2", rows=16, split=4), KernelConfig("gemv2", rows=4, split=4),
-                    KernelConfig("gemv2", rows=8, split=4, pairs=2)],
-    (12288, 4096): [KernelConfig("gemv2", rows=8, pairs=1), KernelConfig("gemv2", rows=16, pairs=2)],
-    (22016, 4096): [KernelConfig("gemv2", rows=8, pairs=2), KernelConfig("gemv2", rows=16, pairs=1)],
+    (4096, 4096): [TC(8, 2, l2=True), TC(16, l2=True), TC(16), TC(8), KernelConfig("gemv2", rows=4, early4=True)],
+    (4096, 11008): [TC(16), TC(16, prefetch=False), TC(8), TC(16, 2), KernelConfig("gemv2", rows=8, split=4)],
+    (12288, 4096): [TC(4, 2), TC(8), TC(4), KernelConfig("gemv2", rows=8, pairs=2)],
+    (22016, 4096): [TC(4), TC(4, 2, prefetch=False), TC(8), KernelConfig("gemv2", rows=16, pairs=2)],
 }
 
 

@@ -3,6 +3,7 @@
 Usage (from the repo root): PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR [--skip-tests] [--skip-sweep]
        PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --quick   (a few minutes: see `quick`)
        PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --stacked (only the M = 1 rows of the stacked shapes)
+       PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --tc (the tensor-core GEMV against the table, M = 1/4/16)
 Writes OUT_DIR/pytest.log, OUT_DIR/sweep.jsonl (every candidate: time, error), OUT_DIR/configs-<gpu>.json (the
 winners, also installed as kernels/configs/<gpu>.json for the benchmark) and OUT_DIR/kernels-<gpu>.json.
 """
@@ -90,36 +91,63 @@ GEMV2_CANDIDATES = [KernelConfig("gemv2", split=sp, rows=r, num_warps=w, pairs=p
 STACKED_SHAPES = ((12288, 4096), (22016, 4096), (8192, 4096))
 
 
-def sweep_m1(table: dict, shapes, log, t0: float) -> None:
-    """M = 1 winners among the table's current row (if any) and the GEMV2 candidates, for layers with one outlier per
-    2-bit group and for layers without (they compile to different kernels); replaces the shapes' M = 1 rows."""
+TC_CANDIDATES = [KernelConfig("tc", split=sp, unroll=u, prefetch=pf, l2=l2) for sp in (4, 8, 16) for u in (1, 2)
+                 for pf in (True, False) for l2 in (True, False)]
+
+
+def sweep_m1(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CANDIDATES) -> None:
+    """Winners at M = m among the table's current row (if any) and `extra`, for layers with one outlier per 2-bit
+    group and for layers without (they compile to different kernels); replaces the shapes' rows of m's bucket."""
     import time
 
+    from kernels.dispatch import m_bucket
+
     for n, k in shapes:
-        old = [r for r in table["configs"] if (r["m_bucket"], r["n"], r["k"]) == (1, n, k)]
+        old = [r for r in table["configs"] if (r["m_bucket"], r["n"], r["k"]) == (m_bucket(m), n, k)]
         table["configs"] = [r for r in table["configs"] if r not in old]
         for ko in (1, 0):
             layers = [bench.random_layer(n, k, ko, "cuda", seed=i) for i in range(bench.ROTATE)]
             args = [tuple(getattr(p, t) for t in TENSOR_ORDER) for p in layers]
             counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
             ref_w = layers[0].dequantize(torch.float32)
-            x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+            x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ ref_w.t()
             row = next((r for r in old if r.get("outliers") == (ko > 0)), None) or next((r for r in old if "outliers" not in r), None)
             results = []
-            for cfg in ([KernelConfig(**row["config"])] if row else []) + GEMV2_CANDIDATES:
+            for cfg in ([KernelConfig(**row["config"])] if row else []) + extra:
                 us, err = time_config(x, args, ref, counters, cfg, f"{n}x{k}", ko)
                 results.append((us, cfg))
-                log.write(json.dumps({"n": n, "k": k, "m": 1, "outliers": ko, "config": cfg.__dict__, "us": us,
+                log.write(json.dumps({"n": n, "k": k, "m": m, "outliers": ko, "config": cfg.__dict__, "us": us,
                                       "rel_err": err}) + "\n")
                 log.flush()
-                print(f"{n}x{k} m=1 k={ko} {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
-                      f"pairs={cfg.pairs} early4={cfg.early4}: {us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]",
-                      flush=True)
+                print(f"{n}x{k} m={m} k={ko} {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
+                      f"pairs={cfg.pairs} early4={cfg.early4} unroll={cfg.unroll} prefetch={cfg.prefetch} l2={cfg.l2}: "
+                      f"{us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]", flush=True)
             best = min(results, key=lambda r: r[0])
-            table["configs"].append(config_row(1, n, k, 128, best[1], outliers=ko))
+            table["configs"].append(config_row(m, n, k, 128, best[1], outliers=ko))
             del layers, args
             torch.cuda.empty_cache()
+
+
+def tensor_core_sweep(out: pathlib.Path, gpu: str) -> None:
+    """The tensor-core GEMV against the table's rows: M = 1 on the three shapes and the stacked ones, M = 4 and 16
+    on the three shapes; the winners replace the rows (kernels/configs and OUT/configs-<gpu>.json); then the
+    benchmark rows of M = 1, 4 and 16 -> OUT/kernels-<gpu>-tc.json."""
+    import time
+
+    t0 = time.time()
+    table_path = CONFIG_DIR / f"{TABLE_OF.get(gpu, gpu)}.json"
+    table = json.loads(table_path.read_text())
+    with (out / "tc-sweep.jsonl").open("w") as log:
+        for m, shapes in ((1, bench.SHAPES + STACKED_SHAPES), (4, bench.SHAPES), (16, bench.SHAPES)):
+            sweep_m1(table, shapes, log, t0, m, TC_CANDIDATES if m == 1 else [c for c in TC_CANDIDATES if c.prefetch])
+            text = json.dumps(table, indent=1)  # each M's rows survive a run cut short
+            (out / f"configs-{gpu}.json").write_text(text)
+            table_path.write_text(text)
+    _device_facts.cache_clear()
+    print(f"[{time.time() - t0:.0f}s] benchmark", flush=True)
+    bench.bench_kernels(out / f"kernels-{gpu}-tc.json", ms=(1, 4, 16))
+    print(f"[{time.time() - t0:.0f}s] done", flush=True)
 
 
 def quick(out: pathlib.Path, gpu: str, stacked_only: bool = False) -> None:
@@ -173,6 +201,8 @@ def main() -> None:
     out = pathlib.Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name().lower().replace("nvidia", "").split()[0]
+    if "--tc" in sys.argv:
+        return tensor_core_sweep(out, gpu)
     if "--quick" in sys.argv or "--stacked" in sys.argv:
         return quick(out, gpu, stacked_only="--stacked" in sys.argv)
     if "--skip-tests" not in sys.argv:

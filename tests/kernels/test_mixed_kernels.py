@@ -18,6 +18,7 @@ from kernels.dispatch import TENSOR_ORDER  # noqa: E402
 from kernels.gemm_mixed import dequantize_mixed, gemm_mixed  # noqa: E402
 from kernels.gemv_h2 import gemv_h2  # noqa: E402
 from kernels.gemv_mixed import gemv_mixed  # noqa: E402
+from kernels.gemv_tc import gemv_tc  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -84,12 +85,40 @@ def test_gemv_h2(make_packed, layer, m, split, rows, warps, pairs, early4):
         assert not counters.any()
 
 
+# the tensor-core GEMV's layers: g = 128, 16-row tiles
+TC_LAYERS = [
+    (80, 384, 128, 1, 2),   # mixed, two outliers
+    (48, 640, 128, 2, 1),   # mixed, odd slot counts (3 + 2), one outlier
+    (32, 256, 128, 0, 0),   # all 2-bit, no outliers
+    (32, 384, 128, 3, 0),   # all 4-bit
+]
+
+
+@pytest.mark.parametrize("layer", TC_LAYERS)
+@pytest.mark.parametrize("m, split, unroll, prefetch", [(1, 1, 1, True), (1, 2, 2, False), (3, 3, 2, True),
+                                                        (8, 1, 1, False), (11, 2, 1, True), (16, 1, 2, True)])
+def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch):
+    """The tensor-core GEMV: its mma path on CUDA (also as a PDL launch with L2 prefetch), its plain fp32 path
+    everywhere."""
+    packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=50 + m + split)
+    runs = [(False, False)] if INTERPRET else [(False, False), (True, False), (True, True)]
+    for fast, pdl in runs:
+        y = torch.full((m, layer[0]), float("nan"), dtype=torch.float16, device=DEVICE)
+        ws, counters = scratch(m, layer[0], split, packed.row_tiles)
+        gemv_tc(x, y, ws, counters, *tensors, outliers=packed.outliers, split=split, unroll=unroll,
+                prefetch=prefetch, l2=pdl, fast=fast, pdl=pdl)
+        check(y, ref, torch.float16)
+        assert not counters.any()
+
+
 @pytest.mark.parametrize("m, cfg", [(1, KernelConfig("gemv", rows=4, split=2)), (2, KernelConfig("gemv", rows=4, split=2)),
-                                    (2, KernelConfig("gemv2", rows=8, split=3)), (5, KernelConfig("gemm", block_m=16, split=2))])
+                                    (2, KernelConfig("gemv2", rows=8, split=3)), (5, KernelConfig("gemm", block_m=16, split=2)),
+                                    (3, KernelConfig("tc", split=2))])
 def test_64_row_tiles_keep_split_counters_in_bounds(make_packed, m, cfg):
     """tile_rows is a format parameter: with 64-row tiles a GEMV runs 64 / rows programs per tile, so split-K must
     fall back to one share where that many counters per row tile would not fit (a 2-row, 4-row-program GEMV needs
-    32, the buffer holds 16). Counters past the end are a sentinel that any stray atomic would change."""
+    32, the buffer holds 16). The tensor-core GEMV takes 16-row tiles only: its configuration falls back to the
+    CUDA-core kernels. Counters past the end are a sentinel that any stray atomic would change."""
     packed = make_packed(128, 384, 64, 2, 1, seed=m, tile_rows=64)
     x = torch.randn(m, 384, generator=torch.Generator().manual_seed(9)).half()
     ref = x.double() @ packed.dequantize(torch.float64).t()
@@ -125,7 +154,8 @@ def test_dequantize(make_packed, layer):
     torch.testing.assert_close(w.cpu(), packed.dequantize(), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("m, kind", [(1, "gemv"), (2, "gemv2"), (16, "gemm"), (33, "prefill")])
+@pytest.mark.parametrize("m, kind", [(1, "gemv"), (2, "gemv2"), (3, "tc"), (12, "tc"), (16, "gemm"),
+                                     (33, "prefill")])
 def test_dispatch(make_packed, m, kind):
     """The public entry point, with the default configuration of each kind, twice (counters reset)."""
     layer = LAYERS[2]
