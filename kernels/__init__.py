@@ -1,7 +1,7 @@
 """Triton kernels for format v1 (mpq/quant/format.py) and the decode step around it.
 
-`mixed_matmul` in dispatch.py picks the matmul kernel and its configuration for a given M (decode GEMV, skinny
-tensor-core GEMM, dequantize + cuBLAS for prefill); the launchers take the format's tensors as flat arguments so
+`mixed_matmul` in dispatch.py picks the matmul kernel and its configuration for a given M (decode GEMV on CUDA cores
+or on tensor cores, skinny tensor-core GEMM, dequantize + cuBLAS for prefill); the launchers take the format's tensors as flat arguments so
 that mpq/runtime/ops.py can wrap them in one torch custom op. decode_attention.py, step_ops.py and
 exit_predictor.py are the decode step's other kernels.
 
