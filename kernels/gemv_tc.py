@@ -115,7 +115,7 @@ def _x16(xw_ptr, base):
 
 @triton.jit
 def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BITS: tl.constexpr,
-               OUTLIERS: tl.constexpr):
+               OUTLIERS: tl.constexpr, SINGLE: tl.constexpr):
     """A slot's weights for this lane (rows g, g + 8): code word pairs, zeros, scale codes, group column, first
     outlier of each row. Weights only: safe before the PDL wait."""
     if BITS == 2:
@@ -137,7 +137,13 @@ def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BI
     sg = tl.load(s_ptr + ts * ROWS + g, mask=valid, other=0)
     sh = tl.load(s_ptr + ts * ROWS + g + 8, mask=valid, other=0)
     col = tl.load(idx_ptr + ts + t * 0, mask=valid, other=0).to(tl.int32)
-    if OUTLIERS > 0:
+    if OUTLIERS > 0 and SINGLE:  # M = 1: lane t = 0 takes row g's first outlier, t = 1 row g + 8's (it writes it)
+        og = (ts * ROWS + g + 8 * t) * OUTLIERS
+        ovg = tl.load(ov_ptr + og, mask=valid & (t < 2), other=0.0)
+        oig = tl.load(oi_ptr + og, mask=valid & (t < 2), other=0)
+        ovh = ovg
+        oih = oig
+    elif OUTLIERS > 0:
         og = (ts * ROWS + g) * OUTLIERS
         oh = og + 8 * OUTLIERS
         ovg = tl.load(ov_ptr + og, mask=valid, other=0.0)
@@ -202,6 +208,8 @@ def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BI
                                        y13, y14, y15], dtype=(tl.float32,) * 8, is_pure=True, pack=1)
     else:
         a = N0 + 2 * t
+        if SINGLE:  # as on the tensor cores: every column of C is activation 0
+            a = t * 0
         c0 = _plain_dot(q_ptr, ts, g, zg, x_ptr, a * stride_xm, col, valid & (a < M), BITS)
         c1 = _plain_dot(q_ptr, ts, g, zg, x_ptr, (a + 1) * stride_xm, col, valid & (a + 1 < M), BITS)
         c2 = _plain_dot(q_ptr, ts, g + 8, zh, x_ptr, a * stride_xm, col, valid & (a < M), BITS)
@@ -221,34 +229,39 @@ def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BI
 def _outlier_dot(ov_ptr, oi_ptr, x_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, OUTLIERS: tl.constexpr,
                  SINGLE: tl.constexpr):
     """The fp16 outliers of rows g, g + 8 times activations N0 + 2t, N0 + 2t + 1, fp32 (no scales). SINGLE (M = 1):
-    only activation 0 exists, so only the first two are computed."""
+    lane t = 0 writes row g and t = 1 row g + 8 (every lane's C holds both), so each computes its row's only."""
     wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = sl
-    if SINGLE:
+    if SINGLE:  # this lane's one first outlier (_load_slot), for the row it writes
         xg = x_ptr + col * GROUP
-        ok0 = valid
+        ok0 = valid & (t < 2)
+        e0 = ovg.to(tl.float32) * tl.load(xg + oig, mask=ok0, other=0.0).to(tl.float32)
+        e1 = e0 * 0.0
+        e2 = e0
+        e3 = e1
     else:
         a = N0 + 2 * t
         ok0 = valid & (a < M)
         ok1 = valid & (a + 1 < M)
         xg = x_ptr + a * stride_xm + col * GROUP
-    e0 = ovg.to(tl.float32) * tl.load(xg + oig, mask=ok0, other=0.0).to(tl.float32)
-    e2 = ovh.to(tl.float32) * tl.load(xg + oih, mask=ok0, other=0.0).to(tl.float32)
-    if SINGLE:
-        e1 = e0 * 0.0
-        e3 = e1
-    else:
+        e0 = ovg.to(tl.float32) * tl.load(xg + oig, mask=ok0, other=0.0).to(tl.float32)
+        e2 = ovh.to(tl.float32) * tl.load(xg + oih, mask=ok0, other=0.0).to(tl.float32)
         e1 = ovg.to(tl.float32) * tl.load(xg + stride_xm + oig, mask=ok1, other=0.0).to(tl.float32)
         e3 = ovh.to(tl.float32) * tl.load(xg + stride_xm + oih, mask=ok1, other=0.0).to(tl.float32)
     for k in tl.static_range(1, OUTLIERS):  # further outliers of a row: loaded here (recipes make at most one)
-        fg = (ts * ROWS + g) * OUTLIERS + k
-        fh = fg + 8 * OUTLIERS
-        vg = tl.load(ov_ptr + fg, mask=valid, other=0.0).to(tl.float32)
-        vh = tl.load(ov_ptr + fh, mask=valid, other=0.0).to(tl.float32)
-        ig = tl.load(oi_ptr + fg, mask=valid, other=0)
-        ih = tl.load(oi_ptr + fh, mask=valid, other=0)
-        e0 += vg * tl.load(xg + ig, mask=ok0, other=0.0).to(tl.float32)
-        e2 += vh * tl.load(xg + ih, mask=ok0, other=0.0).to(tl.float32)
-        if not SINGLE:
+        if SINGLE:
+            f = (ts * ROWS + g + 8 * t) * OUTLIERS + k
+            v = tl.load(ov_ptr + f, mask=ok0, other=0.0).to(tl.float32)
+            e0 += v * tl.load(xg + tl.load(oi_ptr + f, mask=ok0, other=0), mask=ok0, other=0.0).to(tl.float32)
+            e2 = e0
+        else:
+            fg = (ts * ROWS + g) * OUTLIERS + k
+            fh = fg + 8 * OUTLIERS
+            vg = tl.load(ov_ptr + fg, mask=valid, other=0.0).to(tl.float32)
+            vh = tl.load(ov_ptr + fh, mask=valid, other=0.0).to(tl.float32)
+            ig = tl.load(oi_ptr + fg, mask=valid, other=0)
+            ih = tl.load(oi_ptr + fh, mask=valid, other=0)
+            e0 += vg * tl.load(xg + ig, mask=ok0, other=0.0).to(tl.float32)
+            e2 += vh * tl.load(xg + ih, mask=ok0, other=0.0).to(tl.float32)
             e1 += vg * tl.load(xg + stride_xm + ig, mask=ok1, other=0.0).to(tl.float32)
             e3 += vh * tl.load(xg + stride_xm + ih, mask=ok1, other=0.0).to(tl.float32)
     return e0, e1, e2, e3
@@ -256,14 +269,14 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr
 
 @triton.jit
 def _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s, end, g, t, BITS: tl.constexpr,
-               OUTLIERS: tl.constexpr, U: tl.constexpr):
+               OUTLIERS: tl.constexpr, U: tl.constexpr, SINGLE: tl.constexpr):
     """Slots s .. s + U - 1 (U = 1 or 2) of a program's share."""
     sv = s + t * 0  # as a [32] vector: the masks must be (the interpreter does not broadcast a scalar mask)
-    a = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s, g, t, sv < end, BITS, OUTLIERS)
+    a = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s, g, t, sv < end, BITS, OUTLIERS, SINGLE)
     b = a
     if U == 2:
         b = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s + 1, g, t, sv + 1 < end, BITS,
-                       OUTLIERS)
+                       OUTLIERS, SINGLE)
     return a, b
 
 
@@ -347,7 +360,8 @@ def _stream(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n
     acc = (z, z, z, z, z, z, z, z)
     acc_o = (z, z, z, z)
     acc_o2 = (z, z, z, z)
-    nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, start, end, g, t, BITS, OUTLIERS, U)
+    nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, start, end, g, t, BITS, OUTLIERS, U,
+                     SINGLE)
     if PDL:  # weights are in flight; x is the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -355,7 +369,7 @@ def _stream(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n
         cur = nxt
         if PF:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
-                             OUTLIERS, U)
+                             OUTLIERS, U, SINGLE)
         acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, cur, g, t, M, stride_xm, BITS,
                                  OUTLIERS, U, BLOCKS, FAST, SINGLE)
         if OUTLIERS > 0 and BLOCKS == 2:
@@ -365,7 +379,7 @@ def _stream(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n
                 acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, c1, g, t, M, stride_xm, 8, OUTLIERS, False))
         if not PF:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
-                             OUTLIERS, U)
+                             OUTLIERS, U, SINGLE)
     return acc, acc_o, acc_o2
 
 
@@ -422,6 +436,9 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
         rows = tl.join(rows, rows)
         acts = tl.join(acts, acts + 8)
     mask = (acts < M) & (rows < N)
+    if SINGLE:  # lane t = 0 writes row g, t = 1 row g + 8 (each added that row's outliers)
+        acts = _quad(t * 0, t * 0 + 1, t * 0, t * 0 + 1)
+        mask = _quad(t == 0, t < 0, t == 1, t < 0) & (rows < N)
     finish_split(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile, sp, M * N,
                  SPLIT)
 
