@@ -116,8 +116,8 @@ def _x16(xw_ptr, base):
 @triton.jit
 def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BITS: tl.constexpr,
                OUTLIERS: tl.constexpr, SINGLE: tl.constexpr):
-    """A slot's weights for this lane (rows g, g + 8): code word pairs, zeros, scale codes, group column, first
-    outlier of each row. Weights only: safe before the PDL wait."""
+    """A slot's weights for this lane (rows g, g + 8): code word pairs, zeros, scale codes, group column, and the
+    first outlier of each row (SINGLE: of the one row the lane writes). Weights only: safe before the PDL wait."""
     if BITS == 2:
         wa = tl.load(q_ptr + (ts * ROWS + g) * 4 + t, mask=valid, other=0)
         wb = tl.load(q_ptr + (ts * ROWS + g + 8) * 4 + t, mask=valid, other=0)
@@ -298,6 +298,8 @@ def _add4(acc, part):
 def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, it, g, t, M, stride_xm, BITS: tl.constexpr,
                 OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
                 SINGLE: tl.constexpr):
+    """One loop step's U slots added into the stream's sums (acc: C of both activation blocks; acc_o: block 0's
+    outliers)."""
     a, b = it
     acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST))
     if OUTLIERS > 0:
@@ -385,7 +387,8 @@ def _stream(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n
 
 @triton.jit
 def _values(p2, p4, po, s2g, s2h, s4g, s4h):
-    """Output value i (rows g, g + 8 x two activations) of one activation block."""
+    """The four outputs of one activation block (rows g, g + 8 x activations 2t, 2t + 1): both streams' sums under
+    their second-level scales, times the 16 the decode divided by, plus the outliers."""
     a0, a1, a2, a3 = p2
     b0, b1, b2, b3 = p4
     o0, o1, o2, o3 = po
