@@ -111,6 +111,30 @@ def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch):
         assert not counters.any()
 
 
+def test_tc_config_takes_bf16_x(make_packed):
+    """A table row of kind "tc" with bf16 activations: the mma path is fp16-only, so on CUDA the dispatcher runs the
+    CUDA-core kernels' choice instead; the interpreter runs the tensor-core GEMV's plain path. Either way: correct."""
+    packed, x, ref, tensors = setup(make_packed, TC_LAYERS[1], 3, torch.bfloat16, seed=77)
+    counters = torch.zeros(16 * packed.row_tiles, dtype=torch.int32, device=DEVICE)
+    y = mixed_matmul(x, tensors, group_size=packed.group_size, outliers=packed.outliers, counters=counters,
+                     config=KernelConfig("tc", split=2))
+    assert y.dtype == torch.bfloat16
+    check(y, ref, torch.bfloat16)
+
+
+def test_heuristic_prefers_the_tensor_core_gemv_up_to_16_rows():
+    """Without a table row: the tensor-core GEMV for M <= 16, split so that each share keeps >= 4 groups; the
+    CUDA-core choice when tensor cores are ruled out."""
+    from kernels.dispatch import heuristic_config
+
+    for m in (1, 4, 16):
+        cfg = heuristic_config(m, 4096, 11008, 128, 132)
+        assert cfg.kind == "tc" and (11008 // 128) // cfg.split >= 4 and 256 * cfg.split >= 132
+    assert heuristic_config(17, 4096, 4096, 128, 132).kind == "gemm"
+    assert heuristic_config(1, 4096, 4096, 128, 132, tensor_cores=False).kind == "gemv2"
+    assert heuristic_config(4, 4096, 4096, 128, 132, tensor_cores=False).kind == "gemm"
+
+
 @pytest.mark.parametrize("m, cfg", [(1, KernelConfig("gemv", rows=4, split=2)), (2, KernelConfig("gemv", rows=4, split=2)),
                                     (2, KernelConfig("gemv2", rows=8, split=3)), (5, KernelConfig("gemm", block_m=16, split=2)),
                                     (3, KernelConfig("tc", split=2))])
