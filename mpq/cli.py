@@ -194,15 +194,22 @@ def run(
 
 @bench_app.command("kernels")
 @one_line_errors
-def bench_kernels(json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here")):
+def bench_kernels(json_out: Optional[Path] = typer.Option(None, "--json", help="write the result JSON here"),
+                  m: str = typer.Option("1,4,16,2048", "--m", help="activation rows to time, comma-separated")):
     """Format-v1 kernels vs fp16 cuBLAS, the built-in int4 kernel and a copy, on Llama-2-7B shapes (graph-timed)."""
     import torch
 
     from mpq.bench.kernels import bench_kernels as run_bench
 
+    try:
+        ms = tuple(int(v) for v in m.split(",") if v.strip())
+    except ValueError:
+        ms = ()
+    if not ms or not all(1 <= v <= 8192 for v in ms):
+        raise MpqError(f"--m takes activation row counts from 1 to 8192 like 1,4,16, not {m!r}")
     if not torch.cuda.is_available():
         raise MpqError("mpq bench kernels needs a CUDA GPU")
-    run_bench(json_out)
+    run_bench(json_out, ms=ms)
 
 
 @bench_app.command("e2e")

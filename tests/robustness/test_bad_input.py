@@ -156,6 +156,12 @@ def test_target_bits_outside_the_format(tmp_path, tiny_model, bits):
     assert_one_line_error(res, f"--target-bits {bits} is outside what the format can reach", out)
 
 
+@pytest.mark.parametrize("m", ["x", "0", "1,,-4", ""])
+def test_bench_kernels_activation_rows(tmp_path, m):
+    out = tmp_path / "k.json"
+    assert_one_line_error(invoke(["bench", "kernels", "--m", m, "--json", out]), "--m takes activation row counts", out)
+
+
 def test_group_size_that_does_not_divide_the_input(tmp_path, tiny_model):
     out = tmp_path / "q"
     assert_one_line_error(quantize(tiny_model, out, "--group-size", "128"),
