@@ -15,32 +15,22 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import half2_decode as half2
 from kernels.splitk import finish_split
-
-_LOP = "lop3.b32 {t}, {u}, {mask}, {magic}, 0xEA;"  # (u & mask) | magic
-
 
 def _asm(bits: int, pairs: int = 1) -> str:
     """PTX for one (row, slot) and `pairs` adjacent word pairs of it: $0 = sum over their codes of (c - z)/16 * x,
     in fp32. Operands: the pairs (b64 each), the zero, then per code position j the x values: one b32 (two fp16)
-    for a single pair, one b64 (the x pairs of both word pairs, in order) for two."""
+    for a single pair, one b64 (the x pairs of both word pairs, in order) for two. The decode: half2_decode."""
     n_x = 32 // bits
-    # (shift of the joined half, [(mask, magic, zero multiplier)]) per code, codes in order j = 0, 1, ...
-    if bits == 2:
-        plan = [(0, m) for m in range(5)] + [(10, m) for m in range(3)]
-        k_of = {m: (4 ** m, 0x6400 - 0x800 * m) for m in range(5)}  # magic 2^(10-2m): 1024, 256, 64, 16, 4
-    else:
-        plan = [(0, 0), (0, 1), (8, 0), (8, 1)]
-        k_of = {0: (1, 0x6400), 1: (16, 0x5400)}  # magic 1024 (bits 0-3), 64 (bits 4-7)
-    mask_of = lambda m: ((1 << bits) - 1) << (bits * m) | (((1 << bits) - 1) << (bits * m)) << 16  # noqa: E731
+    plan, k_of = half2.PLAN[bits], half2.MAGIC[bits]
     ps = "AB"[:pairs]
     regs = [f"{r}{p}" for p in ps for r in ("a", "b", "u", "v", "t", "acc0", "acc1", "x")]
     lines = ["{", ".reg .b32 s16, " + ", ".join(regs + [f"k{m}" for m in k_of]) + ";",
-             ".reg .b16 h0, h1, h2, h3;", ".reg .f32 f0, f1, f2, f3;", "mov.b32 s16, 0x2C002C00;"]  # 1/16 in both halves
+             ".reg .b16 h0, h1, h2, h3;", ".reg .f32 f0, f1, f2, f3;", f"mov.b32 s16, {half2.SIXTEENTH};"]
     lines += [f"mov.b64 {{a{p}, b{p}}}, ${1 + i};" for i, p in enumerate(ps)]
     zero, first_x = f"${1 + pairs}", 2 + pairs
-    for m, (mul, magic) in k_of.items():  # k_m = -(magic + z)/16: exponent - 4, sign set, z in the mantissa
-        lines.append(f"mad.lo.u32 k{m}, {zero}, {mul * 65537}, 0x{((magic - 0x1000) | 0x8000) * 65537:08X};")
+    lines += half2.zero_terms("k", zero, bits)
     for half, sel in enumerate(("0x5410", "0x7632")):
         lines += [f"prmt.b32 u{p}, a{p}, b{p}, {sel};" for p in ps]
         for i, (shift, m) in enumerate(plan):
@@ -54,8 +44,7 @@ def _asm(bits: int, pairs: int = 1) -> str:
                         lines.append(f"shr.u32 v{p}, u{p}, {shift};")
                     src = f"v{p}"
                 x = f"x{p}" if pairs == 2 else xj
-                lines.append(_LOP.format(t=f"t{p}", u=src, mask=f"0x{mask_of(m):08X}", magic=f"0x{k_of[m][1] * 65537:08X}"))
-                lines.append(f"fma.rn.f16x2 t{p}, t{p}, s16, k{m};")  # (c - z) / 16, exact
+                lines += half2.decode(f"t{p}", src, bits, m, f"k{m}", "s16")
                 acc = f"acc{half}{p}"
                 lines.append(f"mul.rn.f16x2 {acc}, t{p}, {x};" if i == 0 else f"fma.rn.f16x2 {acc}, t{p}, {x}, {acc};")
     assert 2 * len(plan) == n_x

@@ -12,9 +12,8 @@ W = 8) holds columns 8j + 2t, 8j + 2t + 1 for j = 0..15: k-block b takes j = 2b 
 (k = 2t + 8..), i.e. column 16b + k. 4-bit (W = 16): pairs t and t + 4 hold columns 16j + 2t.. and 16j + 2t + 8..,
 k-block b takes j = b. In both, k-block b reads the x words (fp16 pairs) 8b + t and 8b + 4 + t of the group.
 
-A PRMT joins the low (then high) halves of a word pair, so one fp16x2 register holds the codes of two adjacent
-columns; (u & mask) | magic with magic 2^(10 - bit) is magic + code, exact, and one HFMA2 makes (code - zero) / 16
-(exact; the 1/16 is undone with the scales). Lanes load their rows' zeros, scale codes and outliers themselves.
+The decode is gemv_h2's (`half2_decode`): (code - zero) / 16 in fp16x2, exact; the 1/16 is undone with the scales.
+Lanes load their rows' zeros, scale codes and outliers themselves.
 
 FAST=False computes the same per-lane values in fp32 from whole group rows, without inline PTX, so that the
 interpreter checks everything around the fragments (slot ranges, split-K, scales, outliers, output mapping).
@@ -24,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import half2_decode as half2
 from kernels.splitk import finish_split
 
 TILE_ROWS = 16  # tile rows the fragments assume
@@ -32,49 +32,35 @@ MAX_M = 16  # two mma column blocks of 8 activation rows
 ROWS = tl.constexpr(TILE_ROWS)
 GROUP = tl.constexpr(GROUP_SIZE)
 
-_PLAN = {2: [(0, m) for m in range(5)] + [(10, m) for m in range(3)],  # per half-word code: (shift, magic index)
-         4: [(0, 0), (0, 1), (8, 0), (8, 1)]}
-_MAGIC = {2: {m: (4 ** m, 0x6400 - 0x800 * m) for m in range(5)},  # (zero multiplier, fp16 magic 2^(10 - 2m))
-          4: {0: (1, 0x6400), 1: (16, 0x5400)}}
-
-
-def _mask(bits: int, m: int) -> int:
-    one = ((1 << bits) - 1) << (bits * m)
-    return one | one << 16
-
-
 def _frag_asm(bits: int, blocks: int) -> str:
     """PTX for one slot of one lane: outputs $0.. = C of each activation block (4 fp32: rows g, g + 8 x columns
     2t, 2t + 1) = sum over the group of (c - z) / 16 * x. Inputs: the lane's word pairs (2-bit: rows g, g + 8;
     4-bit: row g pairs t, t + 4, then row g + 8's), the zeros of rows g and g + 8, then per activation block the
     16 x words in k-block order."""
-    plan, magic = _PLAN[bits], _MAGIC[bits]
+    plan = half2.PLAN[bits]
     pairs = ["A", "B"] if bits == 2 else ["A", "C", "B", "D"]  # A, C: row g; B, D: row g + 8
     row_of = {"A": "g", "B": "h", "C": "g", "D": "h"}
     n_out = 4 * blocks
     acc = [[f"c{n}{i}" for i in range(4)] for n in range(blocks)]
     lines = ["{", ".reg .b32 s16, a0, a1, a2, a3;", ".reg .f32 " + ", ".join(sum(acc, [])) + ";",
-             "mov.b32 s16, 0x2C002C00;"]  # 1/16 in both halves
-    shift = max(s for s, _ in plan)
+             f"mov.b32 s16, {half2.SIXTEENTH};"]
+    shift = half2.shift(bits)
     for i, p in enumerate(pairs):
         lines += [f".reg .b32 w{p}0, w{p}1, u{p}0, u{p}1, v{p}0, v{p}1;", f"mov.b64 {{w{p}0, w{p}1}}, ${n_out + i};",
                   f"prmt.b32 u{p}0, w{p}0, w{p}1, 0x5410;",  # low halves: code positions 0.. of both words
                   f"prmt.b32 u{p}1, w{p}0, w{p}1, 0x7632;",  # high halves
                   f"shr.u32 v{p}0, u{p}0, {shift};", f"shr.u32 v{p}1, u{p}1, {shift};"]
     zero_g = n_out + len(pairs)
-    for r, z in (("g", zero_g), ("h", zero_g + 1)):  # k = -(magic + z) / 16 in both halves, per magic
-        lines.append(".reg .b32 " + ", ".join(f"k{r}{m}" for m in magic) + ";")
-        for m, (mul, mg) in magic.items():
-            lines.append(f"mad.lo.u32 k{r}{m}, ${z}, {mul * 65537}, 0x{((mg - 0x1000) | 0x8000) * 65537:08X};")
+    for r, z in (("g", zero_g), ("h", zero_g + 1)):  # the zero terms of rows g and g + 8
+        lines.append(".reg .b32 " + ", ".join(f"k{r}{m}" for m in half2.MAGIC[bits]) + ";")
+        lines += half2.zero_terms(f"k{r}", f"${z}", bits)
     lines += [f"mov.f32 {c}, 0f00000000;" for c in sum(acc, [])]
     first_x = zero_g + 2
 
     def decode(dst: str, p: str, j: int) -> list[str]:
         half, i = divmod(j, len(plan))
         sh, m = plan[i]
-        src = f"{'v' if sh else 'u'}{p}{half}"
-        return [f"lop3.b32 {dst}, {src}, 0x{_mask(bits, m):08X}, 0x{magic[m][1] * 65537:08X}, 0xEA;",
-                f"fma.rn.f16x2 {dst}, {dst}, s16, k{row_of[p]}{m};"]
+        return half2.decode(dst, f"{'v' if sh else 'u'}{p}{half}", bits, m, f"k{row_of[p]}{m}", "s16")
 
     for b in range(8):
         srcs = ([("A", 2 * b), ("B", 2 * b), ("A", 2 * b + 1), ("B", 2 * b + 1)] if bits == 2
@@ -432,16 +418,17 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
     v0, v1, v2, v3 = _values((a0, a1, a2, a3), (b0, b1, b2, b3), o2, s2g, s2h, s4g, s4h)
     val = _quad(v0, v1, v2, v3)
     rows = _quad(rg, rg, rg + 8, rg + 8)
-    acts = _quad(2 * t, 2 * t + 1, 2 * t, 2 * t + 1)
-    if BLOCKS == 2:
-        v0, v1, v2, v3 = _values((a4, a5, a6, a7), (b4, b5, b6, b7), o2b, s2g, s2h, s4g, s4h)
-        val = tl.join(val, _quad(v0, v1, v2, v3))
-        rows = tl.join(rows, rows)
-        acts = tl.join(acts, acts + 8)
-    mask = (acts < M) & (rows < N)
     if SINGLE:  # lane t = 0 writes row g, t = 1 row g + 8 (each added that row's outliers)
         acts = _quad(t * 0, t * 0 + 1, t * 0, t * 0 + 1)
         mask = _quad(t == 0, t < 0, t == 1, t < 0) & (rows < N)
+    else:
+        acts = _quad(2 * t, 2 * t + 1, 2 * t, 2 * t + 1)
+        if BLOCKS == 2:
+            v0, v1, v2, v3 = _values((a4, a5, a6, a7), (b4, b5, b6, b7), o2b, s2g, s2h, s4g, s4h)
+            val = tl.join(val, _quad(v0, v1, v2, v3))
+            rows = tl.join(rows, rows)
+            acts = tl.join(acts, acts + 8)
+        mask = (acts < M) & (rows < N)
     finish_split(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile, sp, M * N,
                  SPLIT)
 

@@ -95,7 +95,7 @@ TC_CANDIDATES = [KernelConfig("tc", split=sp, unroll=u, prefetch=pf, l2=l2) for 
                  for pf in (True, False) for l2 in (True, False)]
 
 
-def sweep_m1(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CANDIDATES) -> None:
+def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CANDIDATES) -> None:
     """Winners at M = m among the table's current row (if any) and `extra`, for layers with one outlier per 2-bit
     group and for layers without (they compile to different kernels); replaces the shapes' rows of m's bucket."""
     import time
@@ -140,7 +140,7 @@ def tensor_core_sweep(out: pathlib.Path, gpu: str) -> None:
     table = json.loads(table_path.read_text())
     with (out / "tc-sweep.jsonl").open("w") as log:
         for m, shapes in ((1, bench.SHAPES + STACKED_SHAPES), (4, bench.SHAPES), (16, bench.SHAPES)):
-            sweep_m1(table, shapes, log, t0, m, TC_CANDIDATES if m == 1 else [c for c in TC_CANDIDATES if c.prefetch])
+            sweep_rows(table, shapes, log, t0, m, TC_CANDIDATES if m == 1 else [c for c in TC_CANDIDATES if c.prefetch])
             text = json.dumps(table, indent=1)  # each M's rows survive a run cut short
             (out / f"configs-{gpu}.json").write_text(text)
             table_path.write_text(text)
@@ -151,7 +151,7 @@ def tensor_core_sweep(out: pathlib.Path, gpu: str) -> None:
 
 
 def quick(out: pathlib.Path, gpu: str, stacked_only: bool = False) -> None:
-    """M = 1 sweep (`sweep_m1`) of the three shapes and the stacked ones into the table; then (unless stacked_only)
+    """M = 1 sweep (`sweep_rows`) of the three shapes and the stacked ones into the table; then (unless stacked_only)
     every kernel (default configs, M = 1, 2, 16, 64) checked on CUDA against PackedLinear.dequantize(), and the
     benchmark rows of M = 1 and 16 on the three shapes (same method as the full run) -> OUT/kernels-<gpu>-quick.json."""
     import time
@@ -160,7 +160,7 @@ def quick(out: pathlib.Path, gpu: str, stacked_only: bool = False) -> None:
     table_path = CONFIG_DIR / f"{TABLE_OF.get(gpu, gpu)}.json"  # an H200 re-tunes the H100 table it runs
     table = json.loads(table_path.read_text())
     with (out / "quick-sweep.jsonl").open("w") as log:
-        sweep_m1(table, STACKED_SHAPES if stacked_only else bench.SHAPES + STACKED_SHAPES, log, t0)
+        sweep_rows(table, STACKED_SHAPES if stacked_only else bench.SHAPES + STACKED_SHAPES, log, t0)
     text = json.dumps(table, indent=1)
     (out / f"configs-{gpu}.json").write_text(text)
     table_path.write_text(text)
