@@ -15,6 +15,10 @@ k-block b takes j = b. In both, k-block b reads the x words (fp16 pairs) 8b + t 
 The decode is gemv_h2's (`half2_decode`): (code - zero) / 16 in fp16x2, exact; the 1/16 is undone with the scales.
 Lanes load their rows' zeros, scale codes and outliers themselves.
 
+With `xfrag`, B comes from a fragment-ordered copy of x (`x_fragments`, one small kernel before the GEMV): each
+lane's 16 words of a group lie in four 16-byte chunks, and a warp's loads of one chunk are 512 contiguous bytes. The
+plain layout needs 16 four-byte loads a slot, and at M > 1 each touches 8 activation rows.
+
 FAST=False computes the same per-lane values in fp32 from whole group rows, without inline PTX, so that the
 interpreter checks everything around the fragments (slot ranges, split-K, scales, outliers, output mapping).
 """
@@ -99,6 +103,67 @@ def _x16(xw_ptr, base):
             tl.load(p + 48), tl.load(p + 52), tl.load(p + 56), tl.load(p + 60))
 
 
+LOAD4 = tl.constexpr("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];")
+
+
+@triton.jit
+def _x16_frag(xf_ptr, base, STEP: tl.constexpr):
+    """The same 16 words from the fragment-ordered copy: four 16-byte loads at base, base + STEP, .. (words)."""
+    out = ()
+    for i in tl.static_range(4):
+        out = out + tl.inline_asm_elementwise(LOAD4, "=r,=r,=r,=r,l", [xf_ptr + base + i * STEP],
+                                              dtype=(tl.int32,) * 4, is_pure=False, pack=1)
+    return out
+
+
+def fragment_words(m: int, k: int) -> int:
+    """int32 words of x_fragments' output for m activation rows and k columns."""
+    groups = k // GROUP_SIZE
+    return groups * 64 if m == 1 else groups * (1 if m <= 8 else 2) * 512
+
+
+@triton.jit
+def _x_fragments_kernel(xw_ptr, xf_ptr, M, stride_xw, total, SINGLE: tl.constexpr, BLOCKS: tl.constexpr,
+                        BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """xf word o = x word (row, col * 64 + w): M = 1 as [group, chunk i, lane t, 4], else as [group, activation
+    block, chunk i, lane 4g + t, 4]; chunk i, word j is the lane's fragment word f = 4i + j, i.e. x word
+    8 (f // 2) + 4 (f % 2) + t of activation row 8 block + g (zero past M)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    j = o % 4
+    if SINGLE:
+        t = (o // 4) % 4
+        i = (o // 16) % 4
+        col = o // 64
+        row = o * 0
+    else:
+        lane = (o // 4) % 32
+        t = lane % 4
+        i = (o // 128) % 4
+        row = ((o // 512) % BLOCKS) * 8 + lane // 4
+        col = o // (512 * BLOCKS)
+    f = 4 * i + j
+    w = 8 * (f // 2) + 4 * (f % 2) + t
+    ok = (o < total) & (row < M)
+    v = tl.load(xw_ptr + row * stride_xw + col * (GROUP // 2) + w, mask=ok, other=0)
+    tl.store(xf_ptr + o, v, mask=o < total)
+
+
+def x_fragments(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
+    """x [M, K] fp16 (M <= 16, K a multiple of 128, rows of whole words) in the tensor-core GEMV's fragment order,
+    as int32 words."""
+    m, k = x.shape
+    total = fragment_words(m, k)
+    xf = torch.empty(total, dtype=torch.int32, device=x.device)
+    block = 1024
+    _x_fragments_kernel[(triton.cdiv(total, block),)](
+        x.view(torch.int32), xf, m, x.stride(0) // 2, total, SINGLE=m == 1, BLOCKS=1 if m <= 8 else 2, BLOCK=block,
+        PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+    return xf
+
+
 @triton.jit
 def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BITS: tl.constexpr,
                OUTLIERS: tl.constexpr, SINGLE: tl.constexpr):
@@ -157,18 +222,25 @@ def _plain_dot(q_ptr, ts, row, zero, x_ptr, xrow, col, a_ok, BITS: tl.constexpr)
 
 @triton.jit
 def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BITS: tl.constexpr,
-              BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr):
+              BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, XF: tl.constexpr):
     """C of activation block N0 // 8 (and N0 // 8 + 1 when BLOCKS == 2) for one slot: 4 values each (rows g, g + 8
-    x activations N0 + 2t, N0 + 2t + 1), scaled by the rows' scale codes."""
+    x activations N0 + 2t, N0 + 2t + 1), scaled by the rows' scale codes. XF: xw_ptr is x_fragments' output."""
     wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = sl
     fg = sg.to(tl.float32)
     fh = sh.to(tl.float32)
     if FAST:
-        xb = col * (GROUP // 2) + t
-        r0 = tl.minimum(N0 + g, M - 1) * (stride_xm // 2)  # B column g: activation row N0 + g (clamped)
-        if SINGLE:
-            r0 = 0
-        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16(xw_ptr, r0 + xb)
+        if XF and SINGLE:
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16_frag(
+                xw_ptr, col * 64 + t * 4, 16)
+        elif XF:
+            fb = col * (BLOCKS * 512) + (g * 4 + t) * 4
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16_frag(xw_ptr, fb, 128)
+        else:
+            xb = col * (GROUP // 2) + t
+            r0 = tl.minimum(N0 + g, M - 1) * (stride_xm // 2)  # B column g: activation row N0 + g (clamped)
+            if SINGLE:
+                r0 = 0
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16(xw_ptr, r0 + xb)
         if BLOCKS == 1:
             if BITS == 2:
                 c0, c1, c2, c3 = tl.inline_asm_elementwise(
@@ -180,8 +252,12 @@ def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BI
                                    x13, x14, x15], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
             d0, d1, d2, d3 = c0, c1, c2, c3
         else:
-            r1 = tl.minimum(N0 + 8 + g, M - 1) * (stride_xm // 2)
-            y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _x16(xw_ptr, r1 + xb)
+            if XF:
+                y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _x16_frag(
+                    xw_ptr, fb + 512, 128)
+            else:
+                r1 = tl.minimum(N0 + 8 + g, M - 1) * (stride_xm // 2)
+                y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _x16(xw_ptr, r1 + xb)
             if BITS == 2:
                 c0, c1, c2, c3, d0, d1, d2, d3 = tl.inline_asm_elementwise(
                     FRAG2_2, CONS2_2, [wa, wb, zg, zh, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13,
@@ -283,15 +359,15 @@ def _add4(acc, part):
 @triton.jit
 def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, it, g, t, M, stride_xm, BITS: tl.constexpr,
                 OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
-                SINGLE: tl.constexpr):
+                SINGLE: tl.constexpr, XF: tl.constexpr):
     """One loop step's U slots added into the stream's sums (acc: C of both activation blocks; acc_o: block 0's
     outliers)."""
     a, b = it
-    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST))
+    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
     if OUTLIERS > 0:
         acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, a, g, t, M, stride_xm, 0, OUTLIERS, SINGLE))
     if U == 2:
-        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST))
+        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
         if OUTLIERS > 0:
             acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, b, g, t, M, stride_xm, 0, OUTLIERS, SINGLE))
     return acc, acc_o
@@ -338,7 +414,7 @@ def _prefetch_share(q_ptr, s_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, lane, BITS:
 @triton.jit
 def _stream(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, g, t, M, stride_xm,
             BITS: tl.constexpr, OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
-            BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr):
+            BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr):
     """This program's share of one stream: 8 scaled sums (C of up to two activation blocks) and the outlier sums
     of block 0 (4) and block 1 (4), fp32 [32] each. With PF the next U slots' loads are issued before this U's
     arithmetic; with PDL the first loads are issued before the wait for the previous kernel."""
@@ -359,7 +435,7 @@ def _stream(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE)
         acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, cur, g, t, M, stride_xm, BITS,
-                                 OUTLIERS, U, BLOCKS, FAST, SINGLE)
+                                 OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
         if OUTLIERS > 0 and BLOCKS == 2:
             c0, c1 = cur
             acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS, False))
@@ -395,7 +471,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, n2, n4, stride_xm, stride_ym,
                     OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
-                    PDL: tl.constexpr):
+                    PDL: tl.constexpr, XF: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -405,9 +481,9 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
         _prefetch_share(q2_ptr, s2_ptr, ov_ptr, oi_ptr, tile, n2, sp, lane, 2, OUTLIERS, SPLIT, U)
         _prefetch_share(q4_ptr, s4_ptr, ov_ptr, oi_ptr, tile, n4, sp, lane, 4, 0, SPLIT, 1)
     p2, o2, o2b = _stream(x_ptr, xw_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, tile, n2, sp, g, t, M,
-                          stride_xm, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL)
+                          stride_xm, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF)
     p4, _, _ = _stream(x_ptr, xw_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile, n4, sp, g, t, M,
-                       stride_xm, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False)
+                       stride_xm, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF)
     rg = tile * ROWS + g
     s2g = tl.load(ss2_ptr + rg).to(tl.float32)
     s2h = tl.load(ss2_ptr + rg + 8).to(tl.float32)
@@ -434,19 +510,23 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
-            split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, fast: bool, pdl: bool = False):
+            split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False, fast: bool,
+            pdl: bool = False):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
     step's loads before this step's arithmetic; `l2`: each program first asks L2 for all its weights (prefetch,
-    no registers); `pdl`: launched as a programmatic dependent (sm_90+)."""
+    no registers); `xfrag`: B from x_fragments(x) (one more launch, 16-byte loads); `pdl`: launched as a
+    programmatic dependent (sm_90+)."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
+    xfrag = xfrag and fast
+    xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
     _gemv_tc_kernel[(T, split)](
-        x, x.view(torch.int32) if fast else x, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
+        x, xw, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=1 if M <= 8 else 2, SINGLE=M == 1, FAST=fast,
-        PDL=pdl,
+        PDL=pdl, XF=xfrag,
         num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y

@@ -91,8 +91,8 @@ GEMV2_CANDIDATES = [KernelConfig("gemv2", split=sp, rows=r, num_warps=w, pairs=p
 STACKED_SHAPES = ((12288, 4096), (22016, 4096), (8192, 4096))
 
 
-TC_CANDIDATES = [KernelConfig("tc", split=sp, unroll=u, prefetch=pf, l2=l2) for sp in (4, 8, 16) for u in (1, 2)
-                 for pf in (True, False) for l2 in (True, False)]
+TC_CANDIDATES = [KernelConfig("tc", split=sp, unroll=u, l2=l2, xfrag=xf) for sp in (4, 8, 16) for u in (1, 2)
+                 for l2 in (True, False) for xf in (True, False)]
 
 
 def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CANDIDATES) -> None:
@@ -121,7 +121,8 @@ def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CAND
                                       "rel_err": err}) + "\n")
                 log.flush()
                 print(f"{n}x{k} m={m} k={ko} {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
-                      f"pairs={cfg.pairs} early4={cfg.early4} unroll={cfg.unroll} prefetch={cfg.prefetch} l2={cfg.l2}: "
+                      f"pairs={cfg.pairs} early4={cfg.early4} unroll={cfg.unroll} prefetch={cfg.prefetch} l2={cfg.l2} "
+                      f"xfrag={cfg.xfrag}: "
                       f"{us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]", flush=True)
             best = min(results, key=lambda r: r[0])
             table["configs"].append(config_row(m, n, k, 128, best[1], outliers=ko))
@@ -140,7 +141,7 @@ def tensor_core_sweep(out: pathlib.Path, gpu: str) -> None:
     table = json.loads(table_path.read_text())
     with (out / "tc-sweep.jsonl").open("w") as log:
         for m, shapes in ((1, bench.SHAPES + STACKED_SHAPES), (4, bench.SHAPES), (16, bench.SHAPES)):
-            sweep_rows(table, shapes, log, t0, m, TC_CANDIDATES if m == 1 else [c for c in TC_CANDIDATES if c.prefetch])
+            sweep_rows(table, shapes, log, t0, m, TC_CANDIDATES if m == 1 else [c for c in TC_CANDIDATES if not c.l2])
             text = json.dumps(table, indent=1)  # each M's rows survive a run cut short
             (out / f"configs-{gpu}.json").write_text(text)
             table_path.write_text(text)

@@ -98,17 +98,44 @@ TC_LAYERS = [
 @pytest.mark.parametrize("m, split, unroll, prefetch", [(1, 1, 1, True), (1, 2, 2, False), (3, 3, 2, True),
                                                         (8, 1, 1, False), (11, 2, 1, True), (16, 1, 2, True)])
 def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch):
-    """The tensor-core GEMV: its mma path on CUDA (also as a PDL launch with L2 prefetch), its plain fp32 path
-    everywhere."""
+    """The tensor-core GEMV: its mma path on CUDA (also as a PDL launch with L2 prefetch, and reading x's
+    fragment-ordered copy), its plain fp32 path everywhere."""
     packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=50 + m + split)
-    runs = [(False, False)] if INTERPRET else [(False, False), (True, False), (True, True)]
-    for fast, pdl in runs:
+    runs = [(False, False, False)]
+    if not INTERPRET:
+        runs += [(True, False, False), (True, True, False), (True, False, True), (True, True, True)]
+    for fast, pdl, xfrag in runs:
         y = torch.full((m, layer[0]), float("nan"), dtype=torch.float16, device=DEVICE)
         ws, counters = scratch(m, layer[0], split, packed.row_tiles)
         gemv_tc(x, y, ws, counters, *tensors, outliers=packed.outliers, split=split, unroll=unroll,
-                prefetch=prefetch, l2=pdl, fast=fast, pdl=pdl)
+                prefetch=prefetch, l2=pdl, xfrag=xfrag, fast=fast, pdl=pdl)
         check(y, ref, torch.float16)
         assert not counters.any()
+
+
+@pytest.mark.parametrize("m, k", [(1, 256), (5, 384), (8, 128), (9, 256), (16, 384)])
+def test_x_fragments_put_each_lanes_b_words_in_four_chunks(m, k):
+    """x_fragments against the mma B fragment spelled out: lane (g, t) of activation block n, chunk i, word j holds
+    fragment word f = 4i + j, i.e. k-block b = f // 2 at k = 16b + 2t (+ 8 for odd f) of activation row 8n + g
+    (every lane row 0 at M = 1; zero past M)."""
+    from kernels.gemv_tc import fragment_words, x_fragments
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.float16)
+    words = x.view(torch.int32)  # word c holds columns 2c, 2c + 1
+    blocks = 1 if m <= 8 else 2
+    expect = []
+    for col in range(k // 128):
+        for n in range(1 if m == 1 else blocks):
+            for i in range(4):
+                for lane in range(4 if m == 1 else 32):
+                    g, t = divmod(lane, 4)
+                    row = 0 if m == 1 else 8 * n + g
+                    for j in range(4):
+                        f = 4 * i + j
+                        kk = 16 * (f // 2) + 2 * t + 8 * (f % 2)
+                        expect.append(int(words[row, (col * 128 + kk) // 2]) if row < m else 0)
+    got = x_fragments(x.to(DEVICE)).cpu()
+    assert got.numel() == fragment_words(m, k) == len(expect)
+    assert got.tolist() == expect
 
 
 def test_tc_config_takes_bf16_x(make_packed):
