@@ -117,50 +117,63 @@ def _x16_frag(xf_ptr, base, STEP: tl.constexpr):
 
 
 def fragment_words(m: int, k: int) -> int:
-    """int32 words of x_fragments' output for m activation rows and k columns."""
+    """int32 words of x_fragments' output for m activation rows and k columns: the fragments, then (m > 1) the
+    pair words."""
     groups = k // GROUP_SIZE
-    return groups * 64 if m == 1 else groups * (1 if m <= 8 else 2) * 512
+    blocks = 1 if m <= 8 else 2
+    return groups * 64 if m == 1 else groups * blocks * 512 + k * 4 * blocks
 
 
 @triton.jit
-def _x_fragments_kernel(xw_ptr, xf_ptr, M, stride_xw, total, SINGLE: tl.constexpr, BLOCKS: tl.constexpr,
+def _x_fragments_kernel(xw_ptr, xf_ptr, M, stride_xw, n_frag, total, SINGLE: tl.constexpr, BLOCKS: tl.constexpr,
                         BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """xf word o = x word (row, col * 64 + w): M = 1 as [group, chunk i, lane t, 4], else as [group, activation
-    block, chunk i, lane 4g + t, 4]; chunk i, word j is the lane's fragment word f = 4i + j, i.e. x word
-    8 (f // 2) + 4 (f % 2) + t of activation row 8 block + g (zero past M)."""
+    """xf word o < n_frag = x word (row, col * 64 + w): M = 1 as [group, chunk i, lane t, 4], else as [group,
+    activation block, chunk i, lane 4g + t, 4]; chunk i, word j is the lane's fragment word f = 4i + j, i.e. x word
+    8 (f // 2) + 4 (f % 2) + t of activation row 8 block + g (zero past M). M > 1: then the pair words, [column,
+    4 BLOCKS]: word p of a column holds activations 2p, 2p + 1 there (the outliers' gathers)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    j = o % 4
-    if SINGLE:
-        t = (o // 4) % 4
-        i = (o // 16) % 4
-        col = o // 64
-        row = o * 0
+    if tl.program_id(0) * BLOCK < n_frag:  # M > 1: n_frag is a multiple of BLOCK
+        j = o % 4
+        if SINGLE:
+            t = (o // 4) % 4
+            i = (o // 16) % 4
+            col = o // 64
+            row = o * 0
+        else:
+            lane = (o // 4) % 32
+            t = lane % 4
+            i = (o // 128) % 4
+            row = ((o // 512) % BLOCKS) * 8 + lane // 4
+            col = o // (512 * BLOCKS)
+        f = 4 * i + j
+        w = 8 * (f // 2) + 4 * (f % 2) + t
+        v = tl.load(xw_ptr + row * stride_xw + col * (GROUP // 2) + w, mask=(o < n_frag) & (row < M), other=0)
+        tl.store(xf_ptr + o, v, mask=o < n_frag)
     else:
-        lane = (o // 4) % 32
-        t = lane % 4
-        i = (o // 128) % 4
-        row = ((o // 512) % BLOCKS) * 8 + lane // 4
-        col = o // (512 * BLOCKS)
-    f = 4 * i + j
-    w = 8 * (f // 2) + 4 * (f % 2) + t
-    ok = (o < total) & (row < M)
-    v = tl.load(xw_ptr + row * stride_xw + col * (GROUP // 2) + w, mask=ok, other=0)
-    tl.store(xf_ptr + o, v, mask=o < total)
+        p = o - n_frag
+        a = (p % (4 * BLOCKS)) * 2
+        c = p // (4 * BLOCKS)
+        ok = o < total
+        xh = xw_ptr.to(tl.pointer_type(tl.int16))
+        lo = tl.load(xh + a * (2 * stride_xw) + c, mask=ok & (a < M), other=0).to(tl.int32) & 0xFFFF
+        hi = tl.load(xh + (a + 1) * (2 * stride_xw) + c, mask=ok & (a + 1 < M), other=0).to(tl.int32)
+        tl.store(xf_ptr + o, lo | (hi << 16), mask=ok)
 
 
 def x_fragments(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """x [M, K] fp16 (M <= 16, K a multiple of 128, rows of whole words) in the tensor-core GEMV's fragment order,
-    as int32 words."""
+    as int32 words (M > 1: then the pair words of its outliers)."""
     m, k = x.shape
     total = fragment_words(m, k)
+    n_frag = (k // GROUP_SIZE) * (64 if m == 1 else (1 if m <= 8 else 2) * 512)
     xf = torch.empty(total, dtype=torch.int32, device=x.device)
-    block = 1024
+    block = 512
     _x_fragments_kernel[(triton.cdiv(total, block),)](
-        x.view(torch.int32), xf, m, x.stride(0) // 2, total, SINGLE=m == 1, BLOCKS=1 if m <= 8 else 2, BLOCK=block,
-        PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+        x.view(torch.int32), xf, m, x.stride(0) // 2, n_frag, total, SINGLE=m == 1, BLOCKS=1 if m <= 8 else 2,
+        BLOCK=block, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return xf
 
 
@@ -288,11 +301,22 @@ def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BI
 
 
 @triton.jit
-def _outlier_dot(ov_ptr, oi_ptr, x_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, OUTLIERS: tl.constexpr,
-                 SINGLE: tl.constexpr):
+def _pair(xp_ptr, word, mask):
+    """Activations 2w, 2w + 1 of one column from x_fragments' pair words, as fp32."""
+    w = tl.load(xp_ptr + word, mask=mask, other=0)
+    lo = (w & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = ((w >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, OUTLIERS: tl.constexpr,
+                 SINGLE: tl.constexpr, XP: tl.constexpr):
     """The fp16 outliers of rows g, g + 8 times activations N0 + 2t, N0 + 2t + 1, fp32 (no scales). SINGLE (M = 1):
-    lane t = 0 writes row g and t = 1 row g + 8 (every lane's C holds both), so each computes its row's only."""
+    lane t = 0 writes row g and t = 1 row g + 8 (every lane's C holds both), so each computes its row's only.
+    XP > 0 (M > 1 with x_fragments): both activations of a column in one word of xp_ptr, XP words a column."""
     wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = sl
+    pw = col * (GROUP * XP) + N0 // 2 + t  # XP > 0: the pair word of (group column 0, activations N0 + 2t, + 1)
     if SINGLE:  # this lane's one first outlier (_load_slot), for the row it writes
         xg = x_ptr + col * GROUP
         ok0 = valid & (t < 2)
@@ -300,6 +324,16 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr
         e1 = e0 * 0.0
         e2 = e0
         e3 = e1
+    elif XP > 0:  # rows past M are zero words
+        ok0 = valid
+        ok1 = valid
+        xg = x_ptr
+        lo, hi = _pair(xp_ptr, pw + oig * XP, valid)
+        e0 = ovg.to(tl.float32) * lo
+        e1 = ovg.to(tl.float32) * hi
+        lo, hi = _pair(xp_ptr, pw + oih * XP, valid)
+        e2 = ovh.to(tl.float32) * lo
+        e3 = ovh.to(tl.float32) * hi
     else:
         a = N0 + 2 * t
         ok0 = valid & (a < M)
@@ -322,10 +356,18 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr
             vh = tl.load(ov_ptr + fh, mask=valid, other=0.0).to(tl.float32)
             ig = tl.load(oi_ptr + fg, mask=valid, other=0)
             ih = tl.load(oi_ptr + fh, mask=valid, other=0)
-            e0 += vg * tl.load(xg + ig, mask=ok0, other=0.0).to(tl.float32)
-            e2 += vh * tl.load(xg + ih, mask=ok0, other=0.0).to(tl.float32)
-            e1 += vg * tl.load(xg + stride_xm + ig, mask=ok1, other=0.0).to(tl.float32)
-            e3 += vh * tl.load(xg + stride_xm + ih, mask=ok1, other=0.0).to(tl.float32)
+            if XP > 0:
+                lo, hi = _pair(xp_ptr, pw + ig * XP, valid)
+                e0 += vg * lo
+                e1 += vg * hi
+                lo, hi = _pair(xp_ptr, pw + ih * XP, valid)
+                e2 += vh * lo
+                e3 += vh * hi
+            else:
+                e0 += vg * tl.load(xg + ig, mask=ok0, other=0.0).to(tl.float32)
+                e2 += vh * tl.load(xg + ih, mask=ok0, other=0.0).to(tl.float32)
+                e1 += vg * tl.load(xg + stride_xm + ig, mask=ok1, other=0.0).to(tl.float32)
+                e3 += vh * tl.load(xg + stride_xm + ih, mask=ok1, other=0.0).to(tl.float32)
     return e0, e1, e2, e3
 
 
@@ -357,19 +399,22 @@ def _add4(acc, part):
 
 
 @triton.jit
-def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, it, g, t, M, stride_xm, BITS: tl.constexpr,
+def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, g, t, M, stride_xm, BITS: tl.constexpr,
                 OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
                 SINGLE: tl.constexpr, XF: tl.constexpr):
     """One loop step's U slots added into the stream's sums (acc: C of both activation blocks; acc_o: block 0's
     outliers)."""
+    XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0  # x_fragments' pair words a column (outliers)
     a, b = it
     acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
     if OUTLIERS > 0:
-        acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, a, g, t, M, stride_xm, 0, OUTLIERS, SINGLE))
+        acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, a, g, t, M, stride_xm, 0, OUTLIERS, SINGLE,
+                                                  XP))
     if U == 2:
         acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
         if OUTLIERS > 0:
-            acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, b, g, t, M, stride_xm, 0, OUTLIERS, SINGLE))
+            acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, b, g, t, M, stride_xm, 0, OUTLIERS,
+                                                      SINGLE, XP))
     return acc, acc_o
 
 
@@ -412,12 +457,13 @@ def _prefetch_share(q_ptr, s_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, lane, BITS:
 
 
 @triton.jit
-def _stream(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, g, t, M, stride_xm,
+def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, g, t, M, stride_xm,
             BITS: tl.constexpr, OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
             BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr):
     """This program's share of one stream: 8 scaled sums (C of up to two activation blocks) and the outlier sums
     of block 0 (4) and block 1 (4), fp32 [32] each. With PF the next U slots' loads are issued before this U's
     arithmetic; with PDL the first loads are issued before the wait for the previous kernel."""
+    XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0
     start, end = _share(n_slots, sp, SPLIT, U)
     first = tile * n_slots
     z = tl.zeros([32], tl.float32)
@@ -434,13 +480,15 @@ def _stream(x_ptr, xw_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n
         if PF:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE)
-        acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, cur, g, t, M, stride_xm, BITS,
+        acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M, stride_xm, BITS,
                                  OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
         if OUTLIERS > 0 and BLOCKS == 2:
             c0, c1 = cur
-            acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS, False))
+            acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS, False,
+                                                    XP))
             if U == 2:
-                acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, c1, g, t, M, stride_xm, 8, OUTLIERS, False))
+                acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8, OUTLIERS,
+                                                        False, XP))
         if not PF:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE)
@@ -480,9 +528,10 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
     if L2 and FAST:  # weights only: before the PDL wait too
         _prefetch_share(q2_ptr, s2_ptr, ov_ptr, oi_ptr, tile, n2, sp, lane, 2, OUTLIERS, SPLIT, U)
         _prefetch_share(q4_ptr, s4_ptr, ov_ptr, oi_ptr, tile, n4, sp, lane, 4, 0, SPLIT, 1)
-    p2, o2, o2b = _stream(x_ptr, xw_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, tile, n2, sp, g, t, M,
+    xp_ptr = xw_ptr + (n2 + n4) * (BLOCKS * 512)  # XF, M > 1: x_fragments' pair words follow the fragments
+    p2, o2, o2b = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, tile, n2, sp, g, t, M,
                           stride_xm, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF)
-    p4, _, _ = _stream(x_ptr, xw_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile, n4, sp, g, t, M,
+    p4, _, _ = _stream(x_ptr, xw_ptr, xp_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile, n4, sp, g, t, M,
                        stride_xm, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF)
     rg = tile * ROWS + g
     s2g = tl.load(ss2_ptr + rg).to(tl.float32)

@@ -3,7 +3,8 @@
 Usage (from the repo root): PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR [--skip-tests] [--skip-sweep]
        PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --quick   (a few minutes: see `quick`)
        PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --stacked (only the M = 1 rows of the stacked shapes)
-       PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --tc (the tensor-core GEMV against the table, M = 1/4/16)
+       PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --tc [--tc-m 4,16] (the tensor-core GEMV against the
+       table, M = 1/4/16)
 Writes OUT_DIR/pytest.log, OUT_DIR/sweep.jsonl (every candidate: time, error), OUT_DIR/configs-<gpu>.json (the
 winners, also installed as kernels/configs/<gpu>.json for the benchmark) and OUT_DIR/kernels-<gpu>.json.
 """
@@ -130,10 +131,10 @@ def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CAND
             torch.cuda.empty_cache()
 
 
-def tensor_core_sweep(out: pathlib.Path, gpu: str) -> None:
+def tensor_core_sweep(out: pathlib.Path, gpu: str, ms=(1, 4, 16)) -> None:
     """The tensor-core GEMV against the table's rows: M = 1 on the three shapes and the stacked ones, M = 4 and 16
-    on the three shapes; the winners replace the rows (kernels/configs and OUT/configs-<gpu>.json); then the
-    benchmark rows of M = 1, 4 and 16 -> OUT/kernels-<gpu>-tc.json."""
+    on the three shapes (those of `ms`); the winners replace the rows (kernels/configs and OUT/configs-<gpu>.json);
+    then the benchmark rows of M = 1, 4 and 16 -> OUT/kernels-<gpu>-tc.json."""
     import time
 
     t0 = time.time()
@@ -141,6 +142,8 @@ def tensor_core_sweep(out: pathlib.Path, gpu: str) -> None:
     table = json.loads(table_path.read_text())
     with (out / "tc-sweep.jsonl").open("w") as log:
         for m, shapes in ((1, bench.SHAPES + STACKED_SHAPES), (4, bench.SHAPES), (16, bench.SHAPES)):
+            if m not in ms:
+                continue
             sweep_rows(table, shapes, log, t0, m, TC_CANDIDATES if m == 1 else [c for c in TC_CANDIDATES if not c.l2])
             text = json.dumps(table, indent=1)  # each M's rows survive a run cut short
             (out / f"configs-{gpu}.json").write_text(text)
@@ -202,8 +205,9 @@ def main() -> None:
     out = pathlib.Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name().lower().replace("nvidia", "").split()[0]
-    if "--tc" in sys.argv:
-        return tensor_core_sweep(out, gpu)
+    if "--tc" in sys.argv:  # optionally --tc-m 4,16: only those activation row counts
+        ms = sys.argv[sys.argv.index("--tc-m") + 1] if "--tc-m" in sys.argv else "1,4,16"
+        return tensor_core_sweep(out, gpu, tuple(int(m) for m in ms.split(",")))
     if "--quick" in sys.argv or "--stacked" in sys.argv:
         return quick(out, gpu, stacked_only="--stacked" in sys.argv)
     if "--skip-tests" not in sys.argv:

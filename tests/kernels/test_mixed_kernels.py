@@ -117,7 +117,7 @@ def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch):
 def test_x_fragments_put_each_lanes_b_words_in_four_chunks(m, k):
     """x_fragments against the mma B fragment spelled out: lane (g, t) of activation block n, chunk i, word j holds
     fragment word f = 4i + j, i.e. k-block b = f // 2 at k = 16b + 2t (+ 8 for odd f) of activation row 8n + g
-    (every lane row 0 at M = 1; zero past M)."""
+    (every lane row 0 at M = 1; zero past M). M > 1: then x transposed, zero-padded to 8 or 16 rows."""
     from kernels.gemv_tc import fragment_words, x_fragments
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.float16)
     words = x.view(torch.int32)  # word c holds columns 2c, 2c + 1
@@ -133,6 +133,10 @@ def test_x_fragments_put_each_lanes_b_words_in_four_chunks(m, k):
                         f = 4 * i + j
                         kk = 16 * (f // 2) + 2 * t + 8 * (f % 2)
                         expect.append(int(words[row, (col * 128 + kk) // 2]) if row < m else 0)
+    if m > 1:  # then the outliers' pair words: activations 2p, 2p + 1 of each column
+        halves = torch.zeros(8 * blocks, k, dtype=torch.float16)
+        halves[:m] = x
+        expect += halves.t().contiguous().view(torch.int32).flatten().tolist()
     got = x_fragments(x.to(DEVICE)).cpu()
     assert got.numel() == fragment_words(m, k) == len(expect)
     assert got.tolist() == expect
