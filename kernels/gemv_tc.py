@@ -316,7 +316,8 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.c
     lane t = 0 writes row g and t = 1 row g + 8 (every lane's C holds both), so each computes its row's only.
     XP > 0 (M > 1 with x_fragments): both activations of a column in one word of xp_ptr, XP words a column."""
     wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = sl
-    pw = col * (GROUP * XP) + N0 // 2 + t  # XP > 0: the pair word of (group column 0, activations N0 + 2t, + 1)
+    pw = col * (GROUP * XP) + N0 // 2 + t  # XP > 0: the pair word of (group column 0, activations N0 + 2t, + 1);
+    # the offsets are uint8: widened before scaling
     if SINGLE:  # this lane's one first outlier (_load_slot), for the row it writes
         xg = x_ptr + col * GROUP
         ok0 = valid & (t < 2)
@@ -328,10 +329,10 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.c
         ok0 = valid
         ok1 = valid
         xg = x_ptr
-        lo, hi = _pair(xp_ptr, pw + oig * XP, valid)
+        lo, hi = _pair(xp_ptr, pw + oig.to(tl.int32) * XP, valid)
         e0 = ovg.to(tl.float32) * lo
         e1 = ovg.to(tl.float32) * hi
-        lo, hi = _pair(xp_ptr, pw + oih * XP, valid)
+        lo, hi = _pair(xp_ptr, pw + oih.to(tl.int32) * XP, valid)
         e2 = ovh.to(tl.float32) * lo
         e3 = ovh.to(tl.float32) * hi
     else:
@@ -357,10 +358,10 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.c
             ig = tl.load(oi_ptr + fg, mask=valid, other=0)
             ih = tl.load(oi_ptr + fh, mask=valid, other=0)
             if XP > 0:
-                lo, hi = _pair(xp_ptr, pw + ig * XP, valid)
+                lo, hi = _pair(xp_ptr, pw + ig.to(tl.int32) * XP, valid)
                 e0 += vg * lo
                 e1 += vg * hi
-                lo, hi = _pair(xp_ptr, pw + ih * XP, valid)
+                lo, hi = _pair(xp_ptr, pw + ih.to(tl.int32) * XP, valid)
                 e2 += vh * lo
                 e3 += vh * hi
             else:
