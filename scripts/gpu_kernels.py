@@ -94,6 +94,9 @@ STACKED_SHAPES = ((12288, 4096), (22016, 4096), (8192, 4096))
 
 TC_CANDIDATES = [KernelConfig("tc", split=sp, unroll=u, l2=l2, xfrag=xf) for sp in (4, 8, 16) for u in (1, 2)
                  for l2 in (True, False) for xf in (True, False)]
+# M = 1: x's fragment copy with the raw decode (zero_sums), the 4-bit stream's first slot early, both, neither
+TC_CANDIDATES_M1 = [KernelConfig("tc", split=sp, unroll=u, xfrag=xf, zero_sums=xf, early4=e4) for sp in (4, 8, 16)
+                    for u in (1, 2) for xf in (True, False) for e4 in (True, False)]
 
 
 def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CANDIDATES) -> None:
@@ -123,7 +126,7 @@ def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CAND
                 log.flush()
                 print(f"{n}x{k} m={m} k={ko} {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
                       f"pairs={cfg.pairs} early4={cfg.early4} unroll={cfg.unroll} prefetch={cfg.prefetch} l2={cfg.l2} "
-                      f"xfrag={cfg.xfrag}: "
+                      f"xfrag={cfg.xfrag} zero_sums={cfg.zero_sums}: "
                       f"{us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]", flush=True)
             best = min(results, key=lambda r: r[0])
             table["configs"].append(config_row(m, n, k, 128, best[1], outliers=ko))
@@ -144,7 +147,7 @@ def tensor_core_sweep(out: pathlib.Path, gpu: str, ms=(1, 4, 16)) -> None:
         for m, shapes in ((1, bench.SHAPES + STACKED_SHAPES), (4, bench.SHAPES), (16, bench.SHAPES)):
             if m not in ms:
                 continue
-            sweep_rows(table, shapes, log, t0, m, TC_CANDIDATES if m == 1 else [c for c in TC_CANDIDATES if not c.l2])
+            sweep_rows(table, shapes, log, t0, m, TC_CANDIDATES_M1 if m == 1 else [c for c in TC_CANDIDATES if not c.l2])
             text = json.dumps(table, indent=1)  # each M's rows survive a run cut short
             (out / f"configs-{gpu}.json").write_text(text)
             table_path.write_text(text)
