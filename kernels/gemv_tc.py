@@ -23,8 +23,6 @@ FAST=False computes the same per-lane values in fp32 from whole group rows, with
 interpreter checks everything around the fragments (slot ranges, split-K, scales, outliers, output mapping).
 """
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -38,11 +36,11 @@ MAX_M = 16  # two mma column blocks of 8 activation rows
 ROWS = tl.constexpr(TILE_ROWS)
 GROUP = tl.constexpr(GROUP_SIZE)
 
-def _frag_asm(bits: int, blocks: int, raw: bool = False) -> str:
+def _frag_asm(bits: int, blocks: int) -> str:
     """PTX for one slot of one lane: outputs $0.. = C of each activation block (4 fp32: rows g, g + 8 x columns
     2t, 2t + 1) = sum over the group of (c - z) / 16 * x. Inputs: the lane's word pairs (2-bit: rows g, g + 8;
     4-bit: row g pairs t, t + 4, then row g + 8's), the zeros of rows g and g + 8, then per activation block the
-    16 x words in k-block order. `raw`: no zeros in, and C = sum of (magic + c) * x (half2_decode)."""
+    16 x words in k-block order."""
     plan = half2.PLAN[bits]
     pairs = ["A", "B"] if bits == 2 else ["A", "C", "B", "D"]  # A, C: row g; B, D: row g + 8
     row_of = {"A": "g", "B": "h", "C": "g", "D": "h"}
@@ -57,17 +55,16 @@ def _frag_asm(bits: int, blocks: int, raw: bool = False) -> str:
                   f"prmt.b32 u{p}1, w{p}0, w{p}1, 0x7632;",  # high halves
                   f"shr.u32 v{p}0, u{p}0, {shift};", f"shr.u32 v{p}1, u{p}1, {shift};"]
     zero_g = n_out + len(pairs)
-    for r, z in () if raw else (("g", zero_g), ("h", zero_g + 1)):  # the zero terms of rows g and g + 8
+    for r, z in (("g", zero_g), ("h", zero_g + 1)):  # the zero terms of rows g and g + 8
         lines.append(".reg .b32 " + ", ".join(f"k{r}{m}" for m in half2.MAGIC[bits]) + ";")
         lines += half2.zero_terms(f"k{r}", f"${z}", bits)
     lines += [f"mov.f32 {c}, 0f00000000;" for c in sum(acc, [])]
-    first_x = zero_g + (0 if raw else 2)
+    first_x = zero_g + 2
 
     def decode(dst: str, p: str, j: int) -> list[str]:
         half, i = divmod(j, len(plan))
         sh, m = plan[i]
-        return half2.decode(dst, f"{'v' if sh else 'u'}{p}{half}", bits, m, None if raw else f"k{row_of[p]}{m}",
-                            "s16")
+        return half2.decode(dst, f"{'v' if sh else 'u'}{p}{half}", bits, m, f"k{row_of[p]}{m}", "s16")
 
     for b in range(8):
         srcs = ([("A", 2 * b), ("B", 2 * b), ("A", 2 * b + 1), ("B", 2 * b + 1)] if bits == 2
@@ -83,8 +80,8 @@ def _frag_asm(bits: int, blocks: int, raw: bool = False) -> str:
     return "\n".join(lines + ["}"])
 
 
-def _cons(bits: int, blocks: int, raw: bool = False) -> str:
-    return ",".join(["=f"] * 4 * blocks + ["l"] * (2 if bits == 2 else 4) + ["r"] * ((0 if raw else 2) + 16 * blocks))
+def _cons(bits: int, blocks: int) -> str:
+    return ",".join(["=f"] * 4 * blocks + ["l"] * (2 if bits == 2 else 4) + ["r"] * (2 + 16 * blocks))
 
 
 FRAG2 = tl.constexpr(_frag_asm(2, 1))
@@ -93,10 +90,6 @@ FRAG2_2 = tl.constexpr(_frag_asm(2, 2))
 FRAG4_2 = tl.constexpr(_frag_asm(4, 2))
 CONS2 = tl.constexpr(_cons(2, 1))
 CONS4 = tl.constexpr(_cons(4, 1))
-FRAG2R = tl.constexpr(_frag_asm(2, 1, raw=True))
-FRAG4R = tl.constexpr(_frag_asm(4, 1, raw=True))
-CONS2R = tl.constexpr(_cons(2, 1, raw=True))
-CONS4R = tl.constexpr(_cons(4, 1, raw=True))
 CONS2_2 = tl.constexpr(_cons(2, 2))
 CONS4_2 = tl.constexpr(_cons(4, 2))
 
@@ -124,35 +117,25 @@ def _x16_frag(xf_ptr, base, STEP: tl.constexpr):
 
 
 def fragment_words(m: int, k: int) -> int:
-    """int32 words of x_fragments' output for m activation rows and k columns: the fragments, then the pair words
-    (m > 1) or the group sums (m = 1)."""
+    """int32 words of x_fragments' output for m activation rows and k columns: the fragments, then (m > 1) the
+    pair words."""
     groups = k // GROUP_SIZE
     blocks = 1 if m <= 8 else 2
-    return groups * (64 + 4) if m == 1 else groups * blocks * 512 + k * 4 * blocks
-
-
-@functools.lru_cache(maxsize=None)
-def _magics(device: torch.device) -> torch.Tensor:
-    """[2, GROUP_SIZE] fp32: the magic the decode adds to each column of a group, 2-bit row then 4-bit."""
-    rows = [[half2.position_magics(b)[e // (GROUP_SIZE * b // 32)] for e in range(GROUP_SIZE)] for b in (2, 4)]
-    return torch.tensor(rows, dtype=torch.float32, device=device)
+    return groups * 64 if m == 1 else groups * blocks * 512 + k * 4 * blocks
 
 
 @triton.jit
-def _x_fragments_kernel(xw_ptr, xf_ptr, magic_ptr, M, stride_xw, n_frag, n_tail, FP, SINGLE: tl.constexpr,
-                        BLOCKS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-    """Programs < FP: xf word o < n_frag = x word (row, col * 64 + w): M = 1 as [group, chunk i, lane t, 4], else
-    as [group, activation block, chunk i, lane 4g + t, 4]; chunk i, word j is the lane's fragment word f = 4i + j,
-    i.e. x word 8 (f // 2) + 4 (f % 2) + t of activation row 8 block + g (zero past M). The rest write the n_tail
-    words after them: M > 1, the pair words, [column, 4 BLOCKS] (word p: activations 2p, 2p + 1 there; the
-    outliers' gathers); M = 1, the group sums, [group, 4] fp32: sum(2-bit magic * x), sum(x), sum(4-bit magic *
-    x), sum(x)."""
+def _x_fragments_kernel(xw_ptr, xf_ptr, M, stride_xw, n_frag, total, SINGLE: tl.constexpr, BLOCKS: tl.constexpr,
+                        BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """xf word o < n_frag = x word (row, col * 64 + w): M = 1 as [group, chunk i, lane t, 4], else as [group,
+    activation block, chunk i, lane 4g + t, 4]; chunk i, word j is the lane's fragment word f = 4i + j, i.e. x word
+    8 (f // 2) + 4 (f % 2) + t of activation row 8 block + g (zero past M). M > 1: then the pair words, [column,
+    4 BLOCKS]: word p of a column holds activations 2p, 2p + 1 there (the outliers' gathers)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    pid = tl.program_id(0)
-    if pid < FP:
-        o = pid * BLOCK + tl.arange(0, BLOCK)
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    if tl.program_id(0) * BLOCK < n_frag:  # M > 1: n_frag is a multiple of BLOCK
         j = o % 4
         if SINGLE:
             t = (o // 4) % 4
@@ -169,46 +152,28 @@ def _x_fragments_kernel(xw_ptr, xf_ptr, magic_ptr, M, stride_xw, n_frag, n_tail,
         w = 8 * (f // 2) + 4 * (f % 2) + t
         v = tl.load(xw_ptr + row * stride_xw + col * (GROUP // 2) + w, mask=(o < n_frag) & (row < M), other=0)
         tl.store(xf_ptr + o, v, mask=o < n_frag)
-    elif SINGLE:  # BLOCK // GROUP groups a program
-        G: tl.constexpr = BLOCK // GROUP
-        grp = (pid - FP) * G + tl.arange(0, G)
-        e = tl.arange(0, GROUP)
-        ok = grp < n_tail // 4
-        x = tl.load(xw_ptr.to(tl.pointer_type(tl.float16)) + grp[:, None] * GROUP + e[None, :], mask=ok[:, None],
-                    other=0.0).to(tl.float32)
-        k2 = tl.sum(x * tl.load(magic_ptr + e)[None, :], axis=1)
-        k4 = tl.sum(x * tl.load(magic_ptr + GROUP + e)[None, :], axis=1)
-        xs = tl.sum(x, axis=1)
-        out = xf_ptr.to(tl.pointer_type(tl.float32)) + n_frag + grp * 4
-        tl.store(out, k2, mask=ok)
-        tl.store(out + 1, xs, mask=ok)
-        tl.store(out + 2, k4, mask=ok)
-        tl.store(out + 3, xs, mask=ok)
     else:
-        p = (pid - FP) * BLOCK + tl.arange(0, BLOCK)
+        p = o - n_frag
         a = (p % (4 * BLOCKS)) * 2
         c = p // (4 * BLOCKS)
-        ok = p < n_tail
+        ok = o < total
         xh = xw_ptr.to(tl.pointer_type(tl.int16))
         lo = tl.load(xh + a * (2 * stride_xw) + c, mask=ok & (a < M), other=0).to(tl.int32) & 0xFFFF
         hi = tl.load(xh + (a + 1) * (2 * stride_xw) + c, mask=ok & (a + 1 < M), other=0).to(tl.int32)
-        tl.store(xf_ptr + n_frag + p, lo | (hi << 16), mask=ok)
+        tl.store(xf_ptr + o, lo | (hi << 16), mask=ok)
 
 
 def x_fragments(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """x [M, K] fp16 (M <= 16, K a multiple of 128, rows of whole words) in the tensor-core GEMV's fragment order,
-    as int32 words; then (M > 1) the pair words of its outliers or (M = 1) its group sums."""
+    as int32 words (M > 1: then the pair words of its outliers)."""
     m, k = x.shape
     total = fragment_words(m, k)
     n_frag = (k // GROUP_SIZE) * (64 if m == 1 else (1 if m <= 8 else 2) * 512)
-    block = 512
-    fp = triton.cdiv(n_frag, block)
-    tail = total - n_frag
     xf = torch.empty(total, dtype=torch.int32, device=x.device)
-    grid = fp + (triton.cdiv(tail // 4, block // GROUP_SIZE) if m == 1 else triton.cdiv(tail, block))
-    _x_fragments_kernel[(grid,)](
-        x.view(torch.int32), xf, _magics(x.device), m, x.stride(0) // 2, n_frag, tail, fp, SINGLE=m == 1,
-        BLOCKS=1 if m <= 8 else 2, BLOCK=block, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
+    block = 512
+    _x_fragments_kernel[(triton.cdiv(total, block),)](
+        x.view(torch.int32), xf, m, x.stride(0) // 2, n_frag, total, SINGLE=m == 1, BLOCKS=1 if m <= 8 else 2,
+        BLOCK=block, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return xf
 
 
@@ -269,37 +234,14 @@ def _plain_dot(q_ptr, ts, row, zero, x_ptr, xrow, col, a_ok, BITS: tl.constexpr)
 
 
 @triton.jit
-def _frag_dot(q_ptr, x_ptr, xw_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BITS: tl.constexpr,
-              BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, XF: tl.constexpr, RAW: tl.constexpr):
+def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BITS: tl.constexpr,
+              BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, XF: tl.constexpr):
     """C of activation block N0 // 8 (and N0 // 8 + 1 when BLOCKS == 2) for one slot: 4 values each (rows g, g + 8
-    x activations N0 + 2t, N0 + 2t + 1), scaled by the rows' scale codes. XF: xw_ptr is x_fragments' output.
-    RAW (XF, M = 1): the decode leaves the zeros and magics in, and the group's sums (x_fragments, at xp_ptr) take
-    them off here, once per row."""
+    x activations N0 + 2t, N0 + 2t + 1), scaled by the rows' scale codes. XF: xw_ptr is x_fragments' output."""
     wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = sl
     fg = sg.to(tl.float32)
     fh = sh.to(tl.float32)
-    if FAST and RAW:
-        x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16_frag(
-            xw_ptr, col * 64 + t * 4, 16)
-        if BITS == 2:
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                FRAG2R, CONS2R, [wa, wb, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15],
-                dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-        else:
-            c0, c1, c2, c3 = tl.inline_asm_elementwise(
-                FRAG4R, CONS4R, [wa, wc, wb, wd, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14,
-                                 x15], dtype=(tl.float32,) * 4, is_pure=True, pack=1)
-        sums = xp_ptr.to(tl.pointer_type(tl.float32)) + col * 4 + (0 if BITS == 2 else 2)
-        k_sum = tl.load(sums)  # sum of magic * x over the group: the same for every row
-        x_sum = tl.load(sums + 1)
-        fg = fg * 0.0625
-        fh = fh * 0.0625
-        c0 = c0 - (k_sum + zg.to(tl.float32) * x_sum)
-        c2 = c2 - (k_sum + zh.to(tl.float32) * x_sum)
-        c1 = c0  # M = 1: both columns of C are activation 0
-        c3 = c2
-        d0, d1, d2, d3 = c0, c1, c2, c3
-    elif FAST:
+    if FAST:
         if XF and SINGLE:
             x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16_frag(
                 xw_ptr, col * 64 + t * 4, 16)
@@ -460,19 +402,17 @@ def _add4(acc, part):
 @triton.jit
 def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, g, t, M, stride_xm, BITS: tl.constexpr,
                 OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
-                SINGLE: tl.constexpr, XF: tl.constexpr, RAW: tl.constexpr):
+                SINGLE: tl.constexpr, XF: tl.constexpr):
     """One loop step's U slots added into the stream's sums (acc: C of both activation blocks; acc_o: block 0's
     outliers)."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0  # x_fragments' pair words a column (outliers)
     a, b = it
-    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, xp_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF,
-                                   RAW))
+    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
     if OUTLIERS > 0:
         acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, a, g, t, M, stride_xm, 0, OUTLIERS, SINGLE,
                                                   XP))
     if U == 2:
-        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, xp_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST,
-                                       XF, RAW))
+        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
         if OUTLIERS > 0:
             acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, b, g, t, M, stride_xm, 0, OUTLIERS,
                                                       SINGLE, XP))
@@ -521,7 +461,7 @@ def _prefetch_share(q_ptr, s_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, lane, BITS:
 def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, g, t, M,
             stride_xm, pre, BITS: tl.constexpr, OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr,
             PF: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr,
-            XF: tl.constexpr, RAW: tl.constexpr):
+            XF: tl.constexpr):
     """This program's share of one stream: 8 scaled sums (C of up to two activation blocks) and the outlier sums
     of block 0 (4) and block 1 (4), fp32 [32] each. With PF the next U slots' loads are issued before this U's
     arithmetic; with PDL the first loads are issued before the wait for the previous kernel; `pre`, unless None:
@@ -547,7 +487,7 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE)
         acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M, stride_xm, BITS,
-                                 OUTLIERS, U, BLOCKS, FAST, SINGLE, XF, RAW)
+                                 OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
         if OUTLIERS > 0 and BLOCKS == 2:
             c0, c1 = cur
             acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS, False,
@@ -585,7 +525,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, n2, n4, stride_xm, stride_ym,
                     OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
-                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, RAW: tl.constexpr):
+                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -594,17 +534,16 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
     if L2 and FAST:  # weights only: before the PDL wait too
         _prefetch_share(q2_ptr, s2_ptr, ov_ptr, oi_ptr, tile, n2, sp, lane, 2, OUTLIERS, SPLIT, U)
         _prefetch_share(q4_ptr, s4_ptr, ov_ptr, oi_ptr, tile, n4, sp, lane, 4, 0, SPLIT, 1)
-    # XF: x_fragments' pair words (M > 1) or group sums (M = 1) follow the fragments
-    xp_ptr = xw_ptr + (n2 + n4) * (64 if SINGLE else BLOCKS * 512)
+    xp_ptr = xw_ptr + (n2 + n4) * (BLOCKS * 512)  # XF, M > 1: x_fragments' pair words follow the fragments
     pre4 = None
     if EARLY4:  # the 4-bit stream's first slot in flight while the 2-bit stream runs (and before the PDL wait)
         start4, end4 = _share(n4, sp, SPLIT, 1)
         pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4, end4, g, t, 4, 0, 1,
                           SINGLE)
     p2, o2, o2b = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, tile, n2, sp, g, t,
-                          M, stride_xm, None, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF, RAW)
+                          M, stride_xm, None, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF)
     p4, _, _ = _stream(x_ptr, xw_ptr, xp_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile, n4, sp, g, t,
-                       M, stride_xm, pre4, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF, RAW)
+                       M, stride_xm, pre4, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF)
     rg = tile * ROWS + g
     s2g = tl.load(ss2_ptr + rg).to(tl.float32)
     s2h = tl.load(ss2_ptr + rg + 8).to(tl.float32)
@@ -632,14 +571,13 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
-            early4: bool = False, zero_sums: bool = False, fast: bool, pdl: bool = False):
+            early4: bool = False, fast: bool, pdl: bool = False):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
     step's loads before this step's arithmetic; `l2`: each program first asks L2 for all its weights (prefetch,
     no registers); `xfrag`: B from x_fragments(x) (one more launch, 16-byte loads); `early4`: the 4-bit stream's
-    first loads issued before the 2-bit stream runs; `zero_sums` (with xfrag, M = 1): the decode skips the zero
-    terms, x_fragments' per-group sums of x take them off; `pdl`: launched as a programmatic dependent (sm_90+)."""
+    first loads issued before the 2-bit stream runs; `pdl`: launched as a programmatic dependent (sm_90+)."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
     xfrag = xfrag and fast
@@ -648,7 +586,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
         x, xw, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=1 if M <= 8 else 2, SINGLE=M == 1, FAST=fast,
-        PDL=pdl, XF=xfrag, EARLY4=early4, RAW=xfrag and zero_sums and M == 1,
+        PDL=pdl, XF=xfrag, EARLY4=early4,
         num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y

@@ -3,9 +3,7 @@
 A PRMT joins the low (then high) 16 bits of two adjacent code words, so one register holds the codes of two
 adjacent columns. For the code at bit b of a half, (u & mask) | magic with magic = fp16 2^(10 - b) is exactly
 magic + code (no shift for bits 0..9; the 2-bit codes at bits 10.. are shifted down once). One HFMA2,
-v * 1/16 + k with k = -(magic + z) / 16, then gives (code - z) / 16, exact. Without it (`raw`), a dot product
-of magic + code with x is the group's sum of (code - z) x plus sum(magic x) + z sum(x), which a consumer that
-knows x's per-group sums (`position_magics`) takes off once per group and row.
+v * 1/16 + k with k = -(magic + z) / 16, then gives (code - z) / 16, exact.
 """
 
 # per code position of a joined half: (right shift of the half, magic index)
@@ -15,13 +13,6 @@ PLAN = {2: [(0, m) for m in range(5)] + [(10, m) for m in range(3)],
 MAGIC = {2: {m: (4 ** m, 0x6400 - 0x800 * m) for m in range(5)},
          4: {0: (1, 0x6400), 1: (16, 0x5400)}}
 SIXTEENTH = "0x2C002C00"  # 1/16 in both fp16 halves
-
-
-def position_magics(bits: int) -> list[float]:
-    """The magic added to the code at each position of a format-v1 word (2-bit: 16, 4-bit: 8), as a float."""
-    plan = PLAN[bits]
-    positions = 32 // bits
-    return [float(2 ** (10 - bits * plan[j % len(plan)][1])) for j in range(positions)]
 
 
 def shift(bits: int) -> int:
@@ -36,9 +27,9 @@ def zero_terms(dst: str, zero: str, bits: int) -> list[str]:
             for m, (mul, magic) in MAGIC[bits].items()]
 
 
-def decode(dst: str, src: str, bits: int, m: int, k: str | None, s16: str) -> list[str]:
+def decode(dst: str, src: str, bits: int, m: int, k: str, s16: str) -> list[str]:
     """PTX writing (code - zero) / 16 of the two codes at magic index m of joined half `src` into dst (fp16x2);
-    k: that index's zero term, s16: a register holding SIXTEENTH. k None (raw): magic + code."""
+    k: that index's zero term, s16: a register holding SIXTEENTH."""
     one = ((1 << bits) - 1) << (bits * m)
-    lop = f"lop3.b32 {dst}, {src}, 0x{one | one << 16:08X}, 0x{MAGIC[bits][m][1] * 65537:08X}, 0xEA;"
-    return [lop] if k is None else [lop, f"fma.rn.f16x2 {dst}, {dst}, {s16}, {k};"]
+    return [f"lop3.b32 {dst}, {src}, 0x{one | one << 16:08X}, 0x{MAGIC[bits][m][1] * 65537:08X}, 0xEA;",
+            f"fma.rn.f16x2 {dst}, {dst}, {s16}, {k};"]

@@ -94,8 +94,8 @@ STACKED_SHAPES = ((12288, 4096), (22016, 4096), (8192, 4096))
 
 TC_CANDIDATES = [KernelConfig("tc", split=sp, unroll=u, l2=l2, xfrag=xf) for sp in (4, 8, 16) for u in (1, 2)
                  for l2 in (True, False) for xf in (True, False)]
-# M = 1: x's fragment copy with the raw decode (zero_sums), the 4-bit stream's first slot early, both, neither
-TC_CANDIDATES_M1 = [KernelConfig("tc", split=sp, unroll=u, xfrag=xf, zero_sums=xf, early4=e4) for sp in (4, 8, 16)
+# M = 1: x's fragment copy or not, the 4-bit stream's first slot early or not
+TC_CANDIDATES_M1 = [KernelConfig("tc", split=sp, unroll=u, xfrag=xf, early4=e4) for sp in (4, 8, 16)
                     for u in (1, 2) for xf in (True, False) for e4 in (True, False)]
 
 
@@ -126,7 +126,7 @@ def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CAND
                 log.flush()
                 print(f"{n}x{k} m={m} k={ko} {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
                       f"pairs={cfg.pairs} early4={cfg.early4} unroll={cfg.unroll} prefetch={cfg.prefetch} l2={cfg.l2} "
-                      f"xfrag={cfg.xfrag} zero_sums={cfg.zero_sums}: "
+                      f"xfrag={cfg.xfrag}: "
                       f"{us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]", flush=True)
             best = min(results, key=lambda r: r[0])
             table["configs"].append(config_row(m, n, k, 128, best[1], outliers=ko))

@@ -100,16 +100,16 @@ TC_LAYERS = [
                                                                 (11, 2, 1, True, True), (16, 1, 2, True, False)])
 def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4):
     """The tensor-core GEMV: its mma path on CUDA (also as a PDL launch with L2 prefetch, and reading x's
-    fragment-ordered copy, at M = 1 also with the raw decode and x's group sums), its plain fp32 path everywhere."""
+    fragment-ordered copy), its plain fp32 path everywhere."""
     packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=50 + m + split)
     runs = [(False, False, False)]
     if not INTERPRET:
         runs += [(True, False, False), (True, True, False), (True, False, True), (True, True, True)]
-    for (fast, pdl, xfrag), zero_sums in [(r, False) for r in runs] + [(r, True) for r in runs if r[2]]:
+    for fast, pdl, xfrag in runs:
         y = torch.full((m, layer[0]), float("nan"), dtype=torch.float16, device=DEVICE)
         ws, counters = scratch(m, layer[0], split, packed.row_tiles)
         gemv_tc(x, y, ws, counters, *tensors, outliers=packed.outliers, split=split, unroll=unroll,
-                prefetch=prefetch, l2=pdl, xfrag=xfrag, early4=early4, zero_sums=zero_sums, fast=fast, pdl=pdl)
+                prefetch=prefetch, l2=pdl, xfrag=xfrag, early4=early4, fast=fast, pdl=pdl)
         check(y, ref, torch.float16)
         assert not counters.any()
 
@@ -118,8 +118,7 @@ def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4):
 def test_x_fragments_put_each_lanes_b_words_in_four_chunks(m, k):
     """x_fragments against the mma B fragment spelled out: lane (g, t) of activation block n, chunk i, word j holds
     fragment word f = 4i + j, i.e. k-block b = f // 2 at k = 16b + 2t (+ 8 for odd f) of activation row 8n + g
-    (every lane row 0 at M = 1; zero past M). M > 1: then x transposed, zero-padded to 8 or 16 rows; M = 1: then
-    the group sums the raw decode needs."""
+    (every lane row 0 at M = 1; zero past M). M > 1: then x transposed, zero-padded to 8 or 16 rows."""
     from kernels.gemv_tc import fragment_words, x_fragments
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.float16)
     words = x.view(torch.int32)  # word c holds columns 2c, 2c + 1
@@ -140,35 +139,8 @@ def test_x_fragments_put_each_lanes_b_words_in_four_chunks(m, k):
         halves[:m] = x
         expect += halves.t().contiguous().view(torch.int32).flatten().tolist()
     got = x_fragments(x.to(DEVICE)).cpu()
-    assert got.numel() == fragment_words(m, k)
-    assert got[:len(expect)].tolist() == expect
-    if m == 1:  # then per group: sum(2-bit magic * x), sum(x), sum(4-bit magic * x), sum(x), fp32
-        from kernels.half2_decode import position_magics
-        xg = x.float().view(k // 128, 128)
-        magic = {b: torch.tensor([position_magics(b)[e // (4 * b)] for e in range(128)]) for b in (2, 4)}  # word e % 4b
-        sums = torch.stack([xg @ magic[2], xg.sum(1), xg @ magic[4], xg.sum(1)], 1).flatten()
-        torch.testing.assert_close(got[len(expect):].view(torch.float32), sums, rtol=1e-5, atol=1e-2)
-    else:
-        assert len(expect) == got.numel()
-
-
-@pytest.mark.parametrize("bits", [2, 4])
-def test_position_magics_are_what_the_raw_decode_adds(bits):
-    """The PTX recipe on the CPU: a code at position j of a format-v1 word, joined by PRMT (positions 0.. of the low
-    halves, then of the high halves), shifted as PLAN says, masked and OR-ed with its magic, read as fp16, is
-    magic + code, for every code."""
-    import numpy as np
-
-    from kernels.half2_decode import MAGIC, PLAN, position_magics
-    per_half = 16 // bits
-    for j, magic in enumerate(position_magics(bits)):
-        sh, m = PLAN[bits][j % per_half]
-        for code in range(1 << bits):
-            word = code << (bits * j)
-            half = (word >> (16 * (j // per_half))) & 0xFFFF
-            bits16 = ((half >> sh) & (((1 << bits) - 1) << (bits * m))) | MAGIC[bits][m][1]
-            value = float(np.array([bits16], dtype=np.uint16).view(np.float16)[0])
-            assert value - code == magic, (j, code, value)
+    assert got.numel() == fragment_words(m, k) == len(expect)
+    assert got.tolist() == expect
 
 
 def test_tc_config_takes_bf16_x(make_packed):
