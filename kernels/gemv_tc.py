@@ -486,15 +486,15 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
         if PF:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE)
-        acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M, stride_xm, BITS,
-                                 OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
+        acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M,
+                                 stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
         if OUTLIERS > 0 and BLOCKS == 2:
             c0, c1 = cur
-            acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS, False,
-                                                    XP))
+            acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS,
+                                                False, XP))
             if U == 2:
-                acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8, OUTLIERS,
-                                                        False, XP))
+                acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8,
+                                                    OUTLIERS, False, XP))
         if not PF:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE)
@@ -585,8 +585,8 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     _gemv_tc_kernel[(T, split)](
         x, xw, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
-        OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=1 if M <= 8 else 2, SINGLE=M == 1, FAST=fast,
-        PDL=pdl, XF=xfrag, EARLY4=early4,
+        OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=1 if M <= 8 else 2, SINGLE=M == 1,
+        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4,
         num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y

@@ -147,7 +147,8 @@ def tensor_core_sweep(out: pathlib.Path, gpu: str, ms=(1, 4, 16)) -> None:
         for m, shapes in ((1, bench.SHAPES + STACKED_SHAPES), (4, bench.SHAPES), (16, bench.SHAPES)):
             if m not in ms:
                 continue
-            sweep_rows(table, shapes, log, t0, m, TC_CANDIDATES_M1 if m == 1 else [c for c in TC_CANDIDATES if not c.l2])
+            extra = TC_CANDIDATES_M1 if m == 1 else [c for c in TC_CANDIDATES if not c.l2]
+            sweep_rows(table, shapes, log, t0, m, extra)
             text = json.dumps(table, indent=1)  # each M's rows survive a run cut short
             (out / f"configs-{gpu}.json").write_text(text)
             table_path.write_text(text)
