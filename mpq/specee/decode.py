@@ -53,6 +53,7 @@ class ExitStats:
     fallback: str | None = None
     prefill_ms: float = 0.0
     decode_ms: float = 0.0  # wall time of the decode steps
+    proposals: list = field(default_factory=list)  # the draft's top-4 (a set) at each decode step with exits on
 
     @property
     def mean_layers(self) -> float:
@@ -244,6 +245,7 @@ class ExitDecoder:
             top4 = self.sp.draft.propose(self.sp.draft.step(h_prev[None], emb[None], t - 1, self.d_cos, self.d_sin))
             rows = self.lm_w[top4]
             top4_set = set(top4.tolist())
+            st.proposals.append(top4_set)
             sched = self.online.layers()
             t0 = self._timed("draft", t0)
         pos = torch.tensor([t], device=dev)

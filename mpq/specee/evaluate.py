@@ -8,6 +8,10 @@ no-exit greedy continuation of 128 tokens (full depth, the same layer loop with 
                   exits) and its greedy token is compared with the no-exit one at every decode step; mean_layers
                   is over the same steps, so it sits beside the oracle like for like
   agreement_free_running  positional match of an unforced exit-decoded continuation with the no-exit one
+draft_bound_layers: the mean layers/token with perfect predictors at every layer and this draft: a step exits at
+                  its oracle layer where the draft's top-4 held the no-exit token, else runs full depth (the
+                  verification cannot accept a token outside the draft's 4); it splits the distance to the oracle
+                  into the draft's share and the predictors'.
 exits_pay: the verdict of the decoder's automatic fallback rule (time saved by skipped layers > machinery time) on
 the aggregate; the measurements themselves run with the fallback off, so that they describe the exits.
 ppl_exit / ppl_no_exit: teacher-forced perplexity over `ppl_windows` x `ppl_seq_len` Hamlet tokens, the exit
@@ -66,19 +70,32 @@ def oracle_counts(dec, prompt: list[int], continuation: list[int]) -> list[int]:
     return (earliest_match(torch.stack(match)) + 1).tolist()
 
 
+def draft_bound(oracle: list[int], proposals: list[set], nxt: list[int], num_layers: int) -> tuple[int, int, int]:
+    """(layers, draft hits, steps) over one continuation: step j exits at oracle[j] where nxt[j] (the no-exit token
+    it predicts) is among proposals[j], else runs num_layers; steps past the proposals (exits off) run in full."""
+    layers = hits = 0
+    for j, (o, tok) in enumerate(zip(oracle, nxt)):
+        hit = j < len(proposals) and tok in proposals[j]
+        hits += hit
+        layers += o if hit else num_layers
+    return layers, hits, len(oracle)
+
+
 def _ms_per_token(st) -> float:
     return sum(st.ms.values()) / max(st.tokens, 1)
 
 
-def _run_mode(model, sp, mode, opts, prompts, refs, max_len, ppl_windows) -> dict:
+def _run_mode(model, sp, mode, opts, prompts, refs, oracles, max_len, ppl_windows) -> dict:
     from mpq.specee.decode import PARTS, ExitDecoder
 
     dec = ExitDecoder(model, sp, max_len, mode=mode, auto_fallback=opts.auto_fallback, threshold=opts.threshold)
     agree = steps = layers = calls = rej = 0
     ms = {p: 0.0 for p in PARTS}
     hist, fallbacks, total_ms, saved_ms = {}, 0, 0.0, 0.0
-    for prompt, ref in zip(prompts, refs):
+    bound = [0, 0, 0]  # draft_bound's layers, hits, steps
+    for prompt, ref, oracle in zip(prompts, refs, oracles):
         out, st, _ = dec.generate(prompt, len(ref), force=ref)
+        bound = [a + b for a, b in zip(bound, draft_bound(oracle, st.proposals, ref[1:], st.num_layers))]
         agree += sum(int(a == b) for a, b in zip(out[1:], ref[1:]))
         steps += st.tokens
         layers += st.layers
@@ -94,7 +111,8 @@ def _run_mode(model, sp, mode, opts, prompts, refs, max_len, ppl_windows) -> dic
     res = {"mode": mode, "agreement": agree / steps, "mean_layers": layers / steps, "steps": steps,
            "predictor_calls_per_token": calls / steps, "verification_rejections": rej, "fallbacks": fallbacks,
            "exit_histogram": {str(k): hist[k] for k in sorted(hist)}, "ms_per_token": total_ms / steps,
-           "overhead_ms_per_token": {p: ms[p] / steps for p in PARTS}}
+           "overhead_ms_per_token": {p: ms[p] / steps for p in PARTS},
+           "draft_recall": bound[1] / max(bound[2], 1), "draft_bound_layers": bound[0] / max(bound[2], 1)}
     if opts.free_running and mode == "fill":
         match = count = 0
         for prompt, ref in zip(prompts, refs):
@@ -130,13 +148,14 @@ def evaluate_exits(opts: ExitEvalOptions) -> dict:
     ppl_w = eval_windows(opts.dataset, engine.tokenizer, opts.ppl_windows, opts.ppl_seq_len).tolist()
     max_len = max(opts.prompt_len + opts.new_tokens, opts.ppl_seq_len) + 8
     base = ExitDecoder(model, None, max_len, exits=False)
-    refs, oracle, full_ms, steps = [], [], 0.0, 0
+    refs, oracles, full_ms, steps = [], [], 0.0, 0
     for prompt in prompts:
         ref, st, _ = base.generate(prompt, opts.new_tokens)
         refs.append(ref)
         full_ms += _ms_per_token(st) * st.tokens
         steps += st.tokens
-        oracle += oracle_counts(base, prompt, ref)
+        oracles.append(oracle_counts(base, prompt, ref))
+    oracle = sum(oracles, [])
     full_step = full_ms / steps
     nll = []
     for w in ppl_w:
@@ -150,7 +169,7 @@ def evaluate_exits(opts: ExitEvalOptions) -> dict:
               "offline_layers": sp.offline}
     modes = ("fill", "drop") if opts.mode == "both" else (opts.mode,)
     for mode in modes:
-        res = _run_mode(model, sp, mode, opts, prompts, refs, max_len, ppl_w)
+        res = _run_mode(model, sp, mode, opts, prompts, refs, oracles, max_len, ppl_w)
         split = res["overhead_ms_per_token"]
         res["overhead_fraction"] = sum(split.values()) / full_step
         res["overhead_split"] = {"draft_head": split["draft"] / full_step, "features_predictors": split["predict"] / full_step,
@@ -183,5 +202,7 @@ def _print(r: dict, modes) -> None:
                 f"{100 * o['draft_head']:.1f}%, features+predictors {100 * o['features_predictors']:.1f}%, rejected "
                 f"verifications {100 * o['verify_rejected']:.1f}%, KV fill {100 * o['kv_filling']:.1f}%); "
                 f"measured speed-up {m['speedup_measured']:.3f}x; {m['predictor_calls_per_token']:.1f} predictor calls/token, "
-                f"{m['verification_rejections']} rejections; exits "
+                f"{m['verification_rejections']} rejections; draft top-4 recall {100 * m['draft_recall']:.1f}%, "
+                f"so perfect predictors at every layer would run {m['draft_bound_layers']:.2f} layers/token "
+                f"({m['draft_bound_layers'] / r['oracle_layers']:.3f} x oracle); exits "
                 + ("pay" if m["exits_pay"] else "do NOT pay (mpq run would fall back to full depth)"))

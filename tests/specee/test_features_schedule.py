@@ -69,3 +69,12 @@ def test_trace_is_scaled_to_the_target_depth():
     trace = scaled_trace({"15": 300, "30": 100}, 30, 32, 4000, seed=1)
     assert set(trace) == {16, 32}
     assert abs(trace.count(16) / len(trace) - 0.75) < 0.03
+
+
+def test_draft_bound_exits_at_the_oracle_only_where_the_draft_held_the_token():
+    from mpq.specee.evaluate import draft_bound
+
+    oracle = [3, 5, 2, 7]
+    proposals = [{10, 11, 12, 13}, {20, 21, 22, 23}, {30, 31, 32, 33}]  # the last step ran with exits off
+    nxt = [11, 99, 30, 40]
+    assert draft_bound(oracle, proposals, nxt, num_layers=8) == (3 + 8 + 2 + 8, 2, 4)
