@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mpq.quant.format import PackedLinear
+from mpq.quant.format import SCALE_CODE_MAX, PackedLinear
 from mpq.quant.gptq import gptq_quantize, hessian_error
 from mpq.quant.grid import Grid, fake_quant, quantize_grid, safe_scale, search_group_ranges
 from mpq.quant.sensitivity import choose_outliers
@@ -33,7 +33,7 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
                     outlier_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                     act_order: bool = True, damp: float = 0.01, refit_scales: bool = False) -> LinearResult:
     """W [N, K] float; h [K, K] (X^T X / tokens) or None for data-free (identity Hessian, no GPTQ).
-    `refit_scales`: once the codes are fixed, each row's two fp16 super-scales are refitted (refit_super_scales)."""
+    `refit_scales`: once the codes are fixed, the group scales are refitted by least squares (refit_group_scales)."""
     w = w.float()
     N, K = w.shape
     g, R = spec.group_size, spec.tile_rows
@@ -59,7 +59,7 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
     codes = torch.clamp(torch.round(q / safe_scale(per_col(grid.scale))) + per_col(grid.zero), 0, None)
     codes = torch.minimum(codes, per_col(grid.maxq))
     if refit_scales and h is not None:
-        grid = refit_super_scales(w, h.float(), codes, grid, is4, exact)
+        grid = refit_group_scales(w, h.float(), codes, grid, is4, exact)
     residual = torch.where(exact, q - per_col(grid.scale) * (codes - per_col(grid.zero)), torch.zeros_like(q))
     offsets, values = _outlier_arrays(exact.reshape(N, G, g), residual.reshape(N, G, g), spec.outliers)
     packed = PackedLinear.pack(
@@ -71,12 +71,12 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
     return LinearResult(packed, hessian_error(w, deq, None if h is None else h.float()), int(exact.sum()))
 
 
-def refit_super_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, grid: Grid, is4: torch.Tensor,
+def refit_group_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, grid: Grid, is4: torch.Tensor,
                        exact: torch.Tensor) -> Grid:
-    """The codes fixed, each row's 2-bit and 4-bit super-scales (s2, s4) chosen to minimise the row's output error
-    (w - s2 a - s4 b)^T H (w - s2 a - s4 b) over the columns that are not outliers (those stay exact: their fp16
-    correction absorbs the change). A 2x2 least-squares problem per row, kept only where the fp16-rounded result
-    lowers that error."""
+    """The codes fixed, each group's scale chosen to minimise its row's output error (w - sum_g s_g a_g)^T H (...)
+    over the columns that are not outliers (those stay exact: their fp16 correction absorbs the change): a G x G
+    least-squares problem per row. The result is stored as the format stores scales (a per-row fp16 super-scale
+    per stream times 8-bit codes) and kept only for rows where that stored form lowers the error."""
     N, K = w.shape
     G = grid.scale.shape[1]
     g = K // G
@@ -84,34 +84,31 @@ def refit_super_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, gr
     def per_col(t: torch.Tensor) -> torch.Tensor:
         return t.repeat_interleave(g, dim=1)
 
-    base = torch.where(exact, torch.zeros_like(w), per_col(grid.scale_code.float()) * (codes - per_col(grid.zero)))
-    is4c = per_col(is4)
-    a = torch.where(is4c, torch.zeros_like(base), base)  # 2-bit columns, per unit s2
-    b = torch.where(is4c, base, torch.zeros_like(base))  # 4-bit columns, per unit s4
+    a = torch.where(exact, torch.zeros_like(w), codes - per_col(grid.zero)).reshape(N, G, g)  # per unit scale
     d = torch.where(exact, torch.zeros_like(w), w)
-    ha, hb = a @ h, b @ h
-    m11, m12, m22 = (ha * a).sum(1), (ha * b).sum(1), (hb * b).sum(1)
-    r1, r2 = (ha * d).sum(1), (hb * d).sum(1)
+    hb = h.reshape(G, g, G, g)
+    m = torch.einsum("nik,ikjl,njl->nij", a, hb, a)  # [N, G, G]
+    r = torch.einsum("nik,ikl,nl->ni", a, h.reshape(G, g, K), d)  # [N, G]
+    ridge = 1e-6 * m.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)
+    s_new = torch.linalg.solve(m + ridge[:, None, None] * torch.eye(G), r.unsqueeze(-1)).squeeze(-1)
+    s_new = torch.where(torch.isfinite(s_new) & (s_new > 0), s_new, grid.scale)
 
-    def err(s2: torch.Tensor, s4: torch.Tensor) -> torch.Tensor:  # up to the row's constant d^T H d
-        return s2 * s2 * m11 + 2 * s2 * s4 * m12 + s4 * s4 * m22 - 2 * (s2 * r1 + s4 * r2)
+    supers = []
+    for sel in (~is4, is4):
+        row_max = torch.where(sel, s_new, torch.zeros_like(s_new)).amax(dim=1)
+        ss = (row_max / SCALE_CODE_MAX).clamp(min=1e-8).to(torch.float16)
+        supers.append(torch.where(ss > 0, ss, torch.full_like(ss, 1e-7)))
+    ss_group = torch.where(is4, supers[1].float().unsqueeze(1), supers[0].float().unsqueeze(1))
+    code = torch.clamp(torch.round(s_new / ss_group), 1, SCALE_CODE_MAX)
+    scale = ss_group * code
 
-    old2, old4 = grid.super_scale2.float(), grid.super_scale4.float()
-    det = m11 * m22 - m12 * m12
-    tiny = 1e-12 * (m11 * m22).clamp(min=1e-30)
-    both = det > tiny
-    s2 = torch.where(both, (r1 * m22 - r2 * m12) / det.where(both, torch.ones_like(det)),
-                     torch.where(m11 > 0, r1 / m11.clamp(min=1e-30), old2))
-    s4 = torch.where(both, (r2 * m11 - r1 * m12) / det.where(both, torch.ones_like(det)),
-                     torch.where(m22 > 0, r2 / m22.clamp(min=1e-30), old4))
-    s2 = torch.where(m11 > 0, s2, old2).to(torch.float16)
-    s4 = torch.where(m22 > 0, s4, old4).to(torch.float16)
-    ok = (s2 > 0) & (s4 > 0) & torch.isfinite(s2) & torch.isfinite(s4)
-    ok &= err(s2.float(), s4.float()) < err(old2, old4)
-    s2 = torch.where(ok, s2, grid.super_scale2)
-    s4 = torch.where(ok, s4, grid.super_scale4)
-    ss = torch.where(is4, s4.float().unsqueeze(1), s2.float().unsqueeze(1))
-    return Grid(ss * grid.scale_code.float(), grid.zero, grid.maxq, grid.scale_code, s2, s4)
+    def err(sc: torch.Tensor) -> torch.Tensor:  # up to the row's constant d^T H d
+        return torch.einsum("ni,nij,nj->n", sc, m, sc) - 2 * (sc * r).sum(1)
+
+    ok = err(scale) < err(grid.scale)
+    return Grid(torch.where(ok[:, None], scale, grid.scale), grid.zero, grid.maxq,
+                torch.where(ok[:, None], code.to(torch.uint8), grid.scale_code),
+                torch.where(ok, supers[0], grid.super_scale2), torch.where(ok, supers[1], grid.super_scale4))
 
 
 def _outlier_arrays(mask: torch.Tensor, residual: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ class Recipe:
     act_order: bool = True
     gptq_aware: bool = True  # scale each linear's sensitivities by its measured GPTQ gain (2 GPTQ runs per linear)
     damp: float = 0.01
-    refit_scales: bool = False  # after GPTQ, each row's two super-scales refitted by least squares on the Hessian
+    refit_scales: bool = False  # after GPTQ, the group scales refitted by least squares on the Hessian, per row
     # module suffixes whose linears (same input) share one (4-bit tiles, outliers) state in each layer, so that the
     # runtime stacks each set into one GEMV launch (recipes/fast.yaml); [] lets every linear take its own, and
     # untied parts that end in one state still stack

@@ -92,10 +92,11 @@ def test_choose_outliers_removes_extremes():
     assert torch.all(mask.sum(-1) == 1)
 
 
-def test_refitted_super_scales_lower_the_output_error_and_keep_outliers():
-    """Refitting each row's two super-scales after GPTQ solves a 2x2 least-squares problem on the Hessian: the
-    packed error can only go down (a row keeps its old scales where fp16 rounding would not help), and the outlier
-    positions still hold the GPTQ-updated weight (their corrections absorb the new scales)."""
+def test_refitted_scales_lower_the_output_error_and_keep_outliers():
+    """Refitting the group scales after GPTQ solves a least-squares problem per row on the Hessian: the packed
+    error can only go down (a row keeps its old scales where the stored form, fp16 super-scale times 8-bit codes,
+    would not help), and the outlier positions still hold the GPTQ-updated weight (their corrections absorb the new
+    scales)."""
     for seed in range(3):
         w, h = correlated_problem(seed=seed)
         s = spec(*w.shape, frac4=0.25, outliers=1)
