@@ -73,7 +73,7 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
 
 # how far the refit moves each scale from GPTQ's towards the least-squares optimum: the whole way fits the
 # calibration domain (SmolLM2 at 3.0 b/w: Hamlet 1.472 -> 1.462, but pydoc 3.376 -> 3.407); half of it kept Hamlet's
-# 1.462 and left pydoc at 3.375 (benchmarks/results/sweep-smollm2-quality*.json)
+# 1.462 and left pydoc at 3.375 (benchmarks/results/sweep-smollm2-quality*.json, -quality-fullstep*.json)
 REFIT_STEP = 0.5
 
 
