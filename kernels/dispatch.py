@@ -176,7 +176,8 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
     if cfg.kind == "tc":
         return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
-                       prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, fast=tc_fast, pdl=tc_fast and pdl_enabled(x.device))
+                       prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, fast=tc_fast,
+                       pdl=tc_fast and pdl_enabled(x.device))
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                        rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,

@@ -116,12 +116,20 @@ def _x16_frag(xf_ptr, base, STEP: tl.constexpr):
     return out
 
 
+def _blocks(m: int) -> int:
+    """mma column blocks of 8 activation rows."""
+    return 1 if m <= 8 else 2
+
+
+def _fragment_region(m: int, k: int) -> int:
+    """int32 words of the fragments alone (what the GEMV's xp_ptr skips)."""
+    return (k // GROUP_SIZE) * (64 if m == 1 else _blocks(m) * 512)
+
+
 def fragment_words(m: int, k: int) -> int:
     """int32 words of x_fragments' output for m activation rows and k columns: the fragments, then (m > 1) the
     pair words."""
-    groups = k // GROUP_SIZE
-    blocks = 1 if m <= 8 else 2
-    return groups * 64 if m == 1 else groups * blocks * 512 + k * 4 * blocks
+    return _fragment_region(m, k) + (0 if m == 1 else k * 4 * _blocks(m))
 
 
 @triton.jit
@@ -167,12 +175,11 @@ def x_fragments(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """x [M, K] fp16 (M <= 16, K a multiple of 128, rows of whole words) in the tensor-core GEMV's fragment order,
     as int32 words (M > 1: then the pair words of its outliers)."""
     m, k = x.shape
-    total = fragment_words(m, k)
-    n_frag = (k // GROUP_SIZE) * (64 if m == 1 else (1 if m <= 8 else 2) * 512)
+    total, n_frag = fragment_words(m, k), _fragment_region(m, k)
     xf = torch.empty(total, dtype=torch.int32, device=x.device)
     block = 512
     _x_fragments_kernel[(triton.cdiv(total, block),)](
-        x.view(torch.int32), xf, m, x.stride(0) // 2, n_frag, total, SINGLE=m == 1, BLOCKS=1 if m <= 8 else 2,
+        x.view(torch.int32), xf, m, x.stride(0) // 2, n_frag, total, SINGLE=m == 1, BLOCKS=_blocks(m),
         BLOCK=block, PDL=pdl, num_warps=4, **({"launch_pdl": True} if pdl else {}))
     return xf
 
@@ -585,7 +592,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     _gemv_tc_kernel[(T, split)](
         x, xw, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
-        OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=1 if M <= 8 else 2, SINGLE=M == 1,
+        OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
         FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4,
         num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )

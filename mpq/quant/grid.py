@@ -67,9 +67,9 @@ def search_group_ranges(w: torch.Tensor, weight: torch.Tensor, maxq: torch.Tenso
     return best_lo, best_hi, best_err
 
 
-def quantize_grid(lo: torch.Tensor, hi: torch.Tensor, maxq: torch.Tensor) -> Grid:
-    """Turn float ranges into the stored grid: 8-bit scale codes under a per-row fp16 super-scale."""
-    scale = (hi - lo) / maxq.to(lo.dtype)
+def stored_scales(scale: torch.Tensor, maxq: torch.Tensor):
+    """Float group scales [N, G] in their stored form: (scale as stored, uint8 codes, 2-bit and 4-bit per-row fp16
+    super-scales), the codes 8-bit under each row's super-scale of its stream."""
     supers = []
     for b in (3, 15):
         sel = maxq == b
@@ -80,6 +80,11 @@ def quantize_grid(lo: torch.Tensor, hi: torch.Tensor, maxq: torch.Tensor) -> Gri
     ss_per_group = torch.where(maxq == 15, supers[1].float().unsqueeze(1), supers[0].float().unsqueeze(1))
     code = torch.clamp(torch.round(scale / ss_per_group), 1, SCALE_CODE_MAX)
     code = torch.where(scale > 0, code, torch.zeros_like(code))
-    qscale = ss_per_group * code
+    return ss_per_group * code, code.to(torch.uint8), supers[0], supers[1]
+
+
+def quantize_grid(lo: torch.Tensor, hi: torch.Tensor, maxq: torch.Tensor) -> Grid:
+    """Turn float ranges into the stored grid: 8-bit scale codes under a per-row fp16 super-scale."""
+    qscale, code, ss2, ss4 = stored_scales((hi - lo) / maxq.to(lo.dtype), maxq)
     zero = torch.clamp(torch.round(-lo / safe_scale(qscale)), torch.zeros_like(maxq, dtype=lo.dtype), maxq.to(lo.dtype))
-    return Grid(qscale, zero, maxq.to(lo.dtype), code.to(torch.uint8), supers[0], supers[1])
+    return Grid(qscale, zero, maxq.to(lo.dtype), code, ss2, ss4)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from mpq.quant.format import SCALE_CODE_MAX, PackedLinear
+from mpq.quant.format import PackedLinear
 from mpq.quant.gptq import gptq_quantize, hessian_error
-from mpq.quant.grid import Grid, fake_quant, quantize_grid, safe_scale, search_group_ranges
+from mpq.quant.grid import Grid, fake_quant, quantize_grid, safe_scale, search_group_ranges, stored_scales
 from mpq.quant.sensitivity import choose_outliers
 
 
@@ -48,19 +48,18 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
     lo, hi, _ = search_group_ranges(wg, hdiag.reshape(G, g), maxq, keep=~outlier)
     grid = quantize_grid(lo, hi, maxq)
 
-    def per_col(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat_interleave(g, dim=1)
-
     exact = outlier.reshape(N, K)
     if use_gptq and h is not None:
-        q = gptq_quantize(w, h.float(), per_col(grid.scale), per_col(grid.zero), per_col(grid.maxq), exact, damp, act_order)
+        q = gptq_quantize(w, h.float(), _per_col(grid.scale, g), _per_col(grid.zero, g), _per_col(grid.maxq, g), exact,
+                          damp, act_order)
     else:
-        q = torch.where(exact, w, fake_quant(w, per_col(grid.scale), per_col(grid.zero), per_col(grid.maxq)))
-    codes = torch.clamp(torch.round(q / safe_scale(per_col(grid.scale))) + per_col(grid.zero), 0, None)
-    codes = torch.minimum(codes, per_col(grid.maxq))
+        q = torch.where(exact, w, fake_quant(w, _per_col(grid.scale, g), _per_col(grid.zero, g), _per_col(grid.maxq, g)))
+    codes = torch.clamp(torch.round(q / safe_scale(_per_col(grid.scale, g))) + _per_col(grid.zero, g), 0,
+                        None)
+    codes = torch.minimum(codes, _per_col(grid.maxq, g))
     if refit_scales and h is not None:
-        grid = refit_group_scales(w, h.float(), codes, grid, is4, exact)
-    residual = torch.where(exact, q - per_col(grid.scale) * (codes - per_col(grid.zero)), torch.zeros_like(q))
+        grid = refit_group_scales(w, h.float(), codes, grid, exact)
+    residual = torch.where(exact, q - _per_col(grid.scale, g) * (codes - _per_col(grid.zero, g)), torch.zeros_like(q))
     offsets, values = _outlier_arrays(exact.reshape(N, G, g), residual.reshape(N, G, g), spec.outliers)
     packed = PackedLinear.pack(
         codes=codes.to(torch.uint8), tile_bits=torch.where(spec.tile_is_4bit, 4, 2).to(torch.uint8),
@@ -77,45 +76,41 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
 REFIT_STEP = 0.5
 
 
-def refit_group_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, grid: Grid, is4: torch.Tensor,
+def refit_group_scales(w: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, grid: Grid,
                        exact: torch.Tensor) -> Grid:
     """The codes fixed, each group's scale moved REFIT_STEP of the way to the one that minimises its row's output
     error (w - sum_g s_g a_g)^T H (...) over the columns that are not outliers (those stay exact: their fp16
-    correction absorbs the change), a G x G least-squares problem per row. The result is stored as the format stores scales (a per-row fp16 super-scale
-    per stream times 8-bit codes) and kept only for rows where that stored form lowers the error."""
+    correction absorbs the change), a G x G least-squares problem per row. The result is stored as the format
+    stores scales (stored_scales) and kept only for rows where that stored form lowers the error."""
     N, K = w.shape
     G = grid.scale.shape[1]
     g = K // G
 
-    def per_col(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat_interleave(g, dim=1)
-
-    a = torch.where(exact, torch.zeros_like(w), codes - per_col(grid.zero)).reshape(N, G, g)  # per unit scale
+    a = torch.where(exact, torch.zeros_like(w), codes - _per_col(grid.zero, g)).reshape(N, G, g)  # per unit scale
     d = torch.where(exact, torch.zeros_like(w), w)
     hb = h.reshape(G, g, G, g)
     m = torch.einsum("nik,ikjl,njl->nij", a, hb, a)  # [N, G, G]
     r = torch.einsum("nik,ikl,nl->ni", a, h.reshape(G, g, K), d)  # [N, G]
     ridge = 1e-6 * m.diagonal(dim1=1, dim2=2).mean(1).clamp(min=1e-12)
-    s_new = torch.linalg.solve(m + ridge[:, None, None] * torch.eye(G), r.unsqueeze(-1)).squeeze(-1)
+    s_new = torch.linalg.solve(m + ridge[:, None, None] * torch.eye(G, device=m.device, dtype=m.dtype),
+                               r.unsqueeze(-1)).squeeze(-1)
     s_new = torch.where(torch.isfinite(s_new) & (s_new > 0), s_new, grid.scale)
     s_new = grid.scale + REFIT_STEP * (s_new - grid.scale)
 
-    supers = []
-    for sel in (~is4, is4):
-        row_max = torch.where(sel, s_new, torch.zeros_like(s_new)).amax(dim=1)
-        ss = (row_max / SCALE_CODE_MAX).clamp(min=1e-8).to(torch.float16)
-        supers.append(torch.where(ss > 0, ss, torch.full_like(ss, 1e-7)))
-    ss_group = torch.where(is4, supers[1].float().unsqueeze(1), supers[0].float().unsqueeze(1))
-    code = torch.clamp(torch.round(s_new / ss_group), 1, SCALE_CODE_MAX)
-    scale = ss_group * code
+    scale, code, ss2, ss4 = stored_scales(s_new, grid.maxq)
 
     def err(sc: torch.Tensor) -> torch.Tensor:  # up to the row's constant d^T H d
         return torch.einsum("ni,nij,nj->n", sc, m, sc) - 2 * (sc * r).sum(1)
 
     ok = err(scale) < err(grid.scale)
     return Grid(torch.where(ok[:, None], scale, grid.scale), grid.zero, grid.maxq,
-                torch.where(ok[:, None], code.to(torch.uint8), grid.scale_code),
-                torch.where(ok, supers[0], grid.super_scale2), torch.where(ok, supers[1], grid.super_scale4))
+                torch.where(ok[:, None], code, grid.scale_code),
+                torch.where(ok, ss2, grid.super_scale2), torch.where(ok, ss4, grid.super_scale4))
+
+
+def _per_col(t: torch.Tensor, g: int) -> torch.Tensor:
+    """[N, G] per-group values repeated over each group's g columns: [N, G * g]."""
+    return t.repeat_interleave(g, dim=1)
 
 
 def _outlier_arrays(mask: torch.Tensor, residual: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
