@@ -58,6 +58,9 @@ class Recipe:
         return recipe
 
     def check(self) -> None:
+        for key in ("gptq", "act_order", "gptq_aware", "refit_scales"):  # YAML 'no' is a bool, '"no"' a string
+            if not isinstance(getattr(self, key), bool):
+                raise MpqError(f"recipe {key} must be true or false, not {getattr(self, key)!r}")
         if not (self.group_size == "auto" or isinstance(self.group_size, int)):
             raise MpqError(f"recipe group_size must be 'auto' or an integer, not {self.group_size!r}")
         if not (self.outliers == "auto" or isinstance(self.outliers, int)):

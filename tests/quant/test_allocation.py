@@ -141,3 +141,7 @@ def test_recipe_tied_sets_are_checked_and_the_shipped_recipes_load():
     for bad in ("mlp.gate_proj", [["mlp.gate_proj", 3]], ["mlp.gate_proj"]):
         with pytest.raises(MpqError, match="tied_sets"):
             Recipe.from_dict({"tied_sets": bad})
+    assert load_recipe("quality") == Recipe(name="quality", refit_scales=True)
+    for key in ("gptq", "refit_scales"):
+        with pytest.raises(MpqError, match=f"{key} must be true or false"):
+            Recipe.from_dict({key: "no"})
