@@ -94,16 +94,30 @@ CONS2_2 = tl.constexpr(_cons(2, 2))
 CONS4_2 = tl.constexpr(_cons(4, 2))
 
 
+LOAD1 = tl.constexpr("ld.global.b32 $0, [$1];")
+# masked: 0 where $2 is 0
+LOAD1_IF = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.u32 $0, 0; @p ld.global.b32 $0, [$1]; }")
+LOAD4 = tl.constexpr("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];")
+
+
 @triton.jit
-def _x16(xw_ptr, base):
+def _word(p, ASM: tl.constexpr):
+    """One 4-byte word; ASM: through inline PTX, which Triton's pipeliner does not stage (x is read at use, from L1:
+    staging a load whose address comes from a staged load makes the pipeliner wait inside the loop)."""
+    if ASM:
+        return tl.inline_asm_elementwise(LOAD1, "=r,l", [p], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        return tl.load(p)
+
+
+@triton.jit
+def _x16(xw_ptr, base, ASM: tl.constexpr):
     """The 16 x words of one activation row and slot, in k-block order (words 8b + t, 8b + 4 + t; base holds t)."""
     p = xw_ptr + base
-    return (tl.load(p), tl.load(p + 4), tl.load(p + 8), tl.load(p + 12), tl.load(p + 16), tl.load(p + 20),
-            tl.load(p + 24), tl.load(p + 28), tl.load(p + 32), tl.load(p + 36), tl.load(p + 40), tl.load(p + 44),
-            tl.load(p + 48), tl.load(p + 52), tl.load(p + 56), tl.load(p + 60))
-
-
-LOAD4 = tl.constexpr("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];")
+    return (_word(p, ASM), _word(p + 4, ASM), _word(p + 8, ASM), _word(p + 12, ASM), _word(p + 16, ASM),
+            _word(p + 20, ASM), _word(p + 24, ASM), _word(p + 28, ASM), _word(p + 32, ASM), _word(p + 36, ASM),
+            _word(p + 40, ASM), _word(p + 44, ASM), _word(p + 48, ASM), _word(p + 52, ASM), _word(p + 56, ASM),
+            _word(p + 60, ASM))
 
 
 @triton.jit
@@ -267,7 +281,7 @@ def _plain_dot(q_ptr, ts, row, zero, x_ptr, xrow, col, a_ok, BITS: tl.constexpr)
 
 @triton.jit
 def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BITS: tl.constexpr,
-              BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, XF: tl.constexpr):
+              BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, XF: tl.constexpr, WIDE: tl.constexpr):
     """C of activation block N0 // 8 (and N0 // 8 + 1 when BLOCKS == 2) for one slot: 4 values each (rows g, g + 8
     x activations N0 + 2t, N0 + 2t + 1), scaled by the rows' scale codes. XF: xw_ptr is x_fragments' output."""
     wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = sl
@@ -285,7 +299,7 @@ def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BI
             r0 = tl.minimum(N0 + g, M - 1) * (stride_xm // 2)  # B column g: activation row N0 + g (clamped)
             if SINGLE:
                 r0 = 0
-            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16(xw_ptr, r0 + xb)
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16(xw_ptr, r0 + xb, WIDE)
         if BLOCKS == 1:
             if BITS == 2:
                 c0, c1, c2, c3 = tl.inline_asm_elementwise(
@@ -302,7 +316,7 @@ def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BI
                     xw_ptr, fb + 512, 128)
             else:
                 r1 = tl.minimum(N0 + 8 + g, M - 1) * (stride_xm // 2)
-                y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _x16(xw_ptr, r1 + xb)
+                y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _x16(xw_ptr, r1 + xb, WIDE)
             if BITS == 2:
                 c0, c1, c2, c3, d0, d1, d2, d3 = tl.inline_asm_elementwise(
                     FRAG2_2, CONS2_2, [wa, wb, zg, zh, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13,
@@ -343,7 +357,7 @@ def _pair(xp_ptr, word, mask):
 
 @triton.jit
 def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, OUTLIERS: tl.constexpr,
-                 SINGLE: tl.constexpr, XP: tl.constexpr, WIDE: tl.constexpr):
+                 SINGLE: tl.constexpr, XP: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr):
     """The fp16 outliers of rows g, g + 8 times activations N0 + 2t, N0 + 2t + 1, fp32 (no scales). SINGLE (M = 1):
     lane t = 0 writes row g and t = 1 row g + 8 (every lane's C holds both), so each computes its row's only.
     XP > 0 (M > 1 with x_fragments): both activations of a column in one word of xp_ptr, XP words a column."""
@@ -353,7 +367,13 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.c
     if SINGLE:  # this lane's one first outlier (_load_slot), for the row it writes
         xg = x_ptr + col * GROUP
         ok0 = valid & (t < 2)
-        if WIDE:
+        if WIDE and FAST:
+            i = col * GROUP + oig
+            w = tl.inline_asm_elementwise(LOAD1_IF, "=r,l,r", [x_ptr.to(tl.pointer_type(tl.int32)) + i // 2,
+                                                               ok0.to(tl.int32)], dtype=tl.int32, is_pure=False,
+                                          pack=1)
+            e0 = ovg.to(tl.float32) * _f16((w >> ((i % 2) * 16)) & 0xFFFF).to(tl.float32)
+        elif WIDE:
             e0 = ovg.to(tl.float32) * _f16(_word_part(x_ptr, col * GROUP + oig, ok0, 16)).to(tl.float32)
         else:
             e0 = ovg.to(tl.float32) * tl.load(xg + oig, mask=ok0, other=0.0).to(tl.float32)
@@ -443,15 +463,15 @@ def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, g,
     outliers)."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0  # x_fragments' pair words a column (outliers)
     a, b = it
-    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
+    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF, WIDE))
     if OUTLIERS > 0:
         acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, a, g, t, M, stride_xm, 0, OUTLIERS, SINGLE,
-                                                  XP, WIDE))
+                                                  XP, WIDE, FAST))
     if U == 2:
-        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
+        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF, WIDE))
         if OUTLIERS > 0:
             acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, b, g, t, M, stride_xm, 0, OUTLIERS,
-                                                      SINGLE, XP, WIDE))
+                                                      SINGLE, XP, WIDE, FAST))
     return acc, acc_o
 
 
@@ -534,10 +554,10 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
         if OUTLIERS > 0 and BLOCKS == 2:
             c0, c1 = cur
             acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS,
-                                                False, XP, WIDE))
+                                                False, XP, WIDE, FAST))
             if U == 2:
                 acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8,
-                                                    OUTLIERS, False, XP, WIDE))
+                                                    OUTLIERS, False, XP, WIDE, FAST))
         if not PF and STAGES == 0:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE, STAGES > 0)
