@@ -1,81 +1,63 @@
-"""Temporary probe (device): why the pipeliner-staged tensor-core GEMV is slow. (1) a plain streaming loop of
-one-warp programs, loads in registers vs staged by tl.range(num_stages); (2) occupancy and shared-memory carveout of
-the staged GEMV."""
-import ctypes
-
+"""Temporary probe (device): does reading a slot's small metadata from five separate arrays (format v1: scale codes,
+zero word, tile map, outlier values and indices) cost DRAM throughput against the same bytes in one record per slot?
+One-warp programs streaming S slots each, the next slot's loads issued before this one's use (as the GEMV)."""
 import torch
 import triton
 import triton.language as tl
 
-from kernels import KernelConfig, mixed_matmul
-from kernels.dispatch import TENSOR_ORDER
 from mpq.bench import kernels as bench
-
-cuda = ctypes.CDLL("libcuda.so.1")
 
 
 @triton.jit
-def stream_kernel(q_ptr, y_ptr, n, NS: tl.constexpr):
+def _slot(q_ptr, s_ptr, z_ptr, i_ptr, v_ptr, o_ptr, r_ptr, slot, g, t, lane, MODE: tl.constexpr):
+    if MODE == 2:  # one 640-byte record: 512 bytes of codes, then 128 bytes of metadata
+        a = tl.load(r_ptr + slot * 80 + lane)
+        b = tl.load(r_ptr + slot * 80 + 32 + lane)
+        m = tl.load(r_ptr.to(tl.pointer_type(tl.int32)) + slot * 160 + 128 + lane).to(tl.int64)
+        return a, b, m
+    a = tl.load(q_ptr + slot * 64 + lane)
+    b = tl.load(q_ptr + slot * 64 + 32 + lane)
+    m = a * 0
+    if MODE == 1:
+        m += tl.load(s_ptr + slot * 16 + g).to(tl.int64)
+        m += tl.load(s_ptr + slot * 16 + g + 8).to(tl.int64)
+        m += tl.load(z_ptr + slot + t * 0).to(tl.int64)
+        m += tl.load(i_ptr + slot + t * 0).to(tl.int64)
+        m += tl.load(v_ptr + slot * 16 + g + 8 * t, mask=t < 2, other=0).to(tl.int64)
+        m += tl.load(o_ptr + slot * 16 + g + 8 * t, mask=t < 2, other=0).to(tl.int64)
+    return a, b, m
+
+
+@triton.jit
+def probe_kernel(q_ptr, s_ptr, z_ptr, i_ptr, v_ptr, o_ptr, r_ptr, y_ptr, S, MODE: tl.constexpr):
     pid = tl.program_id(0)
     lane = tl.arange(0, 32)
+    g = lane // 4
+    t = lane % 4
     acc = tl.zeros([32], tl.int64)
-    base = q_ptr + pid * n * 64
-    if NS > 0:
-        for i in tl.range(0, n, num_stages=NS):
-            a = tl.load(base + i * 64 + lane)
-            b = tl.load(base + i * 64 + 32 + lane)
-            acc += (a ^ b) & 0xFFFF
-    else:
-        for i in range(0, n):
-            a = tl.load(base + i * 64 + lane)
-            b = tl.load(base + i * 64 + 32 + lane)
-            acc += (a ^ b) & 0xFFFF
+    nxt = _slot(q_ptr, s_ptr, z_ptr, i_ptr, v_ptr, o_ptr, r_ptr, pid * S, g, t, lane, MODE)
+    for i in range(0, S):
+        a, b, m = nxt
+        nxt = _slot(q_ptr, s_ptr, z_ptr, i_ptr, v_ptr, o_ptr, r_ptr, pid * S + tl.minimum(i + 1, S - 1), g, t,
+                    lane, MODE)
+        acc += ((a ^ b) & 0xFFFF) + m
     tl.store(y_ptr + pid * 32 + lane, acc)
 
 
-def occupancy(kernel) -> int:
-    kernel._init_handles()
-    out = ctypes.c_int()
-    cuda.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(out), ctypes.c_void_p(kernel.function), 32,
-                                                     ctypes.c_size_t(kernel.metadata.shared))
-    return out.value
-
-
-def set_carveout(kernel, pct):
-    kernel._init_handles()
-    r = cuda.cuFuncSetAttribute(ctypes.c_void_p(kernel.function), 9, pct)  # PREFERRED_SHARED_MEMORY_CARVEOUT
-    assert r == 0, r
-
-
-progs, slots = 4096, 32
-q = torch.randint(0, 1 << 30, (8, progs * slots * 64), device="cuda", dtype=torch.int64)
-y = torch.empty(progs * 32, device="cuda", dtype=torch.int64)
-for ns in (0, 2, 3, 4, 6):
-    for carve in (None, 100):
-        k = stream_kernel[(progs,)](q[0], y, slots, NS=ns, num_warps=1)
-        if carve is not None:
-            set_carveout(k, carve)
-        us = bench._graph_us(lambda: [stream_kernel[(progs,)](q[i], y, slots, NS=ns, num_warps=1) for i in range(8)])
-        gbs = q[0].numel() * 8 / us / 1e3
-        print(f"stream NS={ns} carveout={carve}: {us:.1f} us, {gbs:.0f} GB/s, shared {k.metadata.shared}, "
-              f"occupancy {occupancy(k)} blocks/SM", flush=True)
-
-n, kk = 11008, 4096
-layers = [bench.random_layer(n, kk, 1, "cuda", seed=i) for i in range(8)]
-args = [tuple(getattr(p, t) for t in TENSOR_ORDER) for p in layers]
-counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
-x = torch.randn(1, kk, device="cuda", dtype=torch.float16)
-from kernels.gemv_tc import _gemv_tc_kernel
-for cfg in (KernelConfig("tc", split=2, unroll=2, early4=True), KernelConfig("tc", split=2, stages=3),
-            KernelConfig("tc", split=2, stages=4), KernelConfig("tc", split=2, stages=4, xfrag=True)):
-    for carve in (None, 100):
-        run = lambda: [mixed_matmul(x, a, group_size=128, outliers=1, counters=counters, config=cfg) for a in args]
-        run()
-        kern = [v for c in _gemv_tc_kernel.device_caches.values() for v in c[0].values()]
-        if carve is not None:
-            for kn in kern:
-                set_carveout(kn, carve)
+for progs, S in ((1376, 16), (2752, 8), (4096, 16)):
+    n = progs * S
+    bufs = [dict(q=torch.randint(0, 1 << 30, (n * 64,), device="cuda"),
+                 s=torch.randint(0, 255, (n * 16,), device="cuda", dtype=torch.uint8),
+                 z=torch.randint(0, 1 << 30, (n,), device="cuda", dtype=torch.int32),
+                 i=torch.randint(0, 1 << 14, (n,), device="cuda", dtype=torch.int16),
+                 v=torch.randn(n * 16, device="cuda", dtype=torch.float16).view(torch.int16),
+                 o=torch.randint(0, 255, (n * 16,), device="cuda", dtype=torch.uint8),
+                 r=torch.randint(0, 1 << 30, (n * 80,), device="cuda")) for _ in range(8)]
+    y = torch.empty(progs * 32, device="cuda", dtype=torch.int64)
+    for mode, nbytes in ((0, 512), (1, 512 + 16 + 4 + 2 + 32 + 16), (2, 640)):
+        def run():
+            return [probe_kernel[(progs,)](b["q"], b["s"], b["z"], b["i"], b["v"], b["o"], b["r"], y, S, MODE=mode,
+                                           num_warps=1) for b in bufs]
         us = bench._graph_us(run)
-        occ = [(kn.metadata.shared, occupancy(kn)) for kn in kern]
-        print(f"gemv_tc {cfg.split} st={cfg.stages} xf={cfg.xfrag} carveout={carve}: {us:.2f} us; (shared, blocks/SM) "
-              f"of cached variants {occ}", flush=True)
+        print(f"programs {progs} x {S} slots, mode {mode} ({['codes only', 'codes + 5 metadata arrays', 'one record'][mode]}):"
+              f" {us:.2f} us, {n * nbytes / us / 1e6:.2f} TB/s on {n * nbytes / 1e6:.1f} MB", flush=True)
