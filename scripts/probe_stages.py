@@ -15,17 +15,6 @@ def _slot(q_ptr, s_ptr, z_ptr, i_ptr, v_ptr, o_ptr, r_ptr, slot, g, t, lane, MOD
         b = tl.load(r_ptr + slot * 80 + 32 + lane)
         m = tl.load(r_ptr.to(tl.pointer_type(tl.int32)) + slot * 160 + 128 + lane).to(tl.int64)
         return a, b, m
-    if MODE == 3:  # the same record, its metadata read as the GEMV reads format v1's arrays (six small loads)
-        a = tl.load(r_ptr + slot * 74 + lane)
-        b = tl.load(r_ptr + slot * 74 + 32 + lane)
-        mb = (r_ptr + slot * 74 + 64).to(tl.pointer_type(tl.uint8))  # 80 bytes: s 16, z 4, idx 4, ov 32, oi 16
-        m = tl.load(mb + g).to(tl.int64)
-        m += tl.load(mb + g + 8).to(tl.int64)
-        m += tl.load(mb.to(tl.pointer_type(tl.int32)) + 4 + t * 0).to(tl.int64)
-        m += tl.load(mb.to(tl.pointer_type(tl.int16)) + 10 + t * 0).to(tl.int64)
-        m += tl.load(mb.to(tl.pointer_type(tl.int16)) + 12 + g + 8 * t, mask=t < 2, other=0).to(tl.int64)
-        m += tl.load(mb + 56 + g + 8 * t, mask=t < 2, other=0).to(tl.int64)
-        return a, b, m
     a = tl.load(q_ptr + slot * 64 + lane)
     b = tl.load(q_ptr + slot * 64 + 32 + lane)
     m = a * 0
@@ -65,10 +54,10 @@ for progs, S in ((1376, 16), (2752, 8), (4096, 16)):
                  o=torch.randint(0, 255, (n * 16,), device="cuda", dtype=torch.uint8),
                  r=torch.randint(0, 1 << 30, (n * 80,), device="cuda")) for _ in range(8)]
     y = torch.empty(progs * 32, device="cuda", dtype=torch.int64)
-    for mode, nbytes in ((0, 512), (1, 512 + 16 + 4 + 2 + 32 + 16), (2, 640), (3, 592)):
+    for mode, nbytes in ((0, 512), (1, 512 + 16 + 4 + 2 + 32 + 16), (2, 640)):
         def run():
             return [probe_kernel[(progs,)](b["q"], b["s"], b["z"], b["i"], b["v"], b["o"], b["r"], y, S, MODE=mode,
                                            num_warps=1) for b in bufs]
         us = bench._graph_us(run)
-        print(f"programs {progs} x {S} slots, mode {mode} ({['codes only', 'codes + 5 metadata arrays', 'one record', 'one 592-byte record, small loads'][mode]}):"
+        print(f"programs {progs} x {S} slots, mode {mode} ({['codes only', 'codes + 5 metadata arrays', 'one record'][mode]}):"
               f" {us:.2f} us, {n * nbytes / us / 1e6:.2f} TB/s on {n * nbytes / 1e6:.1f} MB", flush=True)
