@@ -94,30 +94,16 @@ CONS2_2 = tl.constexpr(_cons(2, 2))
 CONS4_2 = tl.constexpr(_cons(4, 2))
 
 
-LOAD1 = tl.constexpr("ld.global.b32 $0, [$1];")
-# masked: 0 where $2 is 0
-LOAD1_IF = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.u32 $0, 0; @p ld.global.b32 $0, [$1]; }")
-LOAD4 = tl.constexpr("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];")
-
-
 @triton.jit
-def _word(p, ASM: tl.constexpr):
-    """One 4-byte word; ASM: through inline PTX, which Triton's pipeliner does not stage (x is read at use, from L1:
-    staging a load whose address comes from a staged load makes the pipeliner wait inside the loop)."""
-    if ASM:
-        return tl.inline_asm_elementwise(LOAD1, "=r,l", [p], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        return tl.load(p)
-
-
-@triton.jit
-def _x16(xw_ptr, base, ASM: tl.constexpr):
+def _x16(xw_ptr, base):
     """The 16 x words of one activation row and slot, in k-block order (words 8b + t, 8b + 4 + t; base holds t)."""
     p = xw_ptr + base
-    return (_word(p, ASM), _word(p + 4, ASM), _word(p + 8, ASM), _word(p + 12, ASM), _word(p + 16, ASM),
-            _word(p + 20, ASM), _word(p + 24, ASM), _word(p + 28, ASM), _word(p + 32, ASM), _word(p + 36, ASM),
-            _word(p + 40, ASM), _word(p + 44, ASM), _word(p + 48, ASM), _word(p + 52, ASM), _word(p + 56, ASM),
-            _word(p + 60, ASM))
+    return (tl.load(p), tl.load(p + 4), tl.load(p + 8), tl.load(p + 12), tl.load(p + 16), tl.load(p + 20),
+            tl.load(p + 24), tl.load(p + 28), tl.load(p + 32), tl.load(p + 36), tl.load(p + 40), tl.load(p + 44),
+            tl.load(p + 48), tl.load(p + 52), tl.load(p + 56), tl.load(p + 60))
+
+
+LOAD4 = tl.constexpr("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];")
 
 
 @triton.jit
@@ -199,26 +185,10 @@ def x_fragments(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
 
 
 @triton.jit
-def _word_part(ptr, i, mask, BITS: tl.constexpr):
-    """Element i (BITS = 8 or 16 wide) of ptr's tensor, as int32, through the aligned 4-byte word that holds it:
-    Triton's pipeliner stages only loads of at least 4 bytes a lane (the word may reach past the tensor's last
-    element, never past its 4-byte-rounded end)."""
-    per: tl.constexpr = 32 // BITS
-    w = tl.load(ptr.to(tl.pointer_type(tl.int32)) + i // per, mask=mask, other=0)
-    return (w >> ((i % per) * BITS)) & ((1 << BITS) - 1)
-
-
-@triton.jit
-def _f16(bits):
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
 def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BITS: tl.constexpr,
-               OUTLIERS: tl.constexpr, SINGLE: tl.constexpr, WIDE: tl.constexpr):
+               OUTLIERS: tl.constexpr, SINGLE: tl.constexpr):
     """A slot's weights for this lane (rows g, g + 8): code word pairs, zeros, scale codes, group column, and the
-    first outlier of each row (SINGLE: of the one row the lane writes). Weights only: safe before the PDL wait.
-    WIDE: the 1- and 2-byte elements through their 4-byte words, so that the pipeliner can stage them too."""
+    first outlier of each row (SINGLE: of the one row the lane writes). Weights only: safe before the PDL wait."""
     if BITS == 2:
         wa = tl.load(q_ptr + (ts * ROWS + g) * 4 + t, mask=valid, other=0)
         wb = tl.load(q_ptr + (ts * ROWS + g + 8) * 4 + t, mask=valid, other=0)
@@ -235,22 +205,13 @@ def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BI
         zw = tl.load(z_ptr.to(tl.pointer_type(tl.int64)) + ts + t * 0, mask=valid, other=0)  # 4 bits per row
         zg = ((zw >> (4 * g)) & 15).to(tl.int32)
         zh = ((zw >> (4 * g + 32)) & 15).to(tl.int32)
-    if WIDE:
-        sg = _word_part(s_ptr, ts * ROWS + g, valid, 8)
-        sh = _word_part(s_ptr, ts * ROWS + g + 8, valid, 8)
-        col = _word_part(idx_ptr, ts + t * 0, valid, 16)
-    else:
-        sg = tl.load(s_ptr + ts * ROWS + g, mask=valid, other=0)
-        sh = tl.load(s_ptr + ts * ROWS + g + 8, mask=valid, other=0)
-        col = tl.load(idx_ptr + ts + t * 0, mask=valid, other=0).to(tl.int32)
+    sg = tl.load(s_ptr + ts * ROWS + g, mask=valid, other=0)
+    sh = tl.load(s_ptr + ts * ROWS + g + 8, mask=valid, other=0)
+    col = tl.load(idx_ptr + ts + t * 0, mask=valid, other=0).to(tl.int32)
     if OUTLIERS > 0 and SINGLE:  # M = 1: lane t = 0 takes row g's first outlier, t = 1 row g + 8's (it writes it)
         og = (ts * ROWS + g + 8 * t) * OUTLIERS
-        if WIDE:
-            ovg = _f16(_word_part(ov_ptr, og, valid & (t < 2), 16))
-            oig = _word_part(oi_ptr, og, valid & (t < 2), 8)
-        else:
-            ovg = tl.load(ov_ptr + og, mask=valid & (t < 2), other=0.0)
-            oig = tl.load(oi_ptr + og, mask=valid & (t < 2), other=0)
+        ovg = tl.load(ov_ptr + og, mask=valid & (t < 2), other=0.0)
+        oig = tl.load(oi_ptr + og, mask=valid & (t < 2), other=0)
         ovh = ovg
         oih = oig
     elif OUTLIERS > 0:
@@ -281,7 +242,7 @@ def _plain_dot(q_ptr, ts, row, zero, x_ptr, xrow, col, a_ok, BITS: tl.constexpr)
 
 @triton.jit
 def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BITS: tl.constexpr,
-              BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, XF: tl.constexpr, WIDE: tl.constexpr):
+              BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, XF: tl.constexpr):
     """C of activation block N0 // 8 (and N0 // 8 + 1 when BLOCKS == 2) for one slot: 4 values each (rows g, g + 8
     x activations N0 + 2t, N0 + 2t + 1), scaled by the rows' scale codes. XF: xw_ptr is x_fragments' output."""
     wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = sl
@@ -299,7 +260,7 @@ def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BI
             r0 = tl.minimum(N0 + g, M - 1) * (stride_xm // 2)  # B column g: activation row N0 + g (clamped)
             if SINGLE:
                 r0 = 0
-            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16(xw_ptr, r0 + xb, WIDE)
+            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16(xw_ptr, r0 + xb)
         if BLOCKS == 1:
             if BITS == 2:
                 c0, c1, c2, c3 = tl.inline_asm_elementwise(
@@ -316,7 +277,7 @@ def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BI
                     xw_ptr, fb + 512, 128)
             else:
                 r1 = tl.minimum(N0 + 8 + g, M - 1) * (stride_xm // 2)
-                y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _x16(xw_ptr, r1 + xb, WIDE)
+                y0, y1, y2, y3, y4, y5, y6, y7, y8, y9, y10, y11, y12, y13, y14, y15 = _x16(xw_ptr, r1 + xb)
             if BITS == 2:
                 c0, c1, c2, c3, d0, d1, d2, d3 = tl.inline_asm_elementwise(
                     FRAG2_2, CONS2_2, [wa, wb, zg, zh, x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13,
@@ -357,7 +318,7 @@ def _pair(xp_ptr, word, mask):
 
 @triton.jit
 def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, OUTLIERS: tl.constexpr,
-                 SINGLE: tl.constexpr, XP: tl.constexpr, WIDE: tl.constexpr, FAST: tl.constexpr):
+                 SINGLE: tl.constexpr, XP: tl.constexpr):
     """The fp16 outliers of rows g, g + 8 times activations N0 + 2t, N0 + 2t + 1, fp32 (no scales). SINGLE (M = 1):
     lane t = 0 writes row g and t = 1 row g + 8 (every lane's C holds both), so each computes its row's only.
     XP > 0 (M > 1 with x_fragments): both activations of a column in one word of xp_ptr, XP words a column."""
@@ -367,16 +328,7 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.c
     if SINGLE:  # this lane's one first outlier (_load_slot), for the row it writes
         xg = x_ptr + col * GROUP
         ok0 = valid & (t < 2)
-        if WIDE and FAST:
-            i = col * GROUP + oig
-            w = tl.inline_asm_elementwise(LOAD1_IF, "=r,l,r", [x_ptr.to(tl.pointer_type(tl.int32)) + i // 2,
-                                                               ok0.to(tl.int32)], dtype=tl.int32, is_pure=False,
-                                          pack=1)
-            e0 = ovg.to(tl.float32) * _f16((w >> ((i % 2) * 16)) & 0xFFFF).to(tl.float32)
-        elif WIDE:
-            e0 = ovg.to(tl.float32) * _f16(_word_part(x_ptr, col * GROUP + oig, ok0, 16)).to(tl.float32)
-        else:
-            e0 = ovg.to(tl.float32) * tl.load(xg + oig, mask=ok0, other=0.0).to(tl.float32)
+        e0 = ovg.to(tl.float32) * tl.load(xg + oig, mask=ok0, other=0.0).to(tl.float32)
         e1 = e0 * 0.0
         e2 = e0
         e3 = e1
@@ -429,15 +381,14 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.c
 
 @triton.jit
 def _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s, end, g, t, BITS: tl.constexpr,
-               OUTLIERS: tl.constexpr, U: tl.constexpr, SINGLE: tl.constexpr, WIDE: tl.constexpr):
+               OUTLIERS: tl.constexpr, U: tl.constexpr, SINGLE: tl.constexpr):
     """Slots s .. s + U - 1 (U = 1 or 2) of a program's share."""
     sv = s + t * 0  # as a [32] vector: the masks must be (the interpreter does not broadcast a scalar mask)
-    a = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s, g, t, sv < end, BITS, OUTLIERS, SINGLE,
-                   WIDE)
+    a = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s, g, t, sv < end, BITS, OUTLIERS, SINGLE)
     b = a
     if U == 2:
         b = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s + 1, g, t, sv + 1 < end, BITS,
-                       OUTLIERS, SINGLE, WIDE)
+                       OUTLIERS, SINGLE)
     return a, b
 
 
@@ -458,20 +409,20 @@ def _add4(acc, part):
 @triton.jit
 def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, g, t, M, stride_xm, BITS: tl.constexpr,
                 OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
-                SINGLE: tl.constexpr, XF: tl.constexpr, WIDE: tl.constexpr):
+                SINGLE: tl.constexpr, XF: tl.constexpr):
     """One loop step's U slots added into the stream's sums (acc: C of both activation blocks; acc_o: block 0's
     outliers)."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0  # x_fragments' pair words a column (outliers)
     a, b = it
-    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF, WIDE))
+    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
     if OUTLIERS > 0:
         acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, a, g, t, M, stride_xm, 0, OUTLIERS, SINGLE,
-                                                  XP, WIDE, FAST))
+                                                  XP))
     if U == 2:
-        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF, WIDE))
+        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
         if OUTLIERS > 0:
             acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, b, g, t, M, stride_xm, 0, OUTLIERS,
-                                                      SINGLE, XP, WIDE, FAST))
+                                                      SINGLE, XP))
     return acc, acc_o
 
 
@@ -517,50 +468,43 @@ def _prefetch_share(q_ptr, s_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, lane, BITS:
 def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, g, t, M,
             stride_xm, pre, BITS: tl.constexpr, OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr,
             PF: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr,
-            XF: tl.constexpr, STAGES: tl.constexpr):
+            XF: tl.constexpr):
     """This program's share of one stream: 8 scaled sums (C of up to two activation blocks) and the outlier sums
     of block 0 (4) and block 1 (4), fp32 [32] each. With PF the next U slots' loads are issued before this U's
     arithmetic; with PDL the first loads are issued before the wait for the previous kernel; `pre`, unless None:
     the first step's loads, issued by the caller."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0
-    WIDE: tl.constexpr = STAGES > 0
     start, end = _share(n_slots, sp, SPLIT, U)
     first = tile * n_slots
     z = tl.zeros([32], tl.float32)
     acc = (z, z, z, z, z, z, z, z)
     acc_o = (z, z, z, z)
     acc_o2 = (z, z, z, z)
-    if STAGES > 0:
-        pass
-    elif pre is None:
+    if pre is None:
         nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, start, end, g, t, BITS, OUTLIERS, U,
-                         SINGLE, STAGES > 0)
+                         SINGLE)
     else:
         nxt = pre
     if PDL:  # weights are in flight; x is the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    for s in tl.range(start, end, U, num_stages=STAGES if STAGES > 0 else None):
-        if STAGES > 0:  # Triton's pipeliner stages this step's loads STAGES - 1 steps ahead (cp.async, shared memory)
-            cur = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s, end, g, t, BITS, OUTLIERS, U,
-                             SINGLE, STAGES > 0)
-        else:
-            cur = nxt
-        if PF and STAGES == 0:
+    for s in range(start, end, U):
+        cur = nxt
+        if PF:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
-                             OUTLIERS, U, SINGLE, STAGES > 0)
+                             OUTLIERS, U, SINGLE)
         acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M,
-                                 stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF, STAGES > 0)
+                                 stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
         if OUTLIERS > 0 and BLOCKS == 2:
             c0, c1 = cur
             acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS,
-                                                False, XP, WIDE, FAST))
+                                                False, XP))
             if U == 2:
                 acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8,
-                                                    OUTLIERS, False, XP, WIDE, FAST))
-        if not PF and STAGES == 0:
+                                                    OUTLIERS, False, XP))
+        if not PF:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
-                             OUTLIERS, U, SINGLE, STAGES > 0)
+                             OUTLIERS, U, SINGLE)
     return acc, acc_o, acc_o2
 
 
@@ -588,7 +532,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, n2, n4, stride_xm, stride_ym,
                     OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
-                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, STAGES: tl.constexpr):
+                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -602,11 +546,11 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
     if EARLY4:  # the 4-bit stream's first slot in flight while the 2-bit stream runs (and before the PDL wait)
         start4, end4 = _share(n4, sp, SPLIT, 1)
         pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4, end4, g, t, 4, 0, 1,
-                          SINGLE, False)
+                          SINGLE)
     p2, o2, o2b = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, tile, n2, sp, g, t,
-                          M, stride_xm, None, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF, STAGES)
+                          M, stride_xm, None, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF)
     p4, _, _ = _stream(x_ptr, xw_ptr, xp_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile, n4, sp, g, t,
-                       M, stride_xm, pre4, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF, STAGES)
+                       M, stride_xm, pre4, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF)
     rg = tile * ROWS + g
     s2g = tl.load(ss2_ptr + rg).to(tl.float32)
     s2h = tl.load(ss2_ptr + rg + 8).to(tl.float32)
@@ -634,28 +578,22 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
-            early4: bool = False, stages: int = 0, fast: bool, pdl: bool = False):
+            early4: bool = False, fast: bool, pdl: bool = False):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
     step's loads before this step's arithmetic; `l2`: each program first asks L2 for all its weights (prefetch,
     no registers); `xfrag`: B from x_fragments(x) (one more launch, 16-byte loads); `early4`: the 4-bit stream's
-    first loads issued before the 2-bit stream runs; `stages` (0: off): Triton's pipeliner keeps each step's
-    loads in flight stages - 1 steps ahead through shared memory (cp.async) instead of the one-step register
-    prefetch, so that bytes in flight are not bound by registers (replaces prefetch and early4); `pdl`: launched as a
-    programmatic dependent (sm_90+)."""
+    first loads issued before the 2-bit stream runs; `pdl`: launched as a programmatic dependent (sm_90+)."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
-    assert stages == 0 or not any(t.data_ptr() % 4 for t in (x, s2, idx2, ov, oi, s4, idx4)), \
-        "stages reads byte and half-word elements as aligned 4-byte words"
-    early4 = early4 and not stages
     xfrag = xfrag and fast
     xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
     _gemv_tc_kernel[(T, split)](
         x, xw, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
-        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, STAGES=stages,
+        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4,
         num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y
