@@ -185,161 +185,48 @@ def x_fragments(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
 
 
 @triton.jit
-def _codes(q_ptr, ts, g, t, valid, BITS: tl.constexpr):
-    """Slot ts's code words of this lane: the word pair t of rows g and g + 8 (4-bit: also pair t + 4)."""
+def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BITS: tl.constexpr,
+               OUTLIERS: tl.constexpr, SINGLE: tl.constexpr):
+    """A slot's weights for this lane (rows g, g + 8): code word pairs, zeros, scale codes, group column, and the
+    first outlier of each row (SINGLE: of the one row the lane writes). Weights only: safe before the PDL wait."""
     if BITS == 2:
         wa = tl.load(q_ptr + (ts * ROWS + g) * 4 + t, mask=valid, other=0)
         wb = tl.load(q_ptr + (ts * ROWS + g + 8) * 4 + t, mask=valid, other=0)
         wc = wa
         wd = wb
+        zw = tl.load(z_ptr.to(tl.pointer_type(tl.int32)) + ts + t * 0, mask=valid, other=0)  # 2 bits per row
+        zg = (zw >> (2 * g)) & 3
+        zh = (zw >> (2 * g + 16)) & 3
     else:
         wa = tl.load(q_ptr + (ts * ROWS + g) * 8 + t, mask=valid, other=0)
         wc = tl.load(q_ptr + (ts * ROWS + g) * 8 + t + 4, mask=valid, other=0)
         wb = tl.load(q_ptr + (ts * ROWS + g + 8) * 8 + t, mask=valid, other=0)
         wd = tl.load(q_ptr + (ts * ROWS + g + 8) * 8 + t + 4, mask=valid, other=0)
-    return wa, wb, wc, wd
-
-
-@triton.jit
-def _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s, end, g, t, BITS: tl.constexpr,
-                OUTLIERS: tl.constexpr, C: tl.constexpr):
-    """Slots s .. s + C - 1 of a share: each slot's code words, and the small per-slot arrays of all C slots in one
-    coalesced 4-byte load per array (two for the outlier values), lane l holding word l; `_chunk_slot` hands each
-    lane its values by warp shuffle. A load instruction a slot per array costs DRAM throughput at the GEMV's few
-    warps per SM (a one-warp streaming probe: 1.24 TB/s with five such loads a slot, 2.11 with one)."""
-    lane = g * 4 + t
-    ts0 = first + s
-    codes = ()
-    for j in tl.static_range(C):
-        codes = codes + (_codes(q_ptr, ts0 + j, g, t, (s + j + t * 0) < end, BITS),)
-    i32 = tl.pointer_type(tl.int32)
-    sw = tl.load(s_ptr.to(i32) + ts0 * 4 + lane, mask=(lane < 4 * C) & (s + lane // 4 < end), other=0)
-    if BITS == 2:  # one word of zero codes a slot
-        zw = tl.load(z_ptr.to(i32) + ts0 + lane, mask=(lane < C) & (s + lane < end), other=0)
-    else:  # two
-        zw = tl.load(z_ptr.to(i32) + ts0 * 2 + lane, mask=(lane < 2 * C) & (s + lane // 2 < end), other=0)
-    iw = tl.load(idx_ptr.to(i32) + ts0 // 2 + lane, mask=(lane < C // 2 + 1) & ((ts0 // 2 + lane) * 2 < first + end),
-                 other=0)  # two 16-bit group columns a word
-    ov0 = sw
-    ov1 = sw
-    oiw = sw
-    if OUTLIERS == 1:  # 16 fp16 values (8 words) and 16 byte offsets (4 words) a slot
-        ov0 = tl.load(ov_ptr.to(i32) + ts0 * 8 + lane, mask=(lane < 8 * C) & (s + lane // 8 < end), other=0)
-        if C > 4:
-            ov1 = tl.load(ov_ptr.to(i32) + ts0 * 8 + 32 + lane, mask=(32 + lane < 8 * C) & (s + 4 + lane // 8 < end),
-                          other=0)
-        oiw = tl.load(oi_ptr.to(i32) + ts0 * 4 + lane, mask=(lane < 4 * C) & (s + lane // 4 < end), other=0)
-    return codes, sw, zw, iw, ov0, ov1, oiw
-
-
-@triton.jit
-def _lane_word(w, src):
-    """Word w of lane src (a [32] lane index), by warp shuffle."""
-    return tl.gather(w, src, 0)
-
-
-@triton.jit
-def _chunk_slot(ch, j: tl.constexpr, ts0, s, end, ov_ptr, oi_ptr, g, t, BITS: tl.constexpr, OUTLIERS: tl.constexpr,
-                SINGLE: tl.constexpr):
-    """Slot j of a chunk in `_load_slot`'s form."""
-    codes, sw, zw, iw, ov0, ov1, oiw = ch
-    wa, wb, wc, wd = codes[j]
-    ts = ts0 + j
-    valid = (s + j + t * 0) < end
-    sg = (_lane_word(sw, 4 * j + g // 4) >> (8 * (g % 4))) & 0xFF
-    sh = (_lane_word(sw, 4 * j + 2 + g // 4) >> (8 * (g % 4))) & 0xFF
-    if BITS == 2:
-        z = _lane_word(zw, j + t * 0)
-        zg = (z >> (2 * g)) & 3
-        zh = (z >> (2 * g + 16)) & 3
-    else:  # rows 0-7 in the low word, 8-15 in the high one
-        zg = (_lane_word(zw, 2 * j + t * 0) >> (4 * g)) & 15
-        zh = (_lane_word(zw, 2 * j + 1 + t * 0) >> (4 * g)) & 15
-    col = (_lane_word(iw, (ts // 2 - ts0 // 2) + t * 0) >> (16 * (ts % 2))) & 0xFFFF
-    if OUTLIERS == 1:
-        if j < 4:
-            ovw = ov0
-        else:
-            ovw = ov1
-        if SINGLE:  # lane t = 0 takes row g's outlier, t = 1 row g + 8's (as _load_slot)
-            r = g + 8 * (t % 2)
-            ok = valid & (t < 2)
-        else:
-            r = g
-            ok = valid
-        ovg = tl.where(ok, _f16(_half(_lane_word(ovw, 8 * (j % 4) + r // 2), r % 2)), 0.0)
-        oig = tl.where(ok, (_lane_word(oiw, 4 * j + r // 4) >> (8 * (r % 4))) & 0xFF, 0)
-        if SINGLE:
-            ovh = ovg
-            oih = oig
-        else:
-            ovh = tl.where(ok, _f16(_half(_lane_word(ovw, 8 * (j % 4) + 4 + g // 2), g % 2)), 0.0)
-            oih = tl.where(ok, (_lane_word(oiw, 4 * j + 2 + g // 4) >> (8 * (g % 4))) & 0xFF, 0)
-    elif OUTLIERS > 1:  # not what recipes make: read as _load_slot does
-        ovg, ovh, oig, oih = _first_outliers(ov_ptr, oi_ptr, ts, g, t, valid, OUTLIERS, SINGLE)
-    else:
-        ovg = sg
-        ovh = sg
-        oig = sg
-        oih = sg
-    return wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid
-
-
-@triton.jit
-def _half(w, hi):
-    return (w >> (16 * hi)) & 0xFFFF
-
-
-@triton.jit
-def _f16(bits):
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BITS: tl.constexpr,
-               OUTLIERS: tl.constexpr, SINGLE: tl.constexpr):
-    """A slot's weights for this lane (rows g, g + 8): code word pairs, zeros, scale codes, group column, and the
-    first outlier of each row (SINGLE: of the one row the lane writes). Weights only: safe before the PDL wait."""
-    wa, wb, wc, wd = _codes(q_ptr, ts, g, t, valid, BITS)
-    if BITS == 2:
-        zw = tl.load(z_ptr.to(tl.pointer_type(tl.int32)) + ts + t * 0, mask=valid, other=0)  # 2 bits per row
-        zg = (zw >> (2 * g)) & 3
-        zh = (zw >> (2 * g + 16)) & 3
-    else:
         zw = tl.load(z_ptr.to(tl.pointer_type(tl.int64)) + ts + t * 0, mask=valid, other=0)  # 4 bits per row
         zg = ((zw >> (4 * g)) & 15).to(tl.int32)
         zh = ((zw >> (4 * g + 32)) & 15).to(tl.int32)
     sg = tl.load(s_ptr + ts * ROWS + g, mask=valid, other=0)
     sh = tl.load(s_ptr + ts * ROWS + g + 8, mask=valid, other=0)
     col = tl.load(idx_ptr + ts + t * 0, mask=valid, other=0).to(tl.int32)
-    if OUTLIERS > 0:
-        ovg, ovh, oig, oih = _first_outliers(ov_ptr, oi_ptr, ts, g, t, valid, OUTLIERS, SINGLE)
-    else:
-        ovg = sg
-        ovh = sg
-        oig = sg
-        oih = sg
-    return wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid
-
-
-@triton.jit
-def _first_outliers(ov_ptr, oi_ptr, ts, g, t, valid, OUTLIERS: tl.constexpr, SINGLE: tl.constexpr):
-    """Values and offsets of the first outliers of rows g, g + 8 (SINGLE, M = 1: lane t = 0 takes row g's, t = 1 row
-    g + 8's, the row it writes)."""
-    if SINGLE:
+    if OUTLIERS > 0 and SINGLE:  # M = 1: lane t = 0 takes row g's first outlier, t = 1 row g + 8's (it writes it)
         og = (ts * ROWS + g + 8 * t) * OUTLIERS
         ovg = tl.load(ov_ptr + og, mask=valid & (t < 2), other=0.0)
         oig = tl.load(oi_ptr + og, mask=valid & (t < 2), other=0)
         ovh = ovg
         oih = oig
-    else:
+    elif OUTLIERS > 0:
         og = (ts * ROWS + g) * OUTLIERS
         oh = og + 8 * OUTLIERS
         ovg = tl.load(ov_ptr + og, mask=valid, other=0.0)
         ovh = tl.load(ov_ptr + oh, mask=valid, other=0.0)
         oig = tl.load(oi_ptr + og, mask=valid, other=0)
         oih = tl.load(oi_ptr + oh, mask=valid, other=0)
-    return ovg, ovh, oig, oih
+    else:
+        ovg = sg
+        ovh = sg
+        oig = sg
+        oih = sg
+    return wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid
 
 
 @triton.jit
@@ -520,20 +407,23 @@ def _add4(acc, part):
 
 
 @triton.jit
-def _slot_sums(acc, acc_o, acc_o2, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, sl, g, t, M, stride_xm,
-               BITS: tl.constexpr, OUTLIERS: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
-               SINGLE: tl.constexpr, XF: tl.constexpr):
-    """One slot added into the stream's sums (acc: C of both activation blocks; acc_o, acc_o2: the outliers of
-    block 0 and block 1)."""
+def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, g, t, M, stride_xm, BITS: tl.constexpr,
+                OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
+                SINGLE: tl.constexpr, XF: tl.constexpr):
+    """One loop step's U slots added into the stream's sums (acc: C of both activation blocks; acc_o: block 0's
+    outliers)."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0  # x_fragments' pair words a column (outliers)
-    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
+    a, b = it
+    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
     if OUTLIERS > 0:
-        acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, 0, OUTLIERS, SINGLE,
-                                          XP))
-        if BLOCKS == 2:
-            acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, 8, OUTLIERS,
-                                                False, XP))
-    return acc, acc_o, acc_o2
+        acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, a, g, t, M, stride_xm, 0, OUTLIERS, SINGLE,
+                                                  XP))
+    if U == 2:
+        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
+        if OUTLIERS > 0:
+            acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, b, g, t, M, stride_xm, 0, OUTLIERS,
+                                                      SINGLE, XP))
+    return acc, acc_o
 
 
 @triton.jit
@@ -578,23 +468,19 @@ def _prefetch_share(q_ptr, s_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, lane, BITS:
 def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, g, t, M,
             stride_xm, pre, BITS: tl.constexpr, OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr,
             PF: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr,
-            XF: tl.constexpr, CHUNK: tl.constexpr):
+            XF: tl.constexpr):
     """This program's share of one stream: 8 scaled sums (C of up to two activation blocks) and the outlier sums
-    of block 0 (4) and block 1 (4), fp32 [32] each. A loop step is U slots, or CHUNK (> 0) slots whose small
-    arrays are read once for the chunk. With PF the next step's loads are issued before this step's arithmetic; with
-    PDL the first loads are issued before the wait for the previous kernel; `pre`, unless None: the first step's
-    loads, issued by the caller (not with CHUNK)."""
-    start, end = _share(n_slots, sp, SPLIT, 1 if CHUNK else U)
+    of block 0 (4) and block 1 (4), fp32 [32] each. With PF the next U slots' loads are issued before this U's
+    arithmetic; with PDL the first loads are issued before the wait for the previous kernel; `pre`, unless None:
+    the first step's loads, issued by the caller."""
+    XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0
+    start, end = _share(n_slots, sp, SPLIT, U)
     first = tile * n_slots
     z = tl.zeros([32], tl.float32)
     acc = (z, z, z, z, z, z, z, z)
     acc_o = (z, z, z, z)
     acc_o2 = (z, z, z, z)
-    STEP: tl.constexpr = CHUNK if CHUNK else U
-    if CHUNK:
-        nxt = _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, start, end, g, t, BITS, OUTLIERS,
-                          CHUNK)
-    elif pre is None:
+    if pre is None:
         nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, start, end, g, t, BITS, OUTLIERS, U,
                          SINGLE)
     else:
@@ -602,39 +488,24 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
     if PDL:  # weights are in flight; x is the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    for s in range(start, end, STEP):
+    for s in range(start, end, U):
         cur = nxt
         if PF:
-            nxt = _load_step(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + STEP, end, g, t, BITS,
-                             OUTLIERS, U, SINGLE, CHUNK)
-        if CHUNK:
-            for j in tl.static_range(CHUNK):
-                acc, acc_o, acc_o2 = _slot_sums(
-                    acc, acc_o, acc_o2, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr,
-                    _chunk_slot(cur, j, first + s, s, end, ov_ptr, oi_ptr, g, t, BITS, OUTLIERS, SINGLE), g, t, M,
-                    stride_xm, BITS, OUTLIERS, BLOCKS, FAST, SINGLE, XF)
-        else:
-            a, b = cur
-            acc, acc_o, acc_o2 = _slot_sums(acc, acc_o, acc_o2, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, a, g, t,
-                                            M, stride_xm, BITS, OUTLIERS, BLOCKS, FAST, SINGLE, XF)
+            nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
+                             OUTLIERS, U, SINGLE)
+        acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M,
+                                 stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
+        if OUTLIERS > 0 and BLOCKS == 2:
+            c0, c1 = cur
+            acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS,
+                                                False, XP))
             if U == 2:
-                acc, acc_o, acc_o2 = _slot_sums(acc, acc_o, acc_o2, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, b,
-                                                g, t, M, stride_xm, BITS, OUTLIERS, BLOCKS, FAST, SINGLE, XF)
+                acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8,
+                                                    OUTLIERS, False, XP))
         if not PF:
-            nxt = _load_step(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + STEP, end, g, t, BITS,
-                             OUTLIERS, U, SINGLE, CHUNK)
+            nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
+                             OUTLIERS, U, SINGLE)
     return acc, acc_o, acc_o2
-
-
-@triton.jit
-def _load_step(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s, end, g, t, BITS: tl.constexpr,
-               OUTLIERS: tl.constexpr, U: tl.constexpr, SINGLE: tl.constexpr, CHUNK: tl.constexpr):
-    """One loop step's loads: a chunk of CHUNK slots, or U slots one by one."""
-    if CHUNK:
-        return _load_chunk(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s, end, g, t, BITS, OUTLIERS, CHUNK)
-    else:
-        return _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s, end, g, t, BITS, OUTLIERS, U,
-                          SINGLE)
 
 
 @triton.jit
@@ -661,7 +532,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, n2, n4, stride_xm, stride_ym,
                     OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
-                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, CHUNK: tl.constexpr):
+                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -677,9 +548,9 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
         pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4, end4, g, t, 4, 0, 1,
                           SINGLE)
     p2, o2, o2b = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, tile, n2, sp, g, t,
-                          M, stride_xm, None, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF, CHUNK)
+                          M, stride_xm, None, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF)
     p4, _, _ = _stream(x_ptr, xw_ptr, xp_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile, n4, sp, g, t,
-                       M, stride_xm, pre4, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF, CHUNK // 2)
+                       M, stride_xm, pre4, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF)
     rg = tile * ROWS + g
     s2g = tl.load(ss2_ptr + rg).to(tl.float32)
     s2h = tl.load(ss2_ptr + rg + 8).to(tl.float32)
@@ -707,27 +578,22 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
-            early4: bool = False, chunk: int = 0, fast: bool, pdl: bool = False):
+            early4: bool = False, fast: bool, pdl: bool = False):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
     step's loads before this step's arithmetic; `l2`: each program first asks L2 for all its weights (prefetch,
     no registers); `xfrag`: B from x_fragments(x) (one more launch, 16-byte loads); `early4`: the 4-bit stream's
-    first loads issued before the 2-bit stream runs; `chunk` (0: off; 4 or 8): loop steps of that many 2-bit slots
-    (half as many 4-bit ones) whose scale codes, zeros, group columns and outliers are read with one load per array
-    and handed to the lanes by warp shuffles (unroll and early4 do not apply); `pdl`: launched as a programmatic
-    dependent (sm_90+)."""
+    first loads issued before the 2-bit stream runs; `pdl`: launched as a programmatic dependent (sm_90+)."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
-    assert chunk in (0, 4, 8), "chunk: 0, 4 or 8 slots"
-    early4 = early4 and not chunk
     xfrag = xfrag and fast
     xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
     _gemv_tc_kernel[(T, split)](
         x, xw, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
-        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, CHUNK=chunk,
+        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4,
         num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y
