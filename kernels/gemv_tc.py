@@ -185,11 +185,10 @@ def x_fragments(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
 
 
 @triton.jit
-def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, cmap, BITS: tl.constexpr,
+def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BITS: tl.constexpr,
                OUTLIERS: tl.constexpr, SINGLE: tl.constexpr):
-    """A slot's weights for this lane (rows g, g + 8): code word pairs, zeros, scale codes, group column (from
-    `cmap` unless None), and the first outlier of each row (SINGLE: of the one row the lane writes). Weights only:
-    safe before the PDL wait."""
+    """A slot's weights for this lane (rows g, g + 8): code word pairs, zeros, scale codes, group column, and the
+    first outlier of each row (SINGLE: of the one row the lane writes). Weights only: safe before the PDL wait."""
     if BITS == 2:
         wa = tl.load(q_ptr + (ts * ROWS + g) * 4 + t, mask=valid, other=0)
         wb = tl.load(q_ptr + (ts * ROWS + g + 8) * 4 + t, mask=valid, other=0)
@@ -208,10 +207,7 @@ def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, cm
         zh = ((zw >> (4 * g + 32)) & 15).to(tl.int32)
     sg = tl.load(s_ptr + ts * ROWS + g, mask=valid, other=0)
     sh = tl.load(s_ptr + ts * ROWS + g + 8, mask=valid, other=0)
-    if cmap is None:
-        col = tl.load(idx_ptr + ts + t * 0, mask=valid, other=0).to(tl.int32)
-    else:
-        col = tl.where(valid, _map_col(cmap, ts), 0)
+    col = tl.load(idx_ptr + ts + t * 0, mask=valid, other=0).to(tl.int32)
     if OUTLIERS > 0 and SINGLE:  # M = 1: lane t = 0 takes row g's first outlier, t = 1 row g + 8's (it writes it)
         og = (ts * ROWS + g + 8 * t) * OUTLIERS
         ovg = tl.load(ov_ptr + og, mask=valid & (t < 2), other=0.0)
@@ -234,25 +230,6 @@ def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, cm
 
 
 @triton.jit
-def _col_map(idx_ptr, base, count, g, t):
-    """The group columns of slots base .. base + count - 1 (count <= 64), lane l holding those of slots base + l and
-    base + 32 + l: one load for a program's share, so that a slot's column is known before its loads are issued."""
-    lane = g * 4 + t
-    c0 = tl.load(idx_ptr + base + lane, mask=lane < count, other=0).to(tl.int32)
-    c1 = tl.load(idx_ptr + base + 32 + lane, mask=lane + 32 < count, other=0).to(tl.int32)
-    return c0, c1, base
-
-
-@triton.jit
-def _map_col(cmap, ts):
-    """Slot ts's group column from `_col_map`, by warp shuffle."""
-    c0, c1, base = cmap
-    rel = ts - base + tl.zeros_like(c0)
-    return tl.where(rel < 32, tl.gather(c0, tl.minimum(tl.maximum(rel, 0), 31), 0),
-                    tl.gather(c1, tl.minimum(tl.maximum(rel - 32, 0), 31), 0))
-
-
-@triton.jit
 def _plain_dot(q_ptr, ts, row, zero, x_ptr, xrow, col, a_ok, BITS: tl.constexpr):
     """sum over the group of (c - z) / 16 * x[xrow] for one row per lane, fp32, from the whole group row."""
     W: tl.constexpr = GROUP * BITS // 32
@@ -264,18 +241,15 @@ def _plain_dot(q_ptr, ts, row, zero, x_ptr, xrow, col, a_ok, BITS: tl.constexpr)
 
 
 @triton.jit
-def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, xpre, g, t, M, stride_xm, N0: tl.constexpr, BITS: tl.constexpr,
+def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BITS: tl.constexpr,
               BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, XF: tl.constexpr):
     """C of activation block N0 // 8 (and N0 // 8 + 1 when BLOCKS == 2) for one slot: 4 values each (rows g, g + 8
-    x activations N0 + 2t, N0 + 2t + 1), scaled by the rows' scale codes. XF: xw_ptr is x_fragments' output;
-    xpre, unless None: the 16 x words, loaded earlier (M = 1, plain x)."""
+    x activations N0 + 2t, N0 + 2t + 1), scaled by the rows' scale codes. XF: xw_ptr is x_fragments' output."""
     wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = sl
     fg = sg.to(tl.float32)
     fh = sh.to(tl.float32)
     if FAST:
-        if xpre is not None:
-            x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = xpre
-        elif XF and SINGLE:
+        if XF and SINGLE:
             x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15 = _x16_frag(
                 xw_ptr, col * 64 + t * 4, 16)
         elif XF:
@@ -406,15 +380,14 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.c
 
 
 @triton.jit
-def _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s, end, g, t, cmap, BITS: tl.constexpr,
+def _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s, end, g, t, BITS: tl.constexpr,
                OUTLIERS: tl.constexpr, U: tl.constexpr, SINGLE: tl.constexpr):
     """Slots s .. s + U - 1 (U = 1 or 2) of a program's share."""
     sv = s + t * 0  # as a [32] vector: the masks must be (the interpreter does not broadcast a scalar mask)
-    a = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s, g, t, sv < end, cmap, BITS, OUTLIERS,
-                   SINGLE)
+    a = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s, g, t, sv < end, BITS, OUTLIERS, SINGLE)
     b = a
     if U == 2:
-        b = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s + 1, g, t, sv + 1 < end, cmap, BITS,
+        b = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s + 1, g, t, sv + 1 < end, BITS,
                        OUTLIERS, SINGLE)
     return a, b
 
@@ -434,21 +407,19 @@ def _add4(acc, part):
 
 
 @triton.jit
-def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, xpre, g, t, M, stride_xm,
-                BITS: tl.constexpr, OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr,
-                FAST: tl.constexpr, SINGLE: tl.constexpr, XF: tl.constexpr):
+def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, g, t, M, stride_xm, BITS: tl.constexpr,
+                OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
+                SINGLE: tl.constexpr, XF: tl.constexpr):
     """One loop step's U slots added into the stream's sums (acc: C of both activation blocks; acc_o: block 0's
-    outliers); xpre: the first slot's x words if loaded earlier, else None."""
+    outliers)."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0  # x_fragments' pair words a column (outliers)
     a, b = it
-    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, xpre, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST,
-                               XF))
+    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
     if OUTLIERS > 0:
         acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, a, g, t, M, stride_xm, 0, OUTLIERS, SINGLE,
                                                   XP))
     if U == 2:
-        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, None, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST,
-                                   XF))
+        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
         if OUTLIERS > 0:
             acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, b, g, t, M, stride_xm, 0, OUTLIERS,
                                                       SINGLE, XP))
@@ -497,12 +468,11 @@ def _prefetch_share(q_ptr, s_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, lane, BITS:
 def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, g, t, M,
             stride_xm, pre, BITS: tl.constexpr, OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr,
             PF: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr,
-            XF: tl.constexpr, XPF: tl.constexpr):
+            XF: tl.constexpr):
     """This program's share of one stream: 8 scaled sums (C of up to two activation blocks) and the outlier sums
     of block 0 (4) and block 1 (4), fp32 [32] each. With PF the next U slots' loads are issued before this U's
     arithmetic; with PDL the first loads are issued before the wait for the previous kernel; `pre`, unless None:
-    the first step's loads, issued by the caller. XPF (M = 1, U = 1, PF): the share's group columns are read
-    once up front, so that the next slot's x words are loaded with its codes instead of at use."""
+    the first step's loads, issued by the caller."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0
     start, end = _share(n_slots, sp, SPLIT, U)
     first = tile * n_slots
@@ -510,29 +480,20 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
     acc = (z, z, z, z, z, z, z, z)
     acc_o = (z, z, z, z)
     acc_o2 = (z, z, z, z)
-    cmap = None
-    if XPF:
-        cmap = _col_map(idx_ptr, first + start, end - start, g, t)
     if pre is None:
-        nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, start, end, g, t, cmap, BITS, OUTLIERS,
-                         U, SINGLE)
+        nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, start, end, g, t, BITS, OUTLIERS, U,
+                         SINGLE)
     else:
         nxt = pre
     if PDL:  # weights are in flight; x is the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
-    xn = None
-    if XPF and FAST:
-        xn = _x16(xw_ptr, _map_col(cmap, first + start) * (GROUP // 2) + t)
     for s in range(start, end, U):
         cur = nxt
-        xc = xn
         if PF:
-            nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, cmap, BITS,
+            nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE)
-            if XPF and FAST:  # past the share's end: column 0's words, never used
-                xn = _x16(xw_ptr, tl.where(s + 1 + t * 0 < end, _map_col(cmap, first + s + 1), 0) * (GROUP // 2) + t)
-        acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, xc, g, t, M,
+        acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M,
                                  stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
         if OUTLIERS > 0 and BLOCKS == 2:
             c0, c1 = cur
@@ -542,7 +503,7 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
                 acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8,
                                                     OUTLIERS, False, XP))
         if not PF:
-            nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, cmap, BITS,
+            nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE)
     return acc, acc_o, acc_o2
 
@@ -571,7 +532,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
                     M, N, n2, n4, stride_xm, stride_ym,
                     OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
-                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, XPF: tl.constexpr):
+                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -584,12 +545,12 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
     pre4 = None
     if EARLY4:  # the 4-bit stream's first slot in flight while the 2-bit stream runs (and before the PDL wait)
         start4, end4 = _share(n4, sp, SPLIT, 1)
-        pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4, end4, g, t, None, 4, 0, 1,
+        pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4, end4, g, t, 4, 0, 1,
                           SINGLE)
     p2, o2, o2b = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, tile, n2, sp, g, t,
-                          M, stride_xm, None, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF, XPF)
+                          M, stride_xm, None, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF)
     p4, _, _ = _stream(x_ptr, xw_ptr, xp_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile, n4, sp, g, t,
-                       M, stride_xm, pre4, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF, XPF)
+                       M, stride_xm, pre4, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF)
     rg = tile * ROWS + g
     s2g = tl.load(ss2_ptr + rg).to(tl.float32)
     s2h = tl.load(ss2_ptr + rg + 8).to(tl.float32)
@@ -617,25 +578,22 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
-            early4: bool = False, xpf: bool = False, fast: bool, pdl: bool = False):
+            early4: bool = False, fast: bool, pdl: bool = False):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
     step's loads before this step's arithmetic; `l2`: each program first asks L2 for all its weights (prefetch,
     no registers); `xfrag`: B from x_fragments(x) (one more launch, 16-byte loads); `early4`: the 4-bit stream's
-    first loads issued before the 2-bit stream runs; `xpf` (M = 1, unroll 1, prefetch, not xfrag): each program
-    reads its shares' group columns once, and the next slot's x words are loaded with its codes instead of at use;
-    `pdl`: launched as a programmatic dependent (sm_90+)."""
+    first loads issued before the 2-bit stream runs; `pdl`: launched as a programmatic dependent (sm_90+)."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
     xfrag = xfrag and fast
-    assert not xpf or (M == 1 and unroll == 1 and prefetch and not xfrag), "xpf: M = 1, unroll 1, prefetch, no xfrag"
     xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
     _gemv_tc_kernel[(T, split)](
         x, xw, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
-        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, XPF=xpf,
+        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4,
         num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y

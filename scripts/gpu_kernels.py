@@ -3,8 +3,8 @@
 Usage (from the repo root): PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR [--skip-tests] [--skip-sweep]
        PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --quick   (a few minutes: see `quick`)
        PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --stacked (only the M = 1 rows of the stacked shapes)
-       PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --tc [--tc-m 4,16] [--xpf] (the tensor-core GEMV
-       against the table, M = 1/4/16; --xpf: the M = 1 candidates that load x a slot ahead)
+       PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --tc [--tc-m 4,16] (the tensor-core GEMV against the
+       table, M = 1/4/16)
 Writes OUT_DIR/pytest.log, OUT_DIR/sweep.jsonl (every candidate: time, error), OUT_DIR/configs-<gpu>.json (the
 winners, also installed as kernels/configs/<gpu>.json for the benchmark) and OUT_DIR/kernels-<gpu>.json.
 """
@@ -98,9 +98,6 @@ TC_CANDIDATES = [KernelConfig("tc", split=sp, unroll=u, l2=l2, xfrag=xf) for sp 
 TC_CANDIDATES_M1 = [KernelConfig("tc", split=sp, unroll=u, xfrag=xf, early4=e4) for sp in (4, 8, 16)
                     for u in (1, 2) for xf in (True, False) for e4 in (True, False)]
 
-# M = 1 with the next slot's x words loaded with its codes (`xpf`)
-TC_CANDIDATES_XPF = [KernelConfig("tc", split=sp, xpf=True, early4=e4) for sp in (2, 4, 8, 16) for e4 in (False, True)]
-
 
 def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CANDIDATES) -> None:
     """Winners at M = m among the table's current row (if any) and `extra`, for layers with one outlier per 2-bit
@@ -129,7 +126,7 @@ def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CAND
                 log.flush()
                 print(f"{n}x{k} m={m} k={ko} {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
                       f"pairs={cfg.pairs} early4={cfg.early4} unroll={cfg.unroll} prefetch={cfg.prefetch} l2={cfg.l2} "
-                      f"xfrag={cfg.xfrag} xpf={cfg.xpf}: "
+                      f"xfrag={cfg.xfrag}: "
                       f"{us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]", flush=True)
             best = min(results, key=lambda r: r[0])
             table["configs"].append(config_row(m, n, k, 128, best[1], outliers=ko))
@@ -137,7 +134,7 @@ def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CAND
             torch.cuda.empty_cache()
 
 
-def tensor_core_sweep(out: pathlib.Path, gpu: str, ms=(1, 4, 16), m1_extra=TC_CANDIDATES_M1) -> None:
+def tensor_core_sweep(out: pathlib.Path, gpu: str, ms=(1, 4, 16)) -> None:
     """The tensor-core GEMV against the table's rows: M = 1 on the three shapes and the stacked ones, M = 4 and 16
     on the three shapes (those of `ms`); the winners replace the rows (kernels/configs and OUT/configs-<gpu>.json);
     then the benchmark rows of M = 1, 4 and 16 -> OUT/kernels-<gpu>-tc.json."""
@@ -150,14 +147,14 @@ def tensor_core_sweep(out: pathlib.Path, gpu: str, ms=(1, 4, 16), m1_extra=TC_CA
         for m, shapes in ((1, bench.SHAPES + STACKED_SHAPES), (4, bench.SHAPES), (16, bench.SHAPES)):
             if m not in ms:
                 continue
-            extra = m1_extra if m == 1 else [c for c in TC_CANDIDATES if not c.l2]
+            extra = TC_CANDIDATES_M1 if m == 1 else [c for c in TC_CANDIDATES if not c.l2]
             sweep_rows(table, shapes, log, t0, m, extra)
             text = json.dumps(table, indent=1)  # each M's rows survive a run cut short
             (out / f"configs-{gpu}.json").write_text(text)
             table_path.write_text(text)
     _device_facts.cache_clear()
     print(f"[{time.time() - t0:.0f}s] benchmark", flush=True)
-    bench.bench_kernels(out / f"kernels-{gpu}-tc.json", ms=ms)
+    bench.bench_kernels(out / f"kernels-{gpu}-tc.json", ms=(1, 4, 16))
     print(f"[{time.time() - t0:.0f}s] done", flush=True)
 
 
@@ -212,10 +209,9 @@ def main() -> None:
     out = pathlib.Path(sys.argv[1])
     out.mkdir(parents=True, exist_ok=True)
     gpu = torch.cuda.get_device_name().lower().replace("nvidia", "").split()[0]
-    if "--tc" in sys.argv:  # optionally --tc-m 4,16: only those activation row counts; --xpf: M = 1 candidates
+    if "--tc" in sys.argv:  # optionally --tc-m 4,16: only those activation row counts
         ms = sys.argv[sys.argv.index("--tc-m") + 1] if "--tc-m" in sys.argv else "1,4,16"
-        return tensor_core_sweep(out, gpu, tuple(int(m) for m in ms.split(",")),
-                                 TC_CANDIDATES_XPF if "--xpf" in sys.argv else TC_CANDIDATES_M1)
+        return tensor_core_sweep(out, gpu, tuple(int(m) for m in ms.split(",")))
     if "--quick" in sys.argv or "--stacked" in sys.argv:
         return quick(out, gpu, stacked_only="--stacked" in sys.argv)
     if "--skip-tests" not in sys.argv:

@@ -95,22 +95,21 @@ TC_LAYERS = [
 
 
 @pytest.mark.parametrize("layer", TC_LAYERS)
-@pytest.mark.parametrize("m, split, unroll, prefetch, early4, xpf",
-                         [(1, 1, 1, True, False, False), (1, 2, 2, False, True, False), (1, 1, 1, True, False, True),
-                          (1, 3, 1, True, True, True), (3, 3, 2, True, True, False), (8, 1, 1, False, False, False),
-                          (11, 2, 1, True, True, False), (16, 1, 2, True, False, False)])
-def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4, xpf):
+@pytest.mark.parametrize("m, split, unroll, prefetch, early4", [(1, 1, 1, True, False), (1, 2, 2, False, True),
+                                                                (3, 3, 2, True, True), (8, 1, 1, False, False),
+                                                                (11, 2, 1, True, True), (16, 1, 2, True, False)])
+def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4):
     """The tensor-core GEMV: its mma path on CUDA (also as a PDL launch with L2 prefetch, and reading x's
-    fragment-ordered copy), its plain fp32 path everywhere; at M = 1 also with x loaded a slot ahead."""
+    fragment-ordered copy), its plain fp32 path everywhere."""
     packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=50 + m + split)
     runs = [(False, False, False)]
     if not INTERPRET:
         runs += [(True, False, False), (True, True, False), (True, False, True), (True, True, True)]
-    for fast, pdl, xfrag in runs if not xpf else [r for r in runs if not r[2]]:
+    for fast, pdl, xfrag in runs:
         y = torch.full((m, layer[0]), float("nan"), dtype=torch.float16, device=DEVICE)
         ws, counters = scratch(m, layer[0], split, packed.row_tiles)
         gemv_tc(x, y, ws, counters, *tensors, outliers=packed.outliers, split=split, unroll=unroll,
-                prefetch=prefetch, l2=pdl, xfrag=xfrag, early4=early4, xpf=xpf, fast=fast, pdl=pdl)
+                prefetch=prefetch, l2=pdl, xfrag=xfrag, early4=early4, fast=fast, pdl=pdl)
         check(y, ref, torch.float16)
         assert not counters.any()
 
