@@ -17,9 +17,9 @@ for n, k in ((4096, 11008), (4096, 4096), (11008, 4096), (12288, 4096)):
             cfg = KernelConfig("tc", split=4, unroll=2)
         res = {}
         for rep in range(3):
-            for epi in ("0", "1", "2"):
+            for epi in ("0", "1", "3"):
                 os.environ["MPQ_PROBE_EPI"] = epi
                 fn = lambda: [mixed_matmul(x, a, group_size=128, outliers=ko, counters=counters, config=cfg) for a in sets]  # noqa: E731
                 res.setdefault(epi, []).append(round(bench._graph_us(fn), 2))
         print(f"{n}x{k} outliers={ko} split={cfg.split} u={cfg.unroll} e4={cfg.early4}: full {res['0']}, relaxed {res['1']}, "
-              f"partials only {res['2']}", flush=True)
+              f"release + last-arriver fence {res['3']}", flush=True)
