@@ -10,33 +10,8 @@ import triton.language as tl
 
 
 @triton.jit
-def finish_split(val, y_ptr, y_offs, ws_ptr, ws_offs, mask, cnt_ptr, sp, split_stride, SPLIT: tl.constexpr,
-                 EPI: tl.constexpr = 0):
-    if EPI == 2:  # PROBE: partials only (wrong output), to time the epilogue
-        tl.store(ws_ptr + sp * split_stride + ws_offs, val, mask=mask)
-    elif EPI == 3:  # PROBE: release counter; the last arriver alone fences before reading
-        tl.store(ws_ptr + sp * split_stride + ws_offs, val, mask=mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr, 1, sem="release")
-        if arrived == SPLIT - 1:
-            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                                      pack=1)
-            total = tl.zeros_like(val)
-            for i in tl.static_range(SPLIT):
-                total += tl.load(ws_ptr + i * split_stride + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(cnt_ptr, 0)
-    elif EPI == 1:  # PROBE: relaxed counter (no fence)
-        tl.store(ws_ptr + sp * split_stride + ws_offs, val, mask=mask)
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr, 1, sem="relaxed")
-        if arrived == SPLIT - 1:
-            total = tl.zeros_like(val)
-            for i in tl.static_range(SPLIT):
-                total += tl.load(ws_ptr + i * split_stride + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
-            tl.store(cnt_ptr, 0)
-    elif SPLIT == 1:
+def finish_split(val, y_ptr, y_offs, ws_ptr, ws_offs, mask, cnt_ptr, sp, split_stride, SPLIT: tl.constexpr):
+    if SPLIT == 1:
         tl.store(y_ptr + y_offs, val.to(y_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(ws_ptr + sp * split_stride + ws_offs, val, mask=mask)
