@@ -122,6 +122,27 @@ def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig, ou
     return row if outliers is None else {**row, "outliers": outliers > 0}
 
 
+def counter_words(n: int, k: int, group_size: int, tile_rows: int, outliers: int, device: torch.device) -> int:
+    """int32 words of split-K scratch a linear should own: the counters, and where its M = 1 row runs the
+    tensor-core GEMV with split-K, that kernel's fenceless epilogue state after them (`_tagged_scratch`)."""
+    tiles = n // tile_rows
+    words = COUNTERS_PER_ROW_TILE * tiles
+    cfg = choose_config(1, n, k, group_size, device, outliers)
+    if cfg.kind == "tc" and cfg.split > 1 and tile_rows == TC_ROWS and group_size == TC_GROUP:
+        words += tiles + tiles % 2 + 2 * cfg.split * n
+    return words
+
+
+def _tagged_scratch(counters: torch.Tensor, tiles: int, m: int, n: int, split: int):
+    """(generation words, int64 workspace) of the fenceless split-K epilogue, carved from the scratch after the
+    counters, or None where the caller's scratch has no room (it then runs the fenced epilogue)."""
+    base = COUNTERS_PER_ROW_TILE * tiles
+    start = base + tiles + tiles % 2  # the workspace starts 8-byte aligned
+    if counters.numel() < start + 2 * split * m * n or counters.data_ptr() % 8:
+        return None
+    return counters[base:base + tiles], counters[start:start + 2 * split * m * n].view(torch.int64)
+
+
 def _tc_layout(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: int) -> bool:
     """The shapes the tensor-core GEMV's fragments assume: M <= 16, 16-row tiles, g = 128."""
     return x.shape[0] <= TC_MAX_M and tensors[0].shape[2] == TC_ROWS and group_size == TC_GROUP
@@ -144,7 +165,9 @@ def _say_slow_path(reason: str) -> None:
 
 def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_size: int, outliers: int,
                  counters: torch.Tensor, config: KernelConfig | None = None) -> torch.Tensor:
-    """y [M, N] = x [M, K] @ W.T for W in format v1; `tensors` in TENSOR_ORDER; counters int32, zero, >= 16 * N / 16.
+    """y [M, N] = x [M, K] @ W.T for W in format v1; `tensors` in TENSOR_ORDER; counters int32, zero, >= 16 * N / 16
+    (`counter_words` for a linear's own scratch: its M = 1 tensor-core GEMV then runs the split-K epilogue without a
+    fence, and keeps state between calls there).
 
     x must be contiguous fp16/bf16 (fp32 also works off the tensor-core path); y has x's dtype.
     """
@@ -173,10 +196,16 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
         cfg = dataclasses.replace(cfg, split=1)
     if counters.numel() < COUNTERS_PER_ROW_TILE * tensors[0].shape[0]:
         raise ValueError(f"counters too small: need {COUNTERS_PER_ROW_TILE} int32 per row tile")
-    ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
+    tagged = (_tagged_scratch(counters, tensors[0].shape[0], m, n, cfg.split)
+              if cfg.kind == "tc" and cfg.split > 1 and m == 1 else None)  # M > 1: its 4-8 values a lane cost registers
+    if tagged is not None:
+        gens, ws = tagged
+    else:
+        gens = None
+        ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
     if cfg.kind == "tc":
         return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
-                       prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, fast=tc_fast,
+                       prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens, fast=tc_fast,
                        pdl=tc_fast and pdl_enabled(x.device))
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,

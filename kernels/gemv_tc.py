@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels import half2_decode as half2
-from kernels.splitk import finish_split
+from kernels.splitk import finish_split, finish_split_tagged
 
 TILE_ROWS = 16  # tile rows the fragments assume
 GROUP_SIZE = 128  # group size they assume
@@ -526,13 +526,13 @@ def _quad(v0, v1, v2, v3):
 
 
 @triton.jit(do_not_specialize=["M", "n2", "n4"])
-def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
+def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr,
                     q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                     q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
                     M, N, n2, n4, stride_xm, stride_ym,
                     OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
-                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr):
+                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, TAGGED: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -561,9 +561,11 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
     v0, v1, v2, v3 = _values((a0, a1, a2, a3), (b0, b1, b2, b3), o2, s2g, s2h, s4g, s4h)
     val = _quad(v0, v1, v2, v3)
     rows = _quad(rg, rg, rg + 8, rg + 8)
-    if SINGLE:  # lane t = 0 writes row g, t = 1 row g + 8 (each added that row's outliers)
-        acts = _quad(t * 0, t * 0 + 1, t * 0, t * 0 + 1)
-        mask = _quad(t == 0, t < 0, t == 1, t < 0) & (rows < N)
+    if SINGLE:  # lane t = 0 writes row g, t = 1 row g + 8 (each added that row's outliers): one value a lane
+        val = tl.where(t == 0, v0, v2)
+        rows = tl.where(t == 0, rg, rg + 8)
+        acts = t * 0
+        mask = (t < 2) & (rows < N)
     else:
         acts = _quad(2 * t, 2 * t + 1, 2 * t, 2 * t + 1)
         if BLOCKS == 2:
@@ -572,28 +574,36 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr,
             rows = tl.join(rows, rows)
             acts = tl.join(acts, acts + 8)
         mask = (acts < M) & (rows < N)
-    finish_split(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile, sp, M * N,
-                 SPLIT)
+    if TAGGED:
+        finish_split_tagged(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile,
+                            gen_ptr + tile, sp, M * N, SPLIT)
+    else:
+        finish_split(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile, sp, M * N,
+                     SPLIT)
 
 
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
-            early4: bool = False, fast: bool, pdl: bool = False):
+            early4: bool = False, gens: torch.Tensor | None = None, fast: bool, pdl: bool = False):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
     step's loads before this step's arithmetic; `l2`: each program first asks L2 for all its weights (prefetch,
     no registers); `xfrag`: B from x_fragments(x) (one more launch, 16-byte loads); `early4`: the 4-bit stream's
-    first loads issued before the 2-bit stream runs; `pdl`: launched as a programmatic dependent (sm_90+)."""
+    first loads issued before the 2-bit stream runs; `gens` (split > 1): int32 [>= N / 16] generation words, and ws
+    is then an int64 workspace [>= split * M * N] that keeps its contents between calls (both zeroed once): the
+    split-K epilogue without a fence (`kernels.splitk`); `pdl`: launched as a programmatic dependent (sm_90+)."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
     xfrag = xfrag and fast
+    tagged = gens is not None and split > 1
+    assert not tagged or (ws.dtype == torch.int64 and ws.numel() >= split * M * N and gens.numel() >= T)
     xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
     _gemv_tc_kernel[(T, split)](
-        x, xw, y, ws, counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
+        x, xw, y, ws, counters, gens if tagged else counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
-        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4,
+        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, TAGGED=tagged,
         num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y

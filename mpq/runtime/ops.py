@@ -13,7 +13,8 @@ def mixed_linear(x: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, z2: torch.
                  idx2: torch.Tensor, ov: torch.Tensor, oi: torch.Tensor, q4: torch.Tensor, s4: torch.Tensor,
                  z4: torch.Tensor, ss4: torch.Tensor, idx4: torch.Tensor, counters: torch.Tensor,
                  group_size: int, outliers: int) -> torch.Tensor:
-    """x [..., K] @ W.T -> [..., N]. `counters` is split-K scratch the kernels leave at zero (so: not a mutation)."""
+    """x [..., K] @ W.T -> [..., N]. `counters` is split-K scratch: the counters the kernels leave at zero, and
+    the fenceless epilogue's generations and workspace, state that no caller reads (so: not a mutation)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     tensors = (q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4)
     y = mixed_matmul(x2, tensors, group_size=group_size, outliers=outliers, counters=counters)

@@ -12,6 +12,17 @@ KERNEL_TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", 
 SPLIT_COUNTERS_PER_ROW_TILE = 16  # split-K scratch of the kernels (kernels.dispatch.COUNTERS_PER_ROW_TILE)
 
 
+def _scratch_words(packed: PackedLinear) -> int:
+    """The kernels' split-K scratch for this linear (on CUDA also the state of the fenceless epilogue that its
+    M = 1 kernel may use: `kernels.dispatch.counter_words`)."""
+    if packed.q2.is_cuda:
+        from kernels.dispatch import counter_words
+
+        return counter_words(packed.out_features, packed.in_features, packed.group_size, packed.tile_rows,
+                             packed.outliers, packed.q2.device)
+    return SPLIT_COUNTERS_PER_ROW_TILE * packed.row_tiles
+
+
 class QuantLinear(nn.Module):
     """Forward on CUDA is one `mpq::mixed_linear` op: no host syncs, no size-varying allocations, so a warmed-up
     call can be captured in a CUDA graph. Warm up each M before capture (that compiles the kernels)."""
@@ -22,8 +33,8 @@ class QuantLinear(nn.Module):
         for name in TENSOR_NAMES:
             self.register_buffer(name, getattr(packed, name))
         self.register_buffer("bias", packed.bias)
-        counters = torch.zeros(SPLIT_COUNTERS_PER_ROW_TILE * packed.row_tiles, dtype=torch.int32, device=packed.q2.device)
-        self.register_buffer("split_counters", counters, persistent=False)
+        self.register_buffer("split_counters", torch.zeros(_scratch_words(packed), dtype=torch.int32,
+                                                           device=packed.q2.device), persistent=False)
         self._dense: torch.Tensor | None = None  # reference-path cache of the dequantized weight
 
     @property

@@ -114,6 +114,59 @@ def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4):
         assert not counters.any()
 
 
+@pytest.mark.parametrize("layer", [TC_LAYERS[0], TC_LAYERS[1]])
+@pytest.mark.parametrize("m, split", [(1, 2), (1, 3), (3, 2)])
+def test_gemv_tc_fenceless_split_epilogue(make_packed, layer, m, split):
+    """The split-K epilogue without a fence: partials tagged with the tile's generation in a workspace that keeps
+    its contents. Three calls in a row on one scratch (the workspace poisoned with foreign tags first) are each
+    right; afterwards the counters are back at zero and every tile's generation has advanced by three."""
+    n = layer[0]
+    packed, _, _, tensors = setup(make_packed, layer, m, torch.float16, seed=70 + m + split)
+    t = packed.row_tiles
+    gens = torch.zeros(t, dtype=torch.int32, device=DEVICE)
+    ws = torch.randint(-2**62, 2**62, (split * m * n,), dtype=torch.int64, device=DEVICE)
+    ws = ws & 0x0000_7FFF_FFFF_FFFF | (0x7ABC << 48)  # tags no call of this test will use
+    counters = torch.zeros(16 * t * m, dtype=torch.int32, device=DEVICE)
+    fast_runs = [False] if INTERPRET else [False, True]
+    calls = 0
+    for fast in fast_runs:
+        for seed in range(3):
+            x = torch.randn(m, layer[1], generator=torch.Generator().manual_seed(seed)).half()
+            ref = x.double() @ packed.dequantize(torch.float64).t()
+            y = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
+            gemv_tc(x.to(DEVICE), y, ws, counters, *tensors, outliers=packed.outliers, split=split, gens=gens,
+                    fast=fast)
+            check(y, ref, torch.float16)
+            calls += 1
+    assert not counters.any()
+    assert (gens == calls).all()
+    assert ((ws.view(split, m, n) >> 32) == calls).all()  # every partial of the last call carries its tag
+
+
+def test_linear_scratch_runs_the_fenceless_epilogue(make_packed, monkeypatch):
+    """A linear whose M = 1 row is the tensor-core GEMV with split-K owns the epilogue's state after its
+    counters (`counter_words`), and the dispatcher then runs the fenceless epilogue there; a caller with only the
+    counters gets the fenced one."""
+    from kernels import dispatch
+
+    layer = TC_LAYERS[1]
+    packed, x, ref, tensors = setup(make_packed, layer, 1, torch.float16, seed=81)
+    cfg = KernelConfig("tc", split=2)
+    monkeypatch.setattr(dispatch, "choose_config", lambda *a, **k: cfg)
+    words = dispatch.counter_words(layer[0], layer[1], 128, 16, packed.outliers, torch.device(DEVICE))
+    t = packed.row_tiles
+    assert words == 16 * t + t + t % 2 + 2 * 2 * layer[0]
+    scratch = torch.zeros(words, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):
+        check(mixed_matmul(x, tensors, group_size=128, outliers=packed.outliers, counters=scratch, config=cfg), ref,
+              torch.float16)
+    assert not scratch[:16 * t].any() and (scratch[16 * t:17 * t] == 2).all()
+    plain = torch.zeros(16 * t, dtype=torch.int32, device=DEVICE)
+    check(mixed_matmul(x, tensors, group_size=128, outliers=packed.outliers, counters=plain, config=cfg), ref,
+          torch.float16)
+    assert not plain.any()
+
+
 @pytest.mark.parametrize("m, k", [(1, 256), (5, 384), (8, 128), (9, 256), (16, 384)])
 def test_x_fragments_put_each_lanes_b_words_in_four_chunks(m, k):
     """x_fragments against the mma B fragment spelled out: lane (g, t) of activation block n, chunk i, word j holds
