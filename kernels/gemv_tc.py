@@ -561,11 +561,14 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr,
     v0, v1, v2, v3 = _values((a0, a1, a2, a3), (b0, b1, b2, b3), o2, s2g, s2h, s4g, s4h)
     val = _quad(v0, v1, v2, v3)
     rows = _quad(rg, rg, rg + 8, rg + 8)
-    if SINGLE:  # lane t = 0 writes row g, t = 1 row g + 8 (each added that row's outliers): one value a lane
+    if SINGLE and TAGGED:  # lane t = 0 writes row g, t = 1 row g + 8: one value a lane (registers in the epilogue)
         val = tl.where(t == 0, v0, v2)
         rows = tl.where(t == 0, rg, rg + 8)
         acts = t * 0
         mask = (t < 2) & (rows < N)
+    elif SINGLE:  # lane t = 0 writes row g, t = 1 row g + 8 (each added that row's outliers)
+        acts = _quad(t * 0, t * 0 + 1, t * 0, t * 0 + 1)
+        mask = _quad(t == 0, t < 0, t == 1, t < 0) & (rows < N)
     else:
         acts = _quad(2 * t, 2 * t + 1, 2 * t, 2 * t + 1)
         if BLOCKS == 2:
