@@ -122,15 +122,19 @@ def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig, ou
     return row if outliers is None else {**row, "outliers": outliers > 0}
 
 
+def scratch_words(n: int, tile_rows: int, split: int) -> int:
+    """int32 words of split-K scratch with room for the fenceless epilogue of an M = 1 call with up to `split`
+    shares (`_tagged_scratch`): the counters, a generation per row tile, the workspace."""
+    tiles = n // tile_rows
+    return COUNTERS_PER_ROW_TILE * tiles + (tiles + tiles % 2 + 2 * split * n if split > 1 else 0)
+
+
 def counter_words(n: int, k: int, group_size: int, tile_rows: int, outliers: int, device: torch.device) -> int:
     """int32 words of split-K scratch a linear should own: the counters, and where its M = 1 row runs the
-    tensor-core GEMV with split-K, that kernel's fenceless epilogue state after them (`_tagged_scratch`)."""
-    tiles = n // tile_rows
-    words = COUNTERS_PER_ROW_TILE * tiles
+    tensor-core GEMV with split-K, that kernel's fenceless epilogue state after them."""
     cfg = choose_config(1, n, k, group_size, device, outliers)
-    if cfg.kind == "tc" and cfg.split > 1 and tile_rows == TC_ROWS and group_size == TC_GROUP:
-        words += tiles + tiles % 2 + 2 * cfg.split * n
-    return words
+    tc_split = cfg.kind == "tc" and tile_rows == TC_ROWS and group_size == TC_GROUP
+    return scratch_words(n, tile_rows, cfg.split if tc_split else 1)
 
 
 def _tagged_scratch(counters: torch.Tensor, tiles: int, m: int, n: int, split: int):

@@ -7,6 +7,8 @@ Usage (from the repo root): PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR 
        table, M = 1/4/16)
 Writes OUT_DIR/pytest.log, OUT_DIR/sweep.jsonl (every candidate: time, error), OUT_DIR/configs-<gpu>.json (the
 winners, also installed as kernels/configs/<gpu>.json for the benchmark) and OUT_DIR/kernels-<gpu>.json.
+Candidates run with split-K scratch that has room for the fenceless epilogue (`dispatch.scratch_words`), so M = 1
+tensor-core rows are timed as a QuantLinear runs them.
 """
 
 import json
@@ -18,7 +20,7 @@ import sys
 import torch
 
 from kernels import KernelConfig, mixed_matmul
-from kernels.dispatch import CONFIG_DIR, TABLE_OF, TENSOR_ORDER, _device_facts, config_row
+from kernels.dispatch import CONFIG_DIR, TABLE_OF, TENSOR_ORDER, _device_facts, config_row, scratch_words
 from kernels.gemm_mixed import dequantize_mixed
 from mpq.bench import kernels as bench
 
@@ -58,7 +60,7 @@ def sweep(out: pathlib.Path, shapes, ms=(1, 4, 16)) -> list[dict]:
     for n, k in shapes:
         layers = [bench.random_layer(n, k, 1, "cuda", seed=i) for i in range(bench.ROTATE)]
         args = [tuple(getattr(p, t) for t in TENSOR_ORDER) for p in layers]
-        counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
+        counters = torch.zeros(scratch_words(n, 16, 16), dtype=torch.int32, device="cuda")
         w_ref = dequantize_mixed(torch.empty(n, k, device="cuda"), *args[0], group_size=128, outliers=1)
         for m in ms:
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
@@ -112,7 +114,7 @@ def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CAND
         for ko in (1, 0):
             layers = [bench.random_layer(n, k, ko, "cuda", seed=i) for i in range(bench.ROTATE)]
             args = [tuple(getattr(p, t) for t in TENSOR_ORDER) for p in layers]
-            counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
+            counters = torch.zeros(scratch_words(n, 16, 16), dtype=torch.int32, device="cuda")
             ref_w = layers[0].dequantize(torch.float32)
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)
             ref = x.float() @ ref_w.t()
@@ -178,7 +180,7 @@ def quick(out: pathlib.Path, gpu: str, stacked_only: bool = False) -> None:
     for n, k in bench.SHAPES:  # every kernel, default configurations, against the dequantized reference
         layer = bench.random_layer(n, k, 1, "cuda", seed=100)
         args = tuple(getattr(layer, t) for t in TENSOR_ORDER)
-        counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
+        counters = torch.zeros(scratch_words(n, 16, 16), dtype=torch.int32, device="cuda")
         w = layer.dequantize(torch.float32)
         for m in (1, 2, 16, 64):
             x = torch.randn(m, k, device="cuda", dtype=torch.float16)

@@ -4,7 +4,8 @@ puts it within a point of the target either way.
 Usage (from the repo root): PYTHONPATH=. python3 scripts/gpu_outlier_cost.py OUT.json [REPEATS]
 For each shape, the same 8 rotating layers with one outlier per 2-bit group and without, timed alternately
 (graph replay, as `mpq bench kernels`), each kind with its own table row; and the layers without outliers also with
-the row the outlier layers use (the same kernel configuration, outliers off).
+the row the outlier layers use (the same kernel configuration, outliers off). The split-K scratch has room for the
+fenceless epilogue, as a QuantLinear's does.
 """
 
 import json
@@ -15,7 +16,7 @@ import sys
 import torch
 
 from kernels import mixed_matmul
-from kernels.dispatch import TENSOR_ORDER, choose_config
+from kernels.dispatch import TENSOR_ORDER, choose_config, scratch_words
 from mpq.bench import kernels as bench
 
 
@@ -25,7 +26,7 @@ def main() -> None:
               "torch": torch.__version__, "triton": __import__("triton").__version__, "repeats": repeats, "shapes": []}
     for n, k in bench.SHAPES[1:]:
         x = torch.randn(1, k, device="cuda", dtype=torch.float16)
-        counters = torch.zeros(16 * (n // 16), dtype=torch.int32, device="cuda")
+        counters = torch.zeros(scratch_words(n, 16, 16), dtype=torch.int32, device="cuda")
         sets = {ko: [tuple(getattr(bench.random_layer(n, k, ko, "cuda", seed=i), t) for t in TENSOR_ORDER)
                      for i in range(bench.ROTATE)] for ko in (1, 0)}
         cfg = {ko: choose_config(1, n, k, 128, x.device, ko) for ko in (1, 0)}
