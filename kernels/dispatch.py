@@ -122,11 +122,19 @@ def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig, ou
     return row if outliers is None else {**row, "outliers": outliers > 0}
 
 
+def _tagged_layout(tiles: int, words: int) -> tuple[int, int, int]:
+    """Where the fenceless epilogue's state lies in a linear's int32 scratch, after the counters: (start of the
+    generation words, one per row tile; start of the int64 workspace, 8-byte aligned; its end for `words` int32)."""
+    gens = COUNTERS_PER_ROW_TILE * tiles
+    ws = gens + tiles + tiles % 2
+    return gens, ws, ws + words
+
+
 def scratch_words(n: int, tile_rows: int, split: int) -> int:
     """int32 words of split-K scratch with room for the fenceless epilogue of an M = 1 call with up to `split`
     shares (`_tagged_scratch`): the counters, a generation per row tile, the workspace."""
     tiles = n // tile_rows
-    return COUNTERS_PER_ROW_TILE * tiles + (tiles + tiles % 2 + 2 * split * n if split > 1 else 0)
+    return _tagged_layout(tiles, 2 * split * n)[2] if split > 1 else COUNTERS_PER_ROW_TILE * tiles
 
 
 def counter_words(n: int, k: int, group_size: int, tile_rows: int, outliers: int, device: torch.device) -> int:
@@ -140,11 +148,10 @@ def counter_words(n: int, k: int, group_size: int, tile_rows: int, outliers: int
 def _tagged_scratch(counters: torch.Tensor, tiles: int, m: int, n: int, split: int):
     """(generation words, int64 workspace) of the fenceless split-K epilogue, carved from the scratch after the
     counters, or None where the caller's scratch has no room (it then runs the fenced epilogue)."""
-    base = COUNTERS_PER_ROW_TILE * tiles
-    start = base + tiles + tiles % 2  # the workspace starts 8-byte aligned
-    if counters.numel() < start + 2 * split * m * n or counters.data_ptr() % 8:
+    gens, ws, end = _tagged_layout(tiles, 2 * split * m * n)
+    if counters.numel() < end or counters.data_ptr() % 8:
         return None
-    return counters[base:base + tiles], counters[start:start + 2 * split * m * n].view(torch.int64)
+    return counters[gens:gens + tiles], counters[ws:end].view(torch.int64)
 
 
 def _tc_layout(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: int) -> bool:
