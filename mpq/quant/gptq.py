@@ -17,18 +17,20 @@ from mpq.quant.grid import fake_quant
 BLOCK = 128
 
 
-def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, with more damping if H is not positive definite."""
-    k = h.shape[0]
-    eye = torch.eye(k, dtype=h.dtype, device=h.device)
+def inverse_hessian(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """(H + damp * mean(diag H) * I)^-1, damped further (x10 at a time) until H is positive definite."""
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     mean_diag = torch.diag(h).mean().clamp(min=1e-8)
     for attempt in range(6):
-        try:
-            low = torch.linalg.cholesky(h + eye * damp * (10**attempt) * mean_diag)
-            return torch.linalg.cholesky(torch.cholesky_inverse(low), upper=True)
-        except RuntimeError:  # torch.linalg.LinAlgError: not positive definite yet
-            continue
+        low, info = torch.linalg.cholesky_ex(h + eye * damp * (10**attempt) * mean_diag)
+        if info == 0:
+            return torch.cholesky_inverse(low)
     raise ValueError("Hessian is not positive definite even with heavy damping")
+
+
+def inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of inverse_hessian(h, damp): GPTQ's error-propagation weights, in h's column order."""
+    return torch.linalg.cholesky(inverse_hessian(h, damp), upper=True)
 
 
 @contextmanager
@@ -55,18 +57,39 @@ def hessian_error(w: torch.Tensor, q: torch.Tensor, h: torch.Tensor | None) -> f
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
-                  exact: torch.Tensor, damp: float = 0.01, act_order: bool = True) -> torch.Tensor:
-    """Return the quantized (dequantized-valued) weight. scale/zero/maxq/exact are per column: [N, K]."""
+                  exact: torch.Tensor, damp: float = 0.01, act_order: bool = True,
+                  coarse_first: torch.Tensor | None = None) -> torch.Tensor:
+    """Return the quantized (dequantized-valued) weight. scale/zero/maxq/exact are per column: [N, K].
+
+    `coarse_first` [N, K] bool (None: one order for all rows): per row, these columns (the 2-bit ones) go before
+    the others, each part in act-order, so that the rounding error of the coarse grid is spread over columns that
+    are still to be rounded on the fine grid. Rows with one pattern share an order; each order needs its own
+    factor of the inverse Hessian."""
     w = w.clone().float()
     h = h.clone().float()
     dead = torch.diag(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    if act_order:
-        perm = torch.argsort(torch.diag(h), descending=True)
-        w, h = w[:, perm], h[perm][:, perm]
-        scale, zero, maxq, exact = scale[:, perm], zero[:, perm], maxq[:, perm], exact[:, perm]
-    hinv = inverse_hessian_factor(h, damp)
+    K = w.shape[1]
+    order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(K, device=w.device)
+    if coarse_first is None:
+        return _gptq_ordered(w, inverse_hessian_factor(h[order][:, order], damp), scale, zero, maxq, exact, order)
+    hinv = inverse_hessian(h, damp)
+    patterns, which = torch.unique(coarse_first, dim=0, return_inverse=True)
+    q = torch.empty_like(w)
+    for p, pattern in enumerate(patterns):
+        rows = (which == p).nonzero().squeeze(1)
+        perm = order[torch.argsort((~pattern[order]).to(torch.int8), stable=True)]  # coarse first, each in order
+        factor = torch.linalg.cholesky(hinv[perm][:, perm], upper=True)
+        q[rows] = _gptq_ordered(w[rows], factor, scale[rows], zero[rows], maxq[rows], exact[rows], perm)
+    return q
+
+
+def _gptq_ordered(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
+                  exact: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
+    """GPTQ of the rows of w with columns taken in the order `perm`; hinv is the upper Cholesky factor of the
+    inverse Hessian in that order. Returns the quantized weight in the original column order."""
+    w, scale, zero, maxq, exact = (t[:, perm] for t in (w, scale, zero, maxq, exact))
     q = torch.zeros_like(w)
     K = w.shape[1]
     for i1 in range(0, K, BLOCK):
@@ -85,6 +108,4 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: t
                 w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
                 err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    if act_order:
-        q = q[:, torch.argsort(perm)]
-    return q
+    return q[:, torch.argsort(perm)]

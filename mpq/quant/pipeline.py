@@ -118,7 +118,8 @@ def quantize_planned(name: str, w: torch.Tensor, h: torch.Tensor | None, plan_ro
                      bias: torch.Tensor | None = None):
     spec = LinearSpec(tile_choice(costs, plan_row.n4, plan_row.outliers), plan_row.outliers, costs.group_size, costs.tile_rows)
     return quantize_linear(w, h, spec, use_gptq=recipe.gptq, bias=bias, act_order=recipe.act_order, damp=recipe.damp,
-                           outlier_mask=costs.outlier_masks.get(plan_row.outliers), refit_scales=recipe.refit_scales)
+                           outlier_mask=costs.outlier_masks.get(plan_row.outliers), refit_scales=recipe.refit_scales,
+                           coarse_first=recipe.coarse_first)
 
 
 def quantize_state_dict(weights: dict[str, torch.Tensor], target_bits: float, recipe: Recipe | None = None,

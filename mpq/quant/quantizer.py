@@ -31,9 +31,11 @@ class LinearResult:
 
 def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *, use_gptq: bool = True,
                     outlier_mask: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                    act_order: bool = True, damp: float = 0.01, refit_scales: bool = False) -> LinearResult:
+                    act_order: bool = True, damp: float = 0.01, refit_scales: bool = False,
+                    coarse_first: bool = False) -> LinearResult:
     """W [N, K] float; h [K, K] (X^T X / tokens) or None for data-free (identity Hessian, no GPTQ).
-    `refit_scales`: once the codes are fixed, the group scales are refitted by least squares (refit_group_scales)."""
+    `refit_scales`: once the codes are fixed, the group scales are refitted by least squares (refit_group_scales).
+    `coarse_first`: GPTQ rounds each row tile's 2-bit groups before its 4-bit ones (gptq_quantize)."""
     w = w.float()
     N, K = w.shape
     g, R = spec.group_size, spec.tile_rows
@@ -51,7 +53,7 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
     exact = outlier.reshape(N, K)
     if use_gptq and h is not None:
         q = gptq_quantize(w, h.float(), _per_col(grid.scale, g), _per_col(grid.zero, g), _per_col(grid.maxq, g), exact,
-                          damp, act_order)
+                          damp, act_order, _per_col(~is4, g) if coarse_first else None)
     else:
         q = torch.where(exact, w, fake_quant(w, _per_col(grid.scale, g), _per_col(grid.zero, g), _per_col(grid.maxq, g)))
     codes = torch.clamp(torch.round(q / safe_scale(_per_col(grid.scale, g))) + _per_col(grid.zero, g), 0,

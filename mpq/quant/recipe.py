@@ -28,6 +28,7 @@ class Recipe:
     gptq_aware: bool = True  # scale each linear's sensitivities by its measured GPTQ gain (2 GPTQ runs per linear)
     damp: float = 0.01
     refit_scales: bool = False  # after GPTQ, the group scales refitted by least squares on the Hessian, per row
+    coarse_first: bool = False  # GPTQ rounds each row tile's 2-bit groups before its 4-bit ones
     # module suffixes whose linears (same input) share one (4-bit tiles, outliers) state in each layer, so that the
     # runtime stacks each set into one GEMV launch (recipes/fast.yaml); [] lets every linear take its own, and
     # untied parts that end in one state still stack
@@ -58,7 +59,7 @@ class Recipe:
         return recipe
 
     def check(self) -> None:
-        for key in ("gptq", "act_order", "gptq_aware", "refit_scales"):  # YAML 'no' is a bool, '"no"' a string
+        for key in ("gptq", "act_order", "gptq_aware", "refit_scales", "coarse_first"):  # YAML 'no' is a bool, '"no"' a string
             if not isinstance(getattr(self, key), bool):
                 raise MpqError(f"recipe {key} must be true or false, not {getattr(self, key)!r}")
         if not (self.group_size == "auto" or isinstance(self.group_size, int)):

@@ -111,3 +111,31 @@ def test_refitted_scales_lower_the_output_error_and_keep_outliers():
         kept = plain.packed.dequantize()[rows, cols]
         assert torch.allclose(p.dequantize()[rows, cols], kept, atol=2e-3, rtol=1e-3)
     assert refit.rel_error < plain.rel_error
+
+
+def mixed_spec(n, k, g=64, n4=3, seed=0):
+    """Each row tile with its own n4 of the k // g groups in 4-bit (one count for all tiles, as the format needs)."""
+    gen = torch.Generator().manual_seed(seed)
+    return LinearSpec(torch.stack([torch.randperm(k // g, generator=gen) < n4 for _ in range(n // 16)]), 1, g, 16)
+
+
+def test_coarse_first_gptq_lowers_the_error_of_mixed_tiles():
+    """Rounding each tile's 2-bit groups first lets GPTQ spread their large errors over 4-bit columns still to be
+    rounded: the Hessian-weighted error drops (10-15% on these problems), and the packed form still holds it."""
+    for seed in range(3):
+        w, h = correlated_problem(n=48, k=512, seed=seed)
+        s = mixed_spec(*w.shape, n4=3 + seed, seed=seed)
+        plain = quantize_linear(w, h, s)
+        first = quantize_linear(w, h, s, coarse_first=True)
+        assert first.rel_error < 0.95 * plain.rel_error
+        assert abs(hessian_error(w, first.packed.dequantize(), h) - first.rel_error) < 1e-6
+
+
+def test_coarse_first_is_plain_gptq_when_a_tile_has_one_width():
+    """With every group of a tile at one width there is nothing to put first: the same error as plain GPTQ (the
+    inverse Hessian is only factored in another order)."""
+    w, h = correlated_problem(n=32, k=256, seed=4)
+    for n4 in (0, 4):
+        s = mixed_spec(*w.shape, n4=n4)
+        plain, first = quantize_linear(w, h, s), quantize_linear(w, h, s, coarse_first=True)
+        assert abs(first.rel_error - plain.rel_error) < 1e-3 * plain.rel_error
