@@ -52,8 +52,19 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
 
     exact = outlier.reshape(N, K)
     if use_gptq and h is not None:
+        regrid = None
+        if coarse_first:
+            def regrid(rows, w_rows):  # the 4-bit groups' ranges searched again on the weights GPTQ has moved
+                new_lo, new_hi, _ = search_group_ranges(w_rows.reshape(-1, G, g), hdiag.reshape(G, g), maxq[rows],
+                                                        keep=~outlier[rows])
+                lo[rows] = torch.where(is4[rows], new_lo, lo[rows])
+                hi[rows] = torch.where(is4[rows], new_hi, hi[rows])
+                part = quantize_grid(lo[rows], hi[rows], maxq[rows])
+                return _per_col(part.scale, g), _per_col(part.zero, g)
         q = gptq_quantize(w, h.float(), _per_col(grid.scale, g), _per_col(grid.zero, g), _per_col(grid.maxq, g), exact,
-                          damp, act_order, _per_col(~is4, g) if coarse_first else None)
+                          damp, act_order, _per_col(~spec.tile_is_4bit.to(w.device), g) if coarse_first else None,
+                          regrid)
+        grid = quantize_grid(lo, hi, maxq)
     else:
         q = torch.where(exact, w, fake_quant(w, _per_col(grid.scale, g), _per_col(grid.zero, g), _per_col(grid.maxq, g)))
     codes = torch.clamp(torch.round(q / safe_scale(_per_col(grid.scale, g))) + _per_col(grid.zero, g), 0,

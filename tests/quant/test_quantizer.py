@@ -139,3 +139,16 @@ def test_coarse_first_is_plain_gptq_when_a_tile_has_one_width():
         s = mixed_spec(*w.shape, n4=n4)
         plain, first = quantize_linear(w, h, s), quantize_linear(w, h, s, coarse_first=True)
         assert abs(first.rel_error - plain.rel_error) < 1e-3 * plain.rel_error
+
+
+def test_coarse_first_batches_tiles_as_separate_gptq_runs(monkeypatch):
+    """Tiles run batched (several per chunk) give what each tile gives alone, with its own column order."""
+    from mpq.quant import gptq
+
+    w, h = correlated_problem(n=64, k=256, seed=5)
+    s = mixed_spec(*w.shape, n4=2, seed=5)
+    together = quantize_linear(w, h, s, coarse_first=True).packed.dequantize()
+    monkeypatch.setattr(gptq, "TILE_BATCH_BYTES", 1)  # one tile a chunk
+    alone = quantize_linear(w, h, s, coarse_first=True).packed.dequantize()
+    assert torch.allclose(together, alone, atol=1e-6)
+    assert not torch.allclose(together, quantize_linear(w, h, s).packed.dequantize(), atol=1e-6)
