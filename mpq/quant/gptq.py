@@ -63,10 +63,10 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: t
 
     `coarse_first` [T, K] bool (None: one order for all rows): per row tile (N // T rows), these columns (its 2-bit
     ones, as many in every tile) go before the others, each part in act-order, so that the rounding error of the
-    coarse grid is spread over columns still to be rounded on the fine grid. Each tile's order needs its own factor
-    of the inverse Hessian; tiles run batched, as many at a time as fit TILE_BATCH_BYTES. `regrid(rows, w_rows)`,
-    called once the coarse columns are rounded with those rows' updated weights [len(rows), K], returns their
-    (scale, zero) per column: the fine groups' grids refitted to the weights GPTQ has moved."""
+    coarse grid is spread over columns still to be rounded on the fine grid. Tiles with one pattern share an order,
+    and each order needs its own factor of the inverse Hessian (allocations repeat patterns: few orders per linear).
+    `regrid(rows, w_rows)`, called once the coarse columns are rounded with those rows' updated weights
+    [len(rows), K], returns their (scale, zero) per column: the fine groups' grids refitted to the moved weights."""
     w = w.clone().float()
     h = h.clone().float()
     dead = torch.diag(h) == 0
@@ -76,62 +76,45 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, scale: torch.Tensor, zero: t
     order = torch.argsort(torch.diag(h), descending=True) if act_order else torch.arange(K, device=w.device)
     if coarse_first is None:
         return _gptq_ordered(w, inverse_hessian_factor(h[order][:, order], damp), scale, zero, maxq, exact, order)
-    T = coarse_first.shape[0]
-    R = N // T
-    boundary = int(coarse_first[0].sum())
     hinv = inverse_hessian(h, damp)
+    patterns, which = torch.unique(coarse_first, dim=0, return_inverse=True)
+    which = which.repeat_interleave(N // coarse_first.shape[0])  # per row
     q = torch.empty_like(w)
-    chunk = max(1, TILE_BATCH_BYTES // (K * K * 4))
-    for t0 in range(0, T, chunk):
-        t1 = min(T, t0 + chunk)
-        rank = torch.argsort((~coarse_first[t0:t1, order]).to(torch.int8), dim=1, stable=True)
-        perm = order[rank]  # [b, K]: the tile's coarse columns first, each part in act-order
-        factor = torch.linalg.cholesky(hinv[perm[:, :, None], perm[:, None, :]], upper=True)
-        rows = torch.arange(t0 * R, t1 * R, device=w.device)
-        tiled = [t[rows].view(t1 - t0, R, K) for t in (w, scale, zero, maxq, exact)]
-        refit = None if regrid is None else (
-            lambda w_rows, rows=rows: tuple(t.view(w_rows.shape) for t in regrid(rows, w_rows.reshape(-1, K))))
-        q[rows] = _gptq_ordered(*tiled[:1], factor, *tiled[1:], perm, boundary, refit).reshape(-1, K)
+    for p, pattern in enumerate(patterns):
+        rows = (which == p).nonzero().squeeze(1)
+        perm = order[torch.argsort((~pattern[order]).to(torch.int8), stable=True)]  # coarse first, each in order
+        factor = torch.linalg.cholesky(hinv[perm][:, perm], upper=True)
+        refit = None if regrid is None else (lambda w_rows, rows=rows: regrid(rows, w_rows))
+        q[rows] = _gptq_ordered(w[rows], factor, scale[rows], zero[rows], maxq[rows], exact[rows], perm,
+                                int(pattern.sum()), refit)
     return q
-
-
-# tiles of one coarse-first GPTQ call run together while their inverse-Hessian factors fit this many bytes
-TILE_BATCH_BYTES = 1 << 30
 
 
 def _gptq_ordered(w: torch.Tensor, hinv: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: torch.Tensor,
                   exact: torch.Tensor, perm: torch.Tensor, boundary: int = 0, refit=None) -> torch.Tensor:
-    """GPTQ with columns taken in the order `perm`: w and the per-column grids [N, K] with hinv [K, K] and perm
-    [K], or batched, [B, R, K] with [B, K, K] and [B, K]; hinv is the upper Cholesky factor of the inverse Hessian
-    in that order. Once the first `boundary` columns are rounded, `refit(w)` (w updated, original column order)
-    may replace the grids of the rest. Returns the quantized weight in the original column order."""
-    inverse = torch.argsort(perm, dim=-1)
-    w, scale, zero, maxq, exact = (_reorder(t, perm) for t in (w, scale, zero, maxq, exact))
+    """GPTQ of the rows of w with columns taken in the order `perm`; hinv is the upper Cholesky factor of the
+    inverse Hessian in that order. Once the first `boundary` columns are rounded, `refit(w)` (w updated, original
+    column order) may replace the grids of the rest. Returns the quantized weight in the original column order."""
+    inverse = torch.argsort(perm)
+    w, scale, zero, maxq, exact = (t[:, perm] for t in (w, scale, zero, maxq, exact))
     q = torch.zeros_like(w)
-    K = w.shape[-1]
+    K = w.shape[1]
     starts = sorted({*range(0, K, BLOCK), boundary} - {K})
     for i1, i2 in zip(starts, starts[1:] + [K]):
         if i1 == boundary and refit is not None and boundary > 0:
-            scale, zero = (_reorder(t, perm) for t in refit(_reorder(w, inverse)))
-        w1 = w[..., i1:i2].clone()
+            scale, zero = (t[:, perm] for t in refit(w[:, inverse]))
+        w1 = w[:, i1:i2].clone()
         err1 = torch.zeros_like(w1)
-        hinv1 = hinv[..., i1:i2, i1:i2]
+        hinv1 = hinv[i1:i2, i1:i2]
         with single_threaded() if w.device.type == "cpu" else nullcontext():
             for i in range(i2 - i1):
                 c = i1 + i
-                col = w1[..., i]
-                qc = fake_quant(col, scale[..., c], zero[..., c], maxq[..., c])
-                qc = torch.where(exact[..., c], col, qc)
-                q[..., c] = qc
-                e = (col - qc) / hinv1[..., i, i, None]
-                w1[..., i:] -= e.unsqueeze(-1) * hinv1[..., None, i, i:]
-                err1[..., i] = e
-        w[..., i2:] -= err1 @ hinv[..., i1:i2, i2:]
-    return _reorder(q, inverse)
-
-
-def _reorder(t: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
-    """t's last dimension in the order perm ([K] for all rows, or [B, K] per batch of t [B, R, K])."""
-    if perm.dim() == 1:
-        return t[..., perm]
-    return torch.gather(t, -1, perm[:, None, :].expand(t.shape))
+                col = w1[:, i]
+                qc = fake_quant(col, scale[:, c], zero[:, c], maxq[:, c])
+                qc = torch.where(exact[:, c], col, qc)
+                q[:, c] = qc
+                e = (col - qc) / hinv1[i, i]
+                w1[:, i:] -= e.unsqueeze(1) * hinv1[i, i:].unsqueeze(0)
+                err1[:, i] = e
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q[:, inverse]

@@ -28,7 +28,8 @@ class Recipe:
     gptq_aware: bool = True  # scale each linear's sensitivities by its measured GPTQ gain (2 GPTQ runs per linear)
     damp: float = 0.01
     refit_scales: bool = False  # after GPTQ, the group scales refitted by least squares on the Hessian, per row
-    coarse_first: bool = False  # GPTQ rounds each row tile's 2-bit groups before its 4-bit ones
+    # GPTQ rounds each row tile's 2-bit groups first, then refits its 4-bit grids to the moved weights and rounds them
+    coarse_first: bool = True
     # module suffixes whose linears (same input) share one (4-bit tiles, outliers) state in each layer, so that the
     # runtime stacks each set into one GEMV launch (recipes/fast.yaml); [] lets every linear take its own, and
     # untied parts that end in one state still stack

@@ -141,14 +141,16 @@ def test_coarse_first_is_plain_gptq_when_a_tile_has_one_width():
         assert abs(first.rel_error - plain.rel_error) < 1e-3 * plain.rel_error
 
 
-def test_coarse_first_batches_tiles_as_separate_gptq_runs(monkeypatch):
-    """Tiles run batched (several per chunk) give what each tile gives alone, with its own column order."""
-    from mpq.quant import gptq
 
+def test_coarse_first_orders_each_tile_by_its_own_pattern():
+    """Tiles that share a pattern share one GPTQ run; the result does not depend on how tiles are grouped: each
+    tile quantized alone (its rows, its pattern) gives the same weights."""
     w, h = correlated_problem(n=64, k=256, seed=5)
     s = mixed_spec(*w.shape, n4=2, seed=5)
+    s.tile_is_4bit[2] = s.tile_is_4bit[0]  # two tiles with one pattern
     together = quantize_linear(w, h, s, coarse_first=True).packed.dequantize()
-    monkeypatch.setattr(gptq, "TILE_BATCH_BYTES", 1)  # one tile a chunk
-    alone = quantize_linear(w, h, s, coarse_first=True).packed.dequantize()
-    assert torch.allclose(together, alone, atol=1e-6)
+    for t in range(4):
+        rows = slice(16 * t, 16 * t + 16)
+        alone = quantize_linear(w[rows], h, LinearSpec(s.tile_is_4bit[t:t + 1], 1, 64, 16), coarse_first=True)
+        assert torch.allclose(together[rows], alone.packed.dequantize(), atol=1e-6)
     assert not torch.allclose(together, quantize_linear(w, h, s).packed.dequantize(), atol=1e-6)
