@@ -4,6 +4,8 @@ Columns are quantized one at a time; each column's rounding error is spread over
 quantized through the inverse Hessian's Cholesky factor. Outlier positions are kept exact (their error
 is zero: they are stored as fp16 corrections). With `act_order`, columns go in decreasing Hessian
 diagonal order; the grids stay those of the original group columns, so the packed layout is unchanged.
+With `coarse_first`, each row tile's 2-bit columns go first, and its 4-bit grids may be searched again (by the
+caller's `regrid`) on the weights GPTQ has moved before those columns are rounded.
 """
 
 from __future__ import annotations

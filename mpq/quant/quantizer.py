@@ -64,7 +64,8 @@ def quantize_linear(w: torch.Tensor, h: torch.Tensor | None, spec: LinearSpec, *
         q = gptq_quantize(w, h.float(), _per_col(grid.scale, g), _per_col(grid.zero, g), _per_col(grid.maxq, g), exact,
                           damp, act_order, _per_col(~spec.tile_is_4bit.to(w.device), g) if coarse_first else None,
                           regrid)
-        grid = quantize_grid(lo, hi, maxq)
+        if coarse_first:  # regrid moved the 4-bit ranges: the stored grid (super-scales per row) follows them
+            grid = quantize_grid(lo, hi, maxq)
     else:
         q = torch.where(exact, w, fake_quant(w, _per_col(grid.scale, g), _per_col(grid.zero, g), _per_col(grid.maxq, g)))
     codes = torch.clamp(torch.round(q / safe_scale(_per_col(grid.scale, g))) + _per_col(grid.zero, g), 0,
