@@ -50,6 +50,7 @@ class KernelConfig:
     prefetch: bool = True  # TC: the next step's loads issued before this step's arithmetic
     l2: bool = False  # TC: each program first asks L2 for all its weights
     xfrag: bool = False  # TC: B from a fragment-ordered copy of x (one small kernel first; 16-byte loads)
+    gen_early: bool = False  # TC, split-K at M = 1: the fenceless epilogue's generation read at the start, not the end
 
 
 def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int, tensor_cores: bool = True) -> KernelConfig:
@@ -216,7 +217,8 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
         ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
     if cfg.kind == "tc":
         return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
-                       prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens, fast=tc_fast,
+                       prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens,
+                       gen_early=cfg.gen_early, fast=tc_fast,
                        pdl=tc_fast and pdl_enabled(x.device))
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,

@@ -6,6 +6,10 @@ Done as a dozen small PyTorch ops this costs a dozen launches per predicted laye
 costs ~2 us of issue and tail); one program does it all, with every load (hidden state, 4 LM-head rows, one
 layer's MLP weights) issued before any arithmetic, so it waits for memory about once.
 
+With `next_norm` the same program also writes what the step's next kernel would: the residual add and the RMSNorm
+of the next layer's input (or the model's final norm at the exit layer). It has the sum of squares already, so a
+predicted layer then costs one launch instead of two on the step's critical path.
+
 The norm reproduces the engine's rounding (normalise in fp32, round to the activation dtype, multiply by the norm
 weight in that dtype), so the logits match `mpq.specee.features.draft_logits` up to fp32 summation order.
 """
@@ -23,9 +27,9 @@ MAX_HIDDEN = 1024
 @triton.jit
 def _exit_probability_kernel(x_ptr, delta_ptr, norm_ptr, rows_ptr, p_prev_ptr, out_ptr, out_index,
                              w1_ptr, b1_ptr, w2_ptr, b2_ptr, mu_ptr, sigma_ptr, slot,
-                             D, H, eps,
+                             next_norm_ptr, x_out_ptr, h_out_ptr, D, H, eps,
                              FIRST: tl.constexpr, HAS_DELTA: tl.constexpr, BLOCK_D: tl.constexpr,
-                             BLOCK_H: tl.constexpr, PDL: tl.constexpr):
+                             BLOCK_H: tl.constexpr, PDL: tl.constexpr, NEXT: tl.constexpr):
     # every load is issued up front (none depends on another), so the program pays about one memory latency
     k = tl.arange(0, 4)
     d = tl.arange(0, BLOCK_D)
@@ -46,6 +50,8 @@ def _exit_probability_kernel(x_ptr, delta_ptr, norm_ptr, rows_ptr, p_prev_ptr, o
     sd_logit = tl.load(sigma_ptr + slot * 12 + k)
     sd_prob = tl.load(sigma_ptr + slot * 12 + 4 + k)
     sd_delta = tl.load(sigma_ptr + slot * 12 + 8 + k)
+    if NEXT:
+        w_next = tl.load(next_norm_ptr + d, mask=md, other=0.0).to(tl.float32)
     if PDL:  # the weights above are constants; x, delta, the draft rows and p_prev are written during the step
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -56,8 +62,13 @@ def _exit_probability_kernel(x_ptr, delta_ptr, norm_ptr, rows_ptr, p_prev_ptr, o
         x = (x.to(tl.float32) + tl.load(delta_ptr + d, mask=md, other=0.0).to(tl.float32)).to(x.dtype)
     # final RMSNorm in fp32, rounded to the activation dtype, times the norm weight in that dtype
     xf = x.to(tl.float32)
-    r = 1.0 / tl.sqrt(tl.sum(xf * xf, axis=0) / D + eps)
-    h = (w * (xf * r).to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
+    r = tl.rsqrt(tl.sum(xf * xf, axis=0) / D + eps)  # as kernels.step_ops rounds, so that NEXT's h matches it
+    xn = (xf * r).to(x.dtype).to(tl.float32)
+    if NEXT:
+        if HAS_DELTA:
+            tl.store(x_out_ptr + d, x, mask=md)
+        tl.store(h_out_ptr + d, (w_next * xn).to(h_out_ptr.dtype.element_ty), mask=md)
+    h = (w * xn).to(x.dtype).to(tl.float32)
     logits = tl.sum(rows * h[None, :], axis=1)
     e = tl.exp(logits - tl.max(logits, axis=0))
     p = e / tl.sum(e, axis=0)
@@ -74,9 +85,15 @@ def _exit_probability_kernel(x_ptr, delta_ptr, norm_ptr, rows_ptr, p_prev_ptr, o
     tl.store(out_ptr + out_index, 1.0 / (1.0 + tl.exp(-z)))
 
 
+def _warps(block_d: int, with_next: bool) -> int:
+    """With the next norm, kernels.step_ops.add_rms_norm's warp count, so the sum of squares reduces in its order."""
+    return max(1, min(16, block_d // 256)) if with_next else 16 if block_d >= 2048 else 4
+
+
 def exit_probability(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, rows: torch.Tensor, p_prev: torch.Tensor,
                      out: torch.Tensor, out_index: int, mlp: tuple[torch.Tensor, ...], slot: int, first: bool,
-                     delta: torch.Tensor | None = None, pdl: bool = False) -> None:
+                     delta: torch.Tensor | None = None, pdl: bool = False,
+                     next_norm: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Write the exit probability of hidden state x [D] (or x + delta, the residual add the layer loop defers)
     into out[out_index] (fp32) and the draft tokens' softmax into p_prev [4] (fp32, read first as the previous
     layer's unless `first`).
@@ -84,14 +101,25 @@ def exit_probability(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, row
     rows [4, D]: the draft tokens' LM-head rows; mlp = (w1 [P, 12, H], b1 [P, H], w2 [P, H], b2 [P], mu [P, 12],
     sigma [P, 12]), all fp32 and contiguous; slot selects the layer. No host syncs: capturable in a CUDA graph.
     pdl (sm_90+, `kernels.dispatch.pdl_enabled`): launched as a programmatic dependent, the kernel loads the norm
-    weight and the MLP while the kernel ahead of it finishes, waits for it, and lets the next kernel launch."""
+    weight and the MLP while the kernel ahead of it finishes, waits for it, and lets the next kernel launch.
+    next_norm [D]: also return what `kernels.step_ops.add_rms_norm(x, delta, next_norm, eps)` returns (new
+    tensors of x's shape), computed in the same program."""
     D = x.numel()
     w1, b1, w2, b2, mu, sigma = mlp
     H = w1.shape[-1]
     if D > MAX_DIM or H > MAX_HIDDEN:
         raise ValueError(f"exit_probability handles hidden sizes up to {MAX_DIM} and MLPs up to {MAX_HIDDEN} wide")
+    x_out = h_out = None
+    if next_norm is not None:
+        x_out = torch.empty_like(x) if delta is not None else x
+        h_out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, next_norm.dtype), device=x.device)
     block_d = triton.next_power_of_2(D)
     _exit_probability_kernel[(1,)](x, x if delta is None else delta, norm_weight, rows, p_prev, out, out_index,
-                                   w1, b1, w2, b2, mu, sigma, slot, D, H, eps, FIRST=first, HAS_DELTA=delta is not None,
-                                   BLOCK_D=block_d, BLOCK_H=triton.next_power_of_2(H), PDL=pdl,
-                                   num_warps=16 if block_d >= 2048 else 4, **({"launch_pdl": True} if pdl else {}))
+                                   w1, b1, w2, b2, mu, sigma, slot,
+                                   norm_weight if next_norm is None else next_norm, x if x_out is None else x_out,
+                                   x if h_out is None else h_out, D, H, eps, FIRST=first,
+                                   HAS_DELTA=delta is not None, BLOCK_D=block_d,
+                                   BLOCK_H=triton.next_power_of_2(H), PDL=pdl, NEXT=next_norm is not None,
+                                   num_warps=_warps(block_d, next_norm is not None),
+                                   **({"launch_pdl": True} if pdl else {}))
+    return None if next_norm is None else (x_out, h_out)

@@ -35,11 +35,13 @@ def finish_split(val, y_ptr, y_offs, ws_ptr, ws_offs, mask, cnt_ptr, sp, split_s
 
 
 @triton.jit
-def finish_split_tagged(val, y_ptr, y_offs, tw_ptr, ws_offs, mask, cnt_ptr, gen_ptr, sp, split_stride,
+def finish_split_tagged(val, y_ptr, y_offs, tw_ptr, ws_offs, mask, cnt_ptr, gen_ptr, gen, sp, split_stride,
                         SPLIT: tl.constexpr):
     """As finish_split for SPLIT > 1, without a fence: tw_ptr is an int64 workspace (value bits | tag << 32) that
-    only this caller uses, gen_ptr the tile's generation word. Call after the kernel's PDL wait."""
-    gen = tl.load(gen_ptr, volatile=True)  # fixed until this tile's last arrival of this call, which follows ours
+    only this caller uses, gen_ptr the tile's generation word and gen its value if the caller read it already
+    (after its PDL wait), else None. Call after the kernel's PDL wait."""
+    if gen is None:  # the word stays fixed until this tile's last arrival of this call, which follows ours
+        gen = tl.load(gen_ptr, volatile=True)
     tag = (gen + 1).to(tl.int64) << 32
     word = tag | (val.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF)
     tl.store(tw_ptr + sp * split_stride + ws_offs, word, mask=mask)

@@ -4,7 +4,8 @@ The table in kernels/configs/ was swept with each GEMV timed back to back over r
 GEMV follows a small op or the attention kernel and, with programmatic dependent launch, overlaps its tail, so the
 best row can differ. For each candidate configuration of one shape (the other rows as committed), this captures
 the random-layer 7B engine of scripts/gpu_e2e_profile.py and times graph-replayed decode, alternating candidates
-twice. Prints a table; writes $OUT/engine-table.json (or benchmarks/results/). --write stores the winners in
+twice; beside the candidates, the committed rows with the generation read early (`gen_early`; --flips-only: those
+alone). Prints a table; writes $OUT/engine-table.json (or benchmarks/results/). --write stores the winners in
 kernels/configs/<gpu>.json (or $OUT/<gpu>.json on the device machine)."""
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ CANDIDATES = {  # (n, k): configurations to try beside the committed row
     (4096, 11008): [TC(16), TC(16, prefetch=False), TC(8), TC(16, 2), KernelConfig("gemv2", rows=8, split=4)],
     (12288, 4096): [TC(4, 2), TC(8), TC(4), KernelConfig("gemv2", rows=8, pairs=2)],
     (22016, 4096): [TC(4), TC(4, 2, prefetch=False), TC(8), KernelConfig("gemv2", rows=16, pairs=2)],
+    (11008, 4096): [TC(8), TC(4, 2)],  # gate and up where their layouts differ (not stacked)
 }
 
 
@@ -66,7 +68,10 @@ def main() -> None:
     for (n, k), cands in CANDIDATES.items():
         keys = [key for key in table if key[:4] == (1, n, k, G)] or [(1, n, k, G, None)]
         current = {key: table.get(key) for key in keys}
-        options = [("committed", current)] + [(str(dataclasses.asdict(c)), {key: c for key in keys}) for c in cands]
+        early = {key: dataclasses.replace(cfg, gen_early=True) for key, cfg in current.items()
+                 if cfg is not None and cfg.kind == "tc" and cfg.split > 1}
+        options = ([("committed", current)] + ([("committed, gen_early", early)] if early else [])
+                   + [(str(dataclasses.asdict(c)), {key: c for key in keys}) for c in cands if "--flips-only" not in sys.argv])
         times = {name: [] for name, _ in options}
         for _ in range(2):
             for name, patch in options:

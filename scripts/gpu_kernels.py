@@ -3,14 +3,15 @@
 Usage (from the repo root): PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR [--skip-tests] [--skip-sweep]
        PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --quick   (a few minutes: see `quick`)
        PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --stacked (only the M = 1 rows of the stacked shapes)
-       PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --tc [--tc-m 4,16] (the tensor-core GEMV against the
-       table, M = 1/4/16)
+       PYTHONPATH=. python3 scripts/gpu_kernels.py OUT_DIR --tc [--tc-m 4,16] [--flips-only] (the tensor-core GEMV
+       against the table, M = 1/4/16; --flips-only: only the table's rows with gen_early flipped)
 Writes OUT_DIR/pytest.log, OUT_DIR/sweep.jsonl (every candidate: time, error), OUT_DIR/configs-<gpu>.json (the
 winners, also installed as kernels/configs/<gpu>.json for the benchmark) and OUT_DIR/kernels-<gpu>.json.
 Candidates run with split-K scratch that has room for the fenceless epilogue (`dispatch.scratch_words`), so M = 1
 tensor-core rows are timed as a QuantLinear runs them.
 """
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -102,7 +103,8 @@ TC_CANDIDATES_M1 = [KernelConfig("tc", split=sp, unroll=u, xfrag=xf, early4=e4) 
 
 
 def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CANDIDATES) -> None:
-    """Winners at M = m among the table's current row (if any) and `extra`, for layers with one outlier per 2-bit
+    """Winners at M = m among the table's current row (if any), that row with the other `gen_early` (M = 1,
+    tensor-core split-K rows) and `extra`, for layers with one outlier per 2-bit
     group and for layers without (they compile to different kernels); replaces the shapes' rows of m's bucket."""
     import time
 
@@ -120,7 +122,10 @@ def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CAND
             ref = x.float() @ ref_w.t()
             row = next((r for r in old if r.get("outliers") == (ko > 0)), None) or next((r for r in old if "outliers" not in r), None)
             results = []
-            for cfg in ([KernelConfig(**row["config"])] if row else []) + extra:
+            current = [KernelConfig(**row["config"])] if row else []
+            flipped = [dataclasses.replace(c, gen_early=not c.gen_early) for c in current
+                       if c.kind == "tc" and c.split > 1 and m == 1]
+            for cfg in current + flipped + extra:
                 us, err = time_config(x, args, ref, counters, cfg, f"{n}x{k}", ko)
                 results.append((us, cfg))
                 log.write(json.dumps({"n": n, "k": k, "m": m, "outliers": ko, "config": cfg.__dict__, "us": us,
@@ -128,7 +133,7 @@ def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CAND
                 log.flush()
                 print(f"{n}x{k} m={m} k={ko} {cfg.kind} split={cfg.split} rows={cfg.rows} warps={cfg.num_warps} "
                       f"pairs={cfg.pairs} early4={cfg.early4} unroll={cfg.unroll} prefetch={cfg.prefetch} l2={cfg.l2} "
-                      f"xfrag={cfg.xfrag}: "
+                      f"xfrag={cfg.xfrag} gen_early={cfg.gen_early}: "
                       f"{us:.2f} us, err {err:.1e}  [{time.time() - t0:.0f}s]", flush=True)
             best = min(results, key=lambda r: r[0])
             table["configs"].append(config_row(m, n, k, 128, best[1], outliers=ko))
@@ -136,7 +141,7 @@ def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CAND
             torch.cuda.empty_cache()
 
 
-def tensor_core_sweep(out: pathlib.Path, gpu: str, ms=(1, 4, 16)) -> None:
+def tensor_core_sweep(out: pathlib.Path, gpu: str, ms=(1, 4, 16), flips_only: bool = False) -> None:
     """The tensor-core GEMV against the table's rows: M = 1 on the three shapes and the stacked ones, M = 4 and 16
     on the three shapes (those of `ms`); the winners replace the rows (kernels/configs and OUT/configs-<gpu>.json);
     then the benchmark rows of M = 1, 4 and 16 -> OUT/kernels-<gpu>-tc.json."""
@@ -150,6 +155,8 @@ def tensor_core_sweep(out: pathlib.Path, gpu: str, ms=(1, 4, 16)) -> None:
             if m not in ms:
                 continue
             extra = TC_CANDIDATES_M1 if m == 1 else [c for c in TC_CANDIDATES if not c.l2]
+            if flips_only:
+                extra = []
             sweep_rows(table, shapes, log, t0, m, extra)
             text = json.dumps(table, indent=1)  # each M's rows survive a run cut short
             (out / f"configs-{gpu}.json").write_text(text)
@@ -213,7 +220,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name().lower().replace("nvidia", "").split()[0]
     if "--tc" in sys.argv:  # optionally --tc-m 4,16: only those activation row counts
         ms = sys.argv[sys.argv.index("--tc-m") + 1] if "--tc-m" in sys.argv else "1,4,16"
-        return tensor_core_sweep(out, gpu, tuple(int(m) for m in ms.split(",")))
+        return tensor_core_sweep(out, gpu, tuple(int(m) for m in ms.split(",")), "--flips-only" in sys.argv)
     if "--quick" in sys.argv or "--stacked" in sys.argv:
         return quick(out, gpu, stacked_only="--stacked" in sys.argv)
     if "--skip-tests" not in sys.argv:

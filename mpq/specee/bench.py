@@ -53,7 +53,8 @@ class GraphStep:
     The step mirrors `Transformer.forward` (residual adds fused into the next norm, each shared-input set stacked
     into one GEMV or its parts overlapped on side streams) and adds the exit machinery: the draft head on its own
     stream, overlapped with the first layers and joined before the first predictor; at each predicted layer one
-    fused kernel for the features and the predictor (`kernels.exit_predictor`); at the exit, the LM head; in fill
+    fused kernel for the features, the predictor and the next residual add + norm (`kernels.exit_predictor`); at
+    the exit, the LM head; in fill
     mode, the skipped layers' K/V (`ExitDecoder.fill_kv`, spread over side streams). Every layer's attention and
     the draft's run the fused decode kernel, so the step builds no attention masks (the model's GPU kernels must be
     in: `compile_small_ops`)."""
@@ -123,8 +124,10 @@ class GraphStep:
         x, delta = self.fc_in[D:].view(1, 1, D), None
         joined = not draft  # the draft stream joins main once, before the first predictor reads its rows
         calls = ([i for i in self.offline if i < e - 1] + ([e - 1] if e < L else [])) if predict else []
+        normed = None  # (x, h) of the next norm, where a predictor computed it
         for i, layer in enumerate(m.layers[:e]):
-            x, h = ops.add_rms_norm(x, delta, layer.attn_norm, eps)
+            x, h = normed or ops.add_rms_norm(x, delta, layer.attn_norm, eps)
+            normed = None
             # the fused decode attention applies the causal mask (and in drop mode the layer's skipped positions)
             delta = layer.attention(h, pos, cos, sin, None, ops, causal_prefix=True,
                                     dropped=None if fill else self.dropped[i])
@@ -134,12 +137,16 @@ class GraphStep:
                 if not joined:
                     main.wait_stream(self.draft_stream)
                     joined = True
-                exit_probability(x.view(-1), m.norm, eps, rows, self.p_state, self.probe, i, self.mlp,
-                                 self.preds.slot[i], first=i == calls[0], delta=delta.view(-1),
-                                 pdl=pdl_enabled(m.device))  # a programmatic dependent, as the step's kernels
+                # a programmatic dependent, as the step's kernels; it also does the next add + norm (the next
+                # layer's, or the final norm where it is the exit layer)
+                nxt_norm = m.layers[i + 1].attn_norm if i + 1 < e else m.norm
+                x, h = exit_probability(x.view(-1), m.norm, eps, rows, self.p_state, self.probe, i, self.mlp,
+                                        self.preds.slot[i], first=i == calls[0], delta=delta.view(-1),
+                                        pdl=pdl_enabled(m.device), next_norm=nxt_norm)
+                normed = x.view(1, 1, -1), h.view(1, 1, -1)
         if not joined:
             main.wait_stream(self.draft_stream)
-        x, hn = ops.add_rms_norm(x, delta, m.norm, eps)
+        x, hn = normed or ops.add_rms_norm(x, delta, m.norm, eps)
         if e < L and fill:  # forked before the LM head, so the skipped layers' K/V overlap it
             self.dec.fill_kv(x, pos, e, join=False)
         elif e < L:

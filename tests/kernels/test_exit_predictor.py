@@ -59,3 +59,30 @@ def test_exit_probability_matches_reference(dim, hidden, dtype, pdl):
         torch.testing.assert_close(p_state, p_ref.float(), rtol=1e-4, atol=1e-5)  # fp32, summation order differs
     untouched = [i for i in range(8) if i not in layers]
     assert torch.isnan(out[untouched]).all()  # writes only its own slot
+
+
+@pytest.mark.parametrize("pdl", PDL)
+@pytest.mark.parametrize("dim,dtype,with_delta", [(1100, torch.float16, True), (4096, torch.float16, True),
+                                                  (576, torch.float16, False), (200, torch.float32, True)])
+def test_exit_probability_with_next_norm_is_the_step_norm(dim, dtype, with_delta, pdl):
+    """With next_norm the kernel also returns exactly what the step's add + RMSNorm kernel returns (the residual
+    add and the next layer's normed input), and the probability it writes is the one it writes without (up to the
+    order of an fp32 sum)."""
+    from kernels.step_ops import add_rms_norm
+
+    gen = torch.Generator().manual_seed(dim + with_delta)
+    pred = random_predictors([0, 3], 300, gen)
+    mlp = pred.kernel_tensors()
+    norm_w, next_w = ((torch.rand(dim, generator=gen) + 0.5).to(DEV, dtype) for _ in range(2))
+    rows = (torch.randn(4, dim, generator=gen) * 0.3).to(DEV, dtype)
+    x = (torch.randn(dim, generator=gen) * 3).to(DEV, dtype)
+    delta = torch.randn(dim, generator=gen).to(DEV, dtype) if with_delta else None
+    out = torch.full((4,), float("nan"), device=DEV)
+    p_state = torch.full((4,), float("nan"), device=DEV)
+    exit_probability(x, norm_w, 1e-5, rows, p_state, out, 0, mlp, pred.slot[3], first=True, delta=delta, pdl=pdl)
+    x_next, h_next = exit_probability(x, norm_w, 1e-5, rows, p_state, out, 1, mlp, pred.slot[3], first=True,
+                                      delta=delta, pdl=pdl, next_norm=next_w)
+    x_ref, h_ref = add_rms_norm(x, delta, next_w, 1e-5, pdl=pdl)
+    assert torch.equal(x_next, x_ref) and torch.equal(h_next, h_ref)
+    assert not torch.isnan(out[:2]).any()
+    assert abs(float(out[0]) - float(out[1])) < 1e-5  # the warp count (sum order) may differ

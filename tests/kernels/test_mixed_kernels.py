@@ -115,11 +115,12 @@ def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4):
 
 
 @pytest.mark.parametrize("layer", [TC_LAYERS[0], TC_LAYERS[1]])
-@pytest.mark.parametrize("m, split", [(1, 2), (1, 3), (3, 2)])
-def test_gemv_tc_fenceless_split_epilogue(make_packed, layer, m, split):
+@pytest.mark.parametrize("m, split, gen_early", [(1, 2, False), (1, 3, True), (3, 2, False), (3, 2, True)])
+def test_gemv_tc_fenceless_split_epilogue(make_packed, layer, m, split, gen_early):
     """The split-K epilogue without a fence: partials tagged with the tile's generation in a workspace that keeps
-    its contents. Three calls in a row on one scratch (the workspace poisoned with foreign tags first) are each
-    right; afterwards the counters are back at zero and every tile's generation has advanced by three."""
+    its contents (the generation read at the end, or early with `gen_early`). Three calls in a row on one scratch
+    (the workspace poisoned with foreign tags first) are each right; afterwards the counters are back at zero and
+    every tile's generation has advanced by three."""
     n = layer[0]
     packed, _, _, tensors = setup(make_packed, layer, m, torch.float16, seed=70 + m + split)
     t = packed.row_tiles
@@ -135,7 +136,7 @@ def test_gemv_tc_fenceless_split_epilogue(make_packed, layer, m, split):
             ref = x.double() @ packed.dequantize(torch.float64).t()
             y = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
             gemv_tc(x.to(DEVICE), y, ws, counters, *tensors, outliers=packed.outliers, split=split, gens=gens,
-                    fast=fast)
+                    gen_early=gen_early, fast=fast, pdl=fast)
             check(y, ref, torch.float16)
             calls += 1
     assert not counters.any()
