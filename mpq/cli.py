@@ -230,8 +230,12 @@ def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="writ
             typer.echo(f"{row['trace']} trace, {row['mode']}: {row['ms_per_token_exit']:.3f} ms/token, speed-up "
                        f"{row['speedup']:.3f}x vs ideal {row['ideal_speedup']:.3f}x ({row['speedup_vs_ideal']:.3f} of ideal)")
         live = r["live_eager_ms_per_token"]
-        typer.echo(f"live exit decoder (eager, what `mpq run` would use): {live['full_depth']:.3f} ms/token at full depth, "
+        typer.echo(f"live exit decoder, eager: {live['full_depth']:.3f} ms/token at full depth, "
                    f"{live['exits_on']:.3f} with exits on")
+        g = r["live_graph_ms_per_token"]
+        typer.echo(f"live exit decoder from CUDA graphs (what `mpq run` uses): {g['full_depth']:.3f} ms/token at full "
+                   f"depth; replaying the trace {g['trace_fill']:.3f} (fill), {g['trace_drop']:.3f} (drop); the "
+                   f"engine's one-graph step {r['ms_per_token_no_exit']:.3f}")
         print_json_last(r)
         return
     from mpq.bench.e2e import bench_e2e as run_bench

@@ -194,11 +194,17 @@ class GraphStep:
         return sorted(times)[len(times) // 2]
 
 
-def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[int], tokens: int = 32) -> dict:
-    """ms/token of the live exit decoder (what `mpq run` uses with predictors) on this engine: eager, with a host
-    decision per predicted layer. Run last: it re-allocates the model's caches that the captured graphs use."""
+def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[int], trace: list[int],
+                        tokens: int = 32, graph_tokens: int = 64) -> dict:
+    """ms/token of the live exit decoders on this engine. Eager (`ExitDecoder`, a Python launch per kernel):
+    at full depth and with exits on (random predictors and draft, so its exits are rare). From CUDA graphs
+    (`GraphExitDecoder`, what `mpq run` uses on CUDA): at full depth, and replaying `trace` (the predictors, their
+    reads and the exit heads really run; the exit layer comes from the trace) in fill and drop mode, each timed on
+    a second run after a first that captured its pieces. Run last: it re-allocates the model's caches that the
+    captured graphs use."""
     from mpq.specee.bundle import SpecEE
     from mpq.specee.decode import ExitDecoder
+    from mpq.specee.graph_decode import GraphExitDecoder
 
     out = {}
     for name, exits in (("full_depth", False), ("exits_on", True)):
@@ -208,6 +214,19 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
         _, st, _ = dec.generate(prompt, tokens)
         out[name] = st.decode_ms / max(st.tokens, 1)
         out[f"{name}_mean_layers"] = st.layers / max(st.tokens, 1)
+    graph = {}
+    for name, exits, mode in (("full_depth", False, "fill"), ("trace_fill", True, "fill"),
+                              ("trace_drop", True, "drop")):
+        dec = GraphExitDecoder(model, SpecEE(draft, preds, offline, {}),
+                               len(prompt) + graph_tokens + 1, mode=mode, exits=exits, auto_fallback=False,
+                               trace=trace)
+        dec.generate(prompt, graph_tokens)  # captures every piece this run needs
+        _, st, _ = dec.generate(prompt, graph_tokens)
+        graph[name] = st.decode_ms / max(st.tokens, 1)
+        graph[f"{name}_mean_layers"] = st.layers / max(st.tokens, 1)
+        graph[f"{name}_graphs"] = len(dec.graphs)
+        del dec
+    out["graph"] = graph
     return out
 
 
@@ -292,7 +311,10 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
                 ms = step.time(trace, prompt_tokens, **v)
                 rows.append({"trace": name, "mode": mode, "mean_layers": mean_layers, "ideal_speedup": L / mean_layers,
                              "ms_per_token_exit": ms, "speedup": base / ms, "speedup_vs_ideal": base / ms / (L / mean_layers)})
-    live = _time_live_decoding(model, draft, preds, step.offline, prompt)
+    live = _time_live_decoding(model, draft, preds, step.offline, prompt, first)  # the trace in the rows' order
+    g = live["graph"]
+    live_rows = {"live_graph_ms_per_token": g, "live_graph_speedup_vs_engine": {
+        k: base / g[k] for k in ("full_depth", "trace_fill", "trace_drop")}}
     full_machinery_ms = full["loop_draft_predictors"]
     # draft: overlapped with the whole step; predictors: with the LM-head rows of 4 fixed tokens; the wait is what
     # the first predicted layer spends waiting for the draft's tokens
@@ -309,11 +331,13 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
               "predictor_call_cost_layers": call_cost,
               "ms_per_token_no_exit": base, "ms_per_token_machinery_full_depth": full_machinery_ms,
               "overhead_fraction_at_full_depth": full_machinery_ms / base - 1, "overhead_split_at_full_depth": split,
-              "ms_per_token_full_depth": full, "rows": rows, "live_eager_ms_per_token": live,
+              "ms_per_token_full_depth": full, "rows": rows, "live_eager_ms_per_token": live, **live_rows,
               "note": "one graph per (exit layer, mode); live_eager_ms_per_token: the live exit decoder (a host decision "
                       "per predicted layer, no CUDA graph) on the same engine, at full depth and with exits on (random "
-                      "predictors and draft, so its exits are rare); KV filling cost is inside the fill rows (the drop "
-                      "rows have none)"}
+                      "predictors and draft, so its exits are rare); live_graph_ms_per_token: the live decoder from "
+                      "CUDA graphs (mpq.specee.graph_decode, a host decision per predicted layer between graph replays) "
+                      "at full depth and replaying the trace's first 64 exit layers; KV filling cost is inside the fill "
+                      "rows (the drop rows have none)"}
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")

@@ -110,6 +110,21 @@ class DraftHead(nn.Module):
         x = self.lin("fc", torch.cat((h_normed, emb), dim=-1))
         return self._layer(x, cos[pos:pos + S], sin[pos:pos + S], attend)[-1] @ self.rows.t()
 
+    def step_at(self, h_normed: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> torch.Tensor:
+        """As `step` for one token at position pos (a LongTensor [1] on the device), with fixed shapes: attention
+        over the whole cache with the positions after pos masked, so that a CUDA graph can hold it."""
+
+        def attend(q, k, v):
+            self.cache[0].index_copy_(1, pos, k.transpose(0, 1))
+            self.cache[1].index_copy_(1, pos, v.transpose(0, 1))
+            mask = torch.arange(self.cache.shape[2], device=q.device)[None] <= pos
+            return F.scaled_dot_product_attention(q.transpose(0, 1), self._repeat(self.cache[0][None])[0],
+                                                  self._repeat(self.cache[1][None])[0], attn_mask=mask).transpose(0, 1)
+
+        x = self.lin("fc", torch.cat((h_normed, emb), dim=-1))
+        return self._layer(x, cos[pos], sin[pos], attend)[-1] @ self.rows.t()
+
     def propose(self, logits: torch.Tensor) -> torch.Tensor:
         """Top-4 target-vocabulary ids from reduced-vocab logits."""
         return self.vocab[logits.topk(K_DRAFT, dim=-1).indices]

@@ -5,6 +5,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from engine_testlib import rtn_artifact, tiny_config, tiny_hf_model
 from mpq.errors import MpqError
@@ -66,6 +67,69 @@ def test_exit_decoding_runs_and_counts(trained):
     assert sum(v for k, v in st.exits.items() if k < 5) == accepted
     none, st0, _ = ExitDecoder(model, load_specee(art), 96, threshold=1.5).generate(prompt, 20)
     assert none == full and st0.mean_layers == 5 and st0.verifications == 0
+
+
+class _LimitedHead(torch.nn.Module):
+    """An LM head whose argmax is always one of `keep`: with the draft's vocabulary set to 4 of them, exits are
+    accepted (and, with a fifth, sometimes rejected) on a model whose intermediate layers mean nothing."""
+
+    def __init__(self, inner, weight, keep):
+        super().__init__()
+        self.inner, self.weight = inner, weight
+        self.register_buffer("bias", torch.full((weight.shape[0],), -1e4, dtype=weight.dtype, device=weight.device))
+        self.bias[keep] = 0
+
+    def forward(self, h):
+        return self.inner(h) + self.bias
+
+
+@pytest.mark.parametrize("mode", ["fill", "drop"])
+def test_graph_decoder_decodes_as_the_eager_decoder(trained, mode):
+    """The graph decoder's pieces, run eagerly (its host logic: the next layer queued before a predictor's
+    decision is read, the exit head and fill after it), give the eager decoder's tokens, exits and counters; on
+    CUDA also when captured and replayed."""
+    from mpq.runtime.loader import load_engine
+    from mpq.specee.bundle import load_specee
+    from mpq.specee.decode import ExitDecoder, lm_head_weight
+    from mpq.specee.graph_decode import GraphExitDecoder
+
+    _, art, _, _ = trained
+    prompt = list(b"To be, or not to be, that is")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for dev in devices:
+        model = load_engine(str(art), dev).model
+        keep = load_specee(art, None).draft.vocab[3:8].to(dev)
+        model.output = _LimitedHead(model.output, lm_head_weight(model), keep)
+        runs = []
+        for cls, extra in ((ExitDecoder, {}), (GraphExitDecoder, {"capture": False}),
+                           *([(GraphExitDecoder, {"capture": True})] if dev == "cuda" else [])):
+            sp = load_specee(art, None)
+            sp.draft.vocab = keep[:4].cpu()  # the draft proposes 4 of the 5 tokens the head can give
+            dec = cls(model, sp, 96, mode=mode, threshold=0.0, auto_fallback=False, **extra)
+            out, st, _ = dec.generate(prompt, 24)
+            runs.append((out, dict(st.exits), st.predictor_calls, st.verifications, st.rejections, st.proposals))
+        assert all(r == runs[0] for r in runs[1:]), (dev, runs)
+        _, exits, calls, verifications, rejections, _ = runs[0]
+        assert verifications == calls > 0
+        if dev == "cpu":  # accepted exits at several layers, and rejected ones
+            assert verifications > rejections > 0 and len([k for k in exits if k < 5]) > 1
+
+
+def test_graph_decoder_replays_a_trace(trained):
+    """Trace-driven (the GPU bench): each token exits at the trace's layer, whatever the predictors say."""
+    from collections import Counter
+
+    from mpq.runtime.loader import load_engine
+    from mpq.specee.bundle import load_specee
+    from mpq.specee.graph_decode import GraphExitDecoder
+
+    _, art, _, _ = trained
+    model = load_engine(str(art), "cpu").model
+    trace = [2, 5, 1, 3, 5, 4]
+    dec = GraphExitDecoder(model, load_specee(art, None), 96, auto_fallback=False, capture=False, trace=trace)
+    _, st, _ = dec.generate(list(b"To be, or not"), 13)
+    assert st.tokens == 12 and dict(st.exits) == dict(Counter(trace * 2))
+    assert st.layers == 2 * sum(trace) and st.rejections == 0
 
 
 def test_mismatched_predictors_are_refused(trained, tmp_path):
