@@ -179,8 +179,9 @@ def run(
     raw: bool = typer.Option(False, help="skip the chat template"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     no_exit: bool = typer.Option(False, "--no-exit", help="ignore the artifact's SpecEE predictors (full depth)"),
-    gpu_exits: bool = typer.Option(False, "--gpu-exits", help="on CUDA, decode with exits anyway: eagerly, a host "
-                                   "decision per predicted layer, far slower than the default graph decode"),
+    gpu_exits: bool = typer.Option(False, "--gpu-exits", help="on CUDA, decode with exits anyway: a CUDA graph per "
+                                   "piece and a host decision per predicted layer, slower than the default one-graph "
+                                   "step on the H100 (docs/specee.md)"),
 ):
     """Generate text with the decode engine (one CUDA graph per decode step on the GPU), streamed, with timings."""
     from mpq.runtime.run import RunOptions, run as run_prompt

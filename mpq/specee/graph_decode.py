@@ -10,7 +10,8 @@ once on fixed buffers and replayed, and the host only chooses the next piece:
 - each predictor (layer, first of the token or not): the fused features + MLP kernel, its probability copied to
   pinned host memory;
 - the exit head at a layer: final norm, LM head, argmax, and whether that argmax is one of the draft's 4;
-- the KV fill of the layers after an exit (fill mode).
+- the KV fill of the layers after an exit (fill mode);
+- without exits (off, or after the fallback), the whole step as one graph, as the engine's own.
 
 To keep the GPU busy while the host reads a predictor's probability, the next layer is already queued behind the
 predictor. On a continue nothing is lost; on a predicted exit that layer ran for nothing (its KV entry at this
@@ -146,6 +147,19 @@ class GraphExitDecoder(ExitDecoder):
             torch.cuda.current_stream().synchronize()
         return out
 
+    def _full_depth(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A whole step without exits as one piece (one graph, as the engine's own decode step): the baseline the
+        fallback compares with, and what decodes once exits are off."""
+        def fn():
+            x = self.model.embed[self.token].view(1, 1, -1)
+            mask = self.model.causal[self.pos].view(1, 1, 1, self.max_seq_len)
+            for i in range(self.L):
+                x = self.run_layer(i, x, self.pos, mask, self.model.ops)
+            hn = final_norm(x.view(-1), self.model.norm, self.eps)
+            return self.model.output(hn), hn
+
+        return self._run(("full",), fn)
+
     def _fill(self, first: int) -> None:
         self._run(("fill", first), lambda: self.fill_kv(self.xs[first], self.pos, first))
 
@@ -157,14 +171,15 @@ class GraphExitDecoder(ExitDecoder):
             self.h_prev.copy_(h_prev)
         self.token.fill_(token)
         self.pos.fill_(t)
+        if not exits:
+            return (*self._full_depth(), L)
         self._embed()
         exit_at = None
-        if exits:
-            self._draft()
-            sched = self.online.layers()
-            if self.trace is not None:  # trace-driven: the replayed exit layer always carries a predictor
-                exit_at = self.trace[(st.tokens + self.trace_offset) % len(self.trace)] - 1
-                sched = ({j for j in sched if j < exit_at} | {exit_at}) if exit_at < L - 1 else sched
+        self._draft()
+        sched = self.online.layers()
+        if self.trace is not None:  # trace-driven: the replayed exit layer always carries a predictor
+            exit_at = self.trace[st.tokens % len(self.trace)] - 1
+            sched = ({j for j in sched if j < exit_at} | {exit_at}) if exit_at < L - 1 else sched
         pending, first, result = None, True, None
         for i in range(L):
             self._layer(i)
@@ -176,7 +191,7 @@ class GraphExitDecoder(ExitDecoder):
                     result = self._try_exit(j, None if exit_at is None else True)
                     if result is not None:
                         break
-            if exits and i < L - 1 and i in sched:
+            if i < L - 1 and i in sched:
                 if first and self.capture:
                     torch.cuda.current_stream().wait_event(self.draft_done)
                 self._predict(i, first)
@@ -185,13 +200,11 @@ class GraphExitDecoder(ExitDecoder):
                 pending = i
         if result is None:
             logits, hn = self._head(L - 1)
-            if exits:
-                self.online.record_exit(L - 1)
+            self.online.record_exit(L - 1)
             result = logits, hn, L
-        if exits:
-            if self.capture:
-                self.draft_done.synchronize()
-            st.proposals.append(set(self.host_top4.tolist()))
+        if self.capture:
+            self.draft_done.synchronize()
+        st.proposals.append(set(self.host_top4.tolist()))
         return result
 
     def _try_exit(self, j: int, forced: bool | None):
@@ -215,34 +228,29 @@ class GraphExitDecoder(ExitDecoder):
 
     # ---- fallback ----------------------------------------------------------------------------------------
     def generate(self, prompt, max_new_tokens, *args, **kwargs):
-        self.trace_offset = 0
         self.full_ms, self.window_mark = None, None
         return super().generate(prompt, max_new_tokens, *args, **kwargs)
 
     def _full_depth_ms(self) -> float:
-        """ms of one step at full depth from these pieces (the baseline exits must beat), timed on the position
-        just decoded; its KV entries there are restored afterwards."""
+        """ms of the one-graph full-depth step, timed on the position just decoded (its KV entries there are
+        restored afterwards)."""
         t = self.pos.clone()
         saved_kv = [layer.kv_cache.kv.index_select(3, t) for layer in self.model.layers]
-        h = self.h_prev.clone()
         times = []
         for _ in range(3):
             if self.capture:
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            self._embed()
-            for i in range(self.L):
-                self._layer(i)
-            self._head(self.L - 1)
+            logits, _ = self._full_depth()
+            int(logits.argmax())  # as generate reads each token
             times.append(1000 * (time.perf_counter() - t0))
         for layer, kv in zip(self.model.layers, saved_kv):
             layer.kv_cache.kv.index_copy_(3, t, kv)
-        self.h_prev.copy_(h)
         return statistics.median(times)
 
     def _check_fallback(self) -> bool:
-        """Every `window` tokens: were the steps with exits faster than this decoder's own full-depth step? (The
-        eager decoder's per-part host timers mean nothing here: the GPU runs ahead of the host.)"""
+        """Every `window` tokens: were the steps with exits faster than the one-graph full-depth step? (The eager
+        decoder's per-part host timers mean nothing here: the GPU runs ahead of the host.)"""
         st = self.stats
         if not self.auto_fallback:
             return False

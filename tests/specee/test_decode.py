@@ -114,8 +114,9 @@ def test_drop_mode_masks_the_skipped_positions(float_model):
 
 
 def test_run_leaves_gpu_decoding_to_the_graph_unless_forced(monkeypatch, capsys):
-    """On CUDA the live exit decoder is eager and far slower than the engine's one-graph step, so `mpq run` decodes
-    at full depth in the graph and says so; --gpu-exits reaches the exit decoder anyway."""
+    """On CUDA the live exit decoder (a host decision per predicted layer between graph pieces) is slower than the
+    engine's one-graph step, so `mpq run` decodes at full depth in the graph and says so; --gpu-exits reaches the
+    exit decoder anyway."""
     from types import SimpleNamespace
 
     import mpq.specee.bundle as bundle
@@ -132,8 +133,8 @@ def test_run_leaves_gpu_decoding_to_the_graph_unless_forced(monkeypatch, capsys)
     monkeypatch.setattr(bundle, "load_specee", fake_load)
     engine = SimpleNamespace(kind="artifact", model=SimpleNamespace(device=torch.device("cuda")), config={})
     gen, info = run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None)
-    assert gen is None and info["used"] is False and "CUDA-graph decode" in info["reason"]
-    assert "CUDA-graph decode" in capsys.readouterr().err and not reached
+    assert gen is None and info["used"] is False and "one-graph decode step" in info["reason"]
+    assert "one-graph decode step" in capsys.readouterr().err and not reached
     gen, info = run_with_exits(engine, "art", [1, 2], 4, Sampling(0.7, 1.0), set(), None)
     assert gen is None and "greedy-only" in info["reason"] and not reached
     with pytest.raises(RuntimeError, match="exit decoder reached"):

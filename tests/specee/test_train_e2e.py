@@ -87,7 +87,7 @@ class _LimitedHead(torch.nn.Module):
 def test_graph_decoder_decodes_as_the_eager_decoder(trained, mode):
     """The graph decoder's pieces, run eagerly (its host logic: the next layer queued before a predictor's
     decision is read, the exit head and fill after it), give the eager decoder's tokens, exits and counters; on
-    CUDA also when captured and replayed."""
+    CUDA also when captured and replayed. Without exits, its one-piece step decodes as the eager one."""
     from mpq.runtime.loader import load_engine
     from mpq.specee.bundle import load_specee
     from mpq.specee.decode import ExitDecoder, lm_head_weight
@@ -109,6 +109,10 @@ def test_graph_decoder_decodes_as_the_eager_decoder(trained, mode):
             out, st, _ = dec.generate(prompt, 24)
             runs.append((out, dict(st.exits), st.predictor_calls, st.verifications, st.rejections, st.proposals))
         assert all(r == runs[0] for r in runs[1:]), (dev, runs)
+        plain = [cls(model, None if cls is ExitDecoder else load_specee(art, None), 96, mode=mode, exits=False,
+                     **extra).generate(prompt, 24)[0]
+                 for cls, extra in ((ExitDecoder, {}), (GraphExitDecoder, {"capture": dev == "cuda"}))]
+        assert plain[0] == plain[1]  # without exits: the whole step as one piece
         _, exits, calls, verifications, rejections, _ = runs[0]
         assert verifications == calls > 0
         if dev == "cpu":  # accepted exits at several layers, and rejected ones
@@ -130,6 +134,22 @@ def test_graph_decoder_replays_a_trace(trained):
     _, st, _ = dec.generate(list(b"To be, or not"), 13)
     assert st.tokens == 12 and dict(st.exits) == dict(Counter(trace * 2))
     assert st.layers == 2 * sum(trace) and st.rejections == 0
+
+
+def test_graph_decoder_falls_back_when_exits_do_not_pay(trained):
+    """After a window whose steps with exits were not faster than the one-piece full-depth step (here made to
+    cost nothing), the decoder says so and decodes the rest at full depth."""
+    from mpq.runtime.loader import load_engine
+    from mpq.specee.bundle import load_specee
+    from mpq.specee.graph_decode import GraphExitDecoder
+
+    _, art, _, _ = trained
+    model = load_engine(str(art), "cpu").model
+    dec = GraphExitDecoder(model, load_specee(art, None), 96, threshold=0.0, window=4, capture=False)
+    dec._full_depth_ms = lambda: 0.0
+    _, st, _ = dec.generate(list(b"To be, or not"), 20)
+    assert st.fallback.startswith("exits do not pay here") and "at full depth" in st.fallback
+    assert len(st.proposals) == 5  # the first token opens the window, four more close it; then no draft runs
 
 
 def test_mismatched_predictors_are_refused(trained, tmp_path):
