@@ -150,6 +150,9 @@ def test_graph_decoder_falls_back_when_exits_do_not_pay(trained):
     _, st, _ = dec.generate(list(b"To be, or not"), 20)
     assert st.fallback.startswith("exits do not pay here") and "at full depth" in st.fallback
     assert len(st.proposals) == 5  # the first token opens the window, four more close it; then no draft runs
+    kv = [layer.kv_cache.kv.clone() for layer in model.layers]
+    assert GraphExitDecoder._full_depth_ms(dec) > 0  # the real timer leaves the cache as it found it
+    assert all(torch.equal(a, layer.kv_cache.kv) for a, layer in zip(kv, model.layers))
 
 
 def test_mismatched_predictors_are_refused(trained, tmp_path):
