@@ -35,7 +35,7 @@ def main() -> None:
     model.compile_small_ops()
     a, L, dev = model.args, model.args.n_layers, model.device
     src = json.loads(Path("benchmarks/results/specee-trace-smollm2.json").read_text())
-    trace = scaled_trace(src["oracle_histogram"], int(src["num_layers"]), L, 256)
+    trace = scaled_trace(src["exit_histogram"], int(src["num_layers"]), L, 256)
     prompt = list(range(1, 129))
     gen = Generator(model, cache_length(model, 128 + 64))
     gen.generate(prompt, 64)
