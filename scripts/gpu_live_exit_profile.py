@@ -75,6 +75,26 @@ def main() -> None:
             kernel_ms.append(sum(getattr(e, "device_time_total", 0) for e in prof.events()
                                  if e.device_type == torch.autograd.DeviceType.CUDA) / 1000)
         run["gpu_kernel_ms_per_token"] = (kernel_ms[1] - kernel_ms[0]) / 32
+        if exits:  # host cost of single calls, each in a loop of 50 with the GPU drained between loops
+            def per_call(fn, n=50):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(n):
+                    fn()
+                t1 = time.perf_counter()
+                torch.cuda.synchronize()
+                return 1e6 * (t1 - t0) / n
+
+            lay = dec.graphs[("layer", 3)]
+            pred = next(g for k, g in dec.graphs.items() if k[0] == "predict")
+            ev = torch.cuda.Event()
+            run["host_us_per_call"] = {
+                "layer_graph_replay": per_call(lay.replay), "predictor_graph_replay": per_call(pred.replay),
+                "event_record": per_call(ev.record), "event_create_record": per_call(lambda: torch.cuda.Event().record()),
+                "copy_d2h_pinned_4B": per_call(lambda d=dec: d.host_prob.copy_(d.prob_out, non_blocking=True)),
+                "fill_scalar": per_call(lambda d=dec: d.pos.fill_(130)),
+                "event_sync_idle": per_call(ev.synchronize),
+                "empty_python_call": per_call(lambda: None)}
         res["runs"][name] = run
         print(name, json.dumps(run, indent=1), flush=True)
         del dec
