@@ -57,7 +57,6 @@ class GraphExitDecoder(ExitDecoder):
         self.outputs: dict[tuple, object] = {}
         self.draft_stream = torch.cuda.Stream(dev) if self.capture else None
         self.draft_done = torch.cuda.Event() if self.capture else None
-        self.prob_ready = torch.cuda.Event() if self.capture else None
         self.prob_value = 0.0  # eager pieces: the last predictor's probability
         self.full_ms: float | None = None
         self.window_mark: tuple[float, int] | None = None  # (start time, tokens then) of the fallback's window
@@ -98,17 +97,13 @@ class GraphExitDecoder(ExitDecoder):
                                                self.d_cos, self.d_sin))
             self.top4.copy_(top4)
             self.rows.copy_(self.lm_w[top4])
+            self.host_top4.copy_(top4, non_blocking=True)
 
         if not self.capture:
-            fn()
-            self.host_top4.copy_(self.top4)
-            return
+            return fn()
         self.draft_stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.draft_stream):
             self._run(("draft",), fn)
-            # copies to the host stay outside the graphs: a graph holding one took ~80-240 us of host time to
-            # launch on the lent H100 (scripts/gpu_live_exit_profile.py), against ~25 for a whole layer's
-            self.host_top4.copy_(self.top4, non_blocking=True)
             self.draft_done.record()
 
     def _layer(self, i: int) -> None:
@@ -126,9 +121,10 @@ class GraphExitDecoder(ExitDecoder):
         def fn():
             exit_probability(self.xs[i + 1].view(-1), self.model.norm, self.eps, self.rows, self.p_state,
                              self.prob_out, 0, self.mlp, self.sp.predictors.slot[i], first=first)
+            self.host_prob.copy_(self.prob_out, non_blocking=True)
 
         self._run(("predict", i, first), fn, restore=(self.p_state,))
-        self.host_prob.copy_(self.prob_out, non_blocking=True)
+        self.prob_ready = torch.cuda.Event()
         self.prob_ready.record()
 
     def _read_prob(self) -> float:
@@ -143,13 +139,13 @@ class GraphExitDecoder(ExitDecoder):
             hn = final_norm(self.xs[i + 1].view(-1), self.model.norm, self.eps)
             logits = self.model.output(hn)
             top = logits.argmax()
-            return logits, hn, torch.stack((top, (self.top4 == top).any().long()))
+            self.host_head.copy_(torch.stack((top, (self.top4 == top).any().long())), non_blocking=True)
+            return logits, hn
 
-        logits, hn, flags = self._run(("head", i), fn)
-        self.host_head.copy_(flags, non_blocking=True)
+        out = self._run(("head", i), fn)
         if self.capture:
             torch.cuda.current_stream().synchronize()
-        return logits, hn
+        return out
 
     def _full_depth(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A whole step without exits as one piece (one graph, as the engine's own decode step): the baseline the
