@@ -167,12 +167,12 @@ class GraphExitDecoder(ExitDecoder):
     def step(self, token: int, t: int, h_prev: torch.Tensor, exits: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
         """As `ExitDecoder.step`, from the pieces above."""
         st, L = self.stats, self.L
-        if h_prev.data_ptr() != self.h_prev.data_ptr():
-            self.h_prev.copy_(h_prev)
         self.token.fill_(token)
         self.pos.fill_(t)
         if not exits:
             return (*self._full_depth(), L)
+        if h_prev.data_ptr() != self.h_prev.data_ptr():  # the draft's input: the last token's normed hidden state
+            self.h_prev.copy_(h_prev)
         self._embed()
         exit_at = None
         self._draft()
