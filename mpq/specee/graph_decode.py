@@ -30,6 +30,7 @@ import time
 
 import torch
 
+from mpq.errors import MpqError
 from mpq.specee.decode import ExitDecoder
 from mpq.specee.features import final_norm
 
@@ -147,9 +148,15 @@ class GraphExitDecoder(ExitDecoder):
             torch.cuda.current_stream().synchronize()
         return out
 
-    def _full_depth(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """A whole step without exits as one piece (one graph, as the engine's own decode step): the baseline the
-        fallback compares with, and what decodes once exits are off."""
+    def _full_depth(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A whole step without exits as one piece (one graph): the baseline the fallback compares with, and what
+        decodes once exits are off. In fill mode it is the engine's own step (residual adds fused into the next
+        norm; no normed hidden state is returned, since no draft runs after it); drop mode needs the decoder's
+        layer loop, which masks the positions skipped layers left empty."""
+        if self.mode == "fill":
+            return self._run(("full",), lambda: (self.model(self.token.view(1, 1), self.pos, last_only=True).view(-1),
+                                                 None))
+
         def fn():
             x = self.model.embed[self.token].view(1, 1, -1)
             mask = self.model.causal[self.pos].view(1, 1, 1, self.max_seq_len)
@@ -171,6 +178,8 @@ class GraphExitDecoder(ExitDecoder):
         self.pos.fill_(t)
         if not exits:
             return (*self._full_depth(), L)
+        if h_prev is None:
+            raise MpqError("exits cannot resume after a step without them (no normed hidden state for the draft)")
         if h_prev.data_ptr() != self.h_prev.data_ptr():  # the draft's input: the last token's normed hidden state
             self.h_prev.copy_(h_prev)
         self._embed()
