@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.step_ops import norm_num_warps
+
 MAX_DIM = 16384  # one program holds the whole hidden state and the whole MLP in registers
 MAX_HIDDEN = 1024
 
@@ -87,7 +89,7 @@ def _exit_probability_kernel(x_ptr, delta_ptr, norm_ptr, rows_ptr, p_prev_ptr, o
 
 def _warps(block_d: int, with_next: bool) -> int:
     """With the next norm, kernels.step_ops.add_rms_norm's warp count, so the sum of squares reduces in its order."""
-    return max(1, min(16, block_d // 256)) if with_next else 16 if block_d >= 2048 else 4
+    return norm_num_warps(block_d) if with_next else 16 if block_d >= 2048 else 4
 
 
 def exit_probability(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, rows: torch.Tensor, p_prev: torch.Tensor,

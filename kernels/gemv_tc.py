@@ -602,8 +602,9 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     no registers); `xfrag`: B from x_fragments(x) (one more launch, 16-byte loads); `early4`: the 4-bit stream's
     first loads issued before the 2-bit stream runs; `gens` (split > 1): int32 [>= N / 16] generation words, and ws
     is then an int64 workspace [>= split * M * N] that keeps its contents between calls (both zeroed once): the
-    split-K epilogue without a fence (`kernels.splitk`); `gen_early`: that epilogue's generation word read right after
-    the PDL wait rather than at the end (kernels-notes, version 19: +6.5% on split 4, -2..4% on split 16); `pdl`: launched as a programmatic dependent (sm_90+)."""
+    split-K epilogue without a fence (`kernels.splitk`); `gen_early`: that epilogue's generation word read right
+    after the PDL wait rather than at the end (kernels-notes, version 19: +6.5% on split 4, -2..4% on split 16);
+    `pdl`: launched as a programmatic dependent (sm_90+)."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
     xfrag = xfrag and fast

@@ -48,6 +48,12 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, stride_g, stride_u, BLOCK: tl.const
     tl.store(y_ptr + row * N + offs, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
 
 
+def norm_num_warps(block: int) -> int:
+    """Warps of the one-program norm over a row padded to `block`: its sum of squares reduces in this layout's
+    order, which a kernel that must round as this one does (kernels.exit_predictor's next norm) reuses."""
+    return max(1, min(16, block // 256))
+
+
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
                  pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, RMSNorm(x + delta) * weight) for x [..., N] (delta None: no add, x returned as is), weight [N];
@@ -60,7 +66,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     block = triton.next_power_of_2(N)
     _add_rms_norm_kernel[(x.numel() // N,)](
         x, x if delta is None else delta.contiguous(), weight, x_out, h, N, eps, BLOCK=block,
-        HAS_DELTA=delta is not None, PDL=pdl, num_warps=max(1, min(16, block // 256)),
+        HAS_DELTA=delta is not None, PDL=pdl, num_warps=norm_num_warps(block),
         **({"launch_pdl": True} if pdl else {}),
     )
     return x_out, h

@@ -4,7 +4,7 @@ The table in kernels/configs/ was swept with each GEMV timed back to back over r
 GEMV follows a small op or the attention kernel and, with programmatic dependent launch, overlaps its tail, so the
 best row can differ. For each candidate configuration of one shape (the other rows as committed), this captures
 the random-layer 7B engine of scripts/gpu_e2e_profile.py and times graph-replayed decode, alternating candidates
-twice; beside the candidates, the committed rows with the generation read early (`gen_early`; --flips-only: those
+twice; beside the candidates, the committed tensor-core split-K rows with `gen_early` flipped (--flips-only: those
 alone). Prints a table; writes $OUT/engine-table.json (or benchmarks/results/). --write stores the winners in
 kernels/configs/<gpu>.json (or $OUT/<gpu>.json on the device machine)."""
 
@@ -68,9 +68,9 @@ def main() -> None:
     for (n, k), cands in CANDIDATES.items():
         keys = [key for key in table if key[:4] == (1, n, k, G)] or [(1, n, k, G, None)]
         current = {key: table.get(key) for key in keys}
-        early = {key: dataclasses.replace(cfg, gen_early=True) for key, cfg in current.items()
-                 if cfg is not None and cfg.kind == "tc" and cfg.split > 1}
-        options = ([("committed", current)] + ([("committed, gen_early", early)] if early else [])
+        flipped = {key: dataclasses.replace(cfg, gen_early=not cfg.gen_early) for key, cfg in current.items()
+                   if cfg is not None and cfg.kind == "tc" and cfg.split > 1}
+        options = ([("committed", current)] + ([("committed, gen_early flipped", flipped)] if flipped else [])
                    + [(str(dataclasses.asdict(c)), {key: c for key in keys}) for c in cands if "--flips-only" not in sys.argv])
         times = {name: [] for name, _ in options}
         for _ in range(2):
