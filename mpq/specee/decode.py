@@ -138,15 +138,23 @@ class ExitDecoder:
 
     # ---- the engine's layer, piece by piece --------------------------------------------------------------
     def run_layer(self, i: int, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, ops: SmallOps) -> torch.Tensor:
-        layer = self.model.layers[i]
+        return self.run_layers(i, i + 1, x, pos, mask, ops)
+
+    def run_layers(self, first: int, end: int, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, ops: SmallOps,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
+        """Layers [first, end) on residual x: their output residual, written into `out` if given (a buffer a CUDA
+        graph keeps). Each residual add is fused into the next norm, as in `Transformer.forward`."""
         cos, sin = self.model.rope_cos[pos], self.model.rope_sin[pos]
-        dropped = None if self.dropped is None else self.dropped[i]
-        if dropped is not None:
-            mask = mask + dropped
-        x, h = ops.add_rms_norm(x, None, layer.attn_norm, self.eps)
-        delta = layer.attention(h, pos, cos, sin, mask, ops, causal_prefix=True, dropped=dropped)
-        x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.eps)
-        return x + layer.mlp(h, ops)
+        delta = None
+        for i in range(first, end):
+            layer = self.model.layers[i]
+            dropped = None if self.dropped is None else self.dropped[i]
+            x, h = ops.add_rms_norm(x, delta, layer.attn_norm, self.eps)
+            delta = layer.attention(h, pos, cos, sin, mask if dropped is None else mask + dropped, ops,
+                                    causal_prefix=True, dropped=dropped)
+            x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.eps)
+            delta = layer.mlp(h, ops)
+        return torch.add(x, delta, out=out)
 
     def fill_kv(self, x: torch.Tensor, pos: torch.Tensor, first: int, join: bool = True) -> None:
         """K/V of layers [first, L) at position pos, computed from the exit residual x [1, 1, D]. On the GPU with

@@ -1,22 +1,22 @@
 """Live exit-aware decoding from CUDA graphs: SpecEE on the GPU without a Python launch per kernel.
 
 The eager `ExitDecoder` launches every kernel of a step from Python and reads each predictor's decision back; on
-the H100's 7B shape that ran 20x slower than the engine's one-graph step. Here each piece of a step is captured
-once on fixed buffers and replayed, and the host only chooses the next piece:
+the H100's 7B shape that ran 20x slower than the engine's one-graph step. Here a step is a few captured pieces,
+replayed, and the host only chooses the next piece. A piece runs from where the last one stopped to the next
+scheduled layer p: its layers, the predictor at p, and layer p + 1, so that the GPU has that layer to run while
+the host reads the predictor's probability. On a continue nothing is lost; on a predicted exit layer p + 1 ran for
+nothing (its KV entry at this position is then overwritten by the fill, or masked in drop mode): one layer per
+exit. The first piece of a token also gathers the embedding and forks the draft head onto its own stream (it
+overlaps the first layers and joins before the first predictor); the last one, past the last scheduled layer,
+ends with the LM head. Besides those: the exit head at a layer (final norm, LM head, argmax, and whether that
+argmax is one of the draft's 4), the KV fill of the layers after an exit (fill mode), and, without exits (off, or
+after the fallback), the whole step as one graph, as the engine's own.
 
-- the token's embedding; the draft head (on its own stream, overlapping the first layers; the first predictor
-  waits for it);
-- each decoder layer, one graph each;
-- each predictor (layer, first of the token or not): the fused features + MLP kernel, its probability copied to
-  pinned host memory;
-- the exit head at a layer: final norm, LM head, argmax, and whether that argmax is one of the draft's 4;
-- the KV fill of the layers after an exit (fill mode);
-- without exits (off, or after the fallback), the whole step as one graph, as the engine's own.
-
-To keep the GPU busy while the host reads a predictor's probability, the next layer is already queued behind the
-predictor. On a continue nothing is lost; on a predicted exit that layer ran for nothing (its KV entry at this
-position is then overwritten by the fill, or masked in drop mode): one layer per exit. Tokens, exits and
-counters equal the eager decoder's (tests/specee/test_graph_decode.py).
+So a token costs the host one replay per predicted layer, plus the exit head and fill where it exits. Each
+decision reaches the host through pinned memory that the piece writes and the host polls (no CUDA call per
+read: on the lent VM each costs ~10 us). Pieces pass the residual through fixed buffers (`X[i]`: the residual
+entering layer i), so any piece can follow any other. Tokens, exits and counters equal the eager decoder's
+(tests/specee/test_train_e2e.py).
 
 Pieces are captured on first use. `capture=False` runs the same pieces eagerly, which is how the CPU tests check
 the host logic. `trace` (the GPU bench only) replays given exit layers instead of the predictors' decisions, with
@@ -49,7 +49,7 @@ class GraphExitDecoder(ExitDecoder):
         self.h_prev = torch.zeros(model.args.dim, dtype=dt, device=dev)
         self.top4 = torch.zeros(4, dtype=torch.long, device=dev)
         self.rows = torch.zeros(4, model.args.dim, dtype=dt, device=dev)
-        self.xs: list[torch.Tensor | None] = [None] * (self.L + 1)  # xs[i]: the residual entering layer i
+        self.X = torch.zeros(self.L + 1, 1, 1, model.args.dim, dtype=dt, device=dev)  # X[i]: residual into layer i
         pinned = dev.type == "cuda"
         self.host_prob = torch.zeros(1, dtype=torch.float32, pin_memory=pinned)
         self.host_head = torch.zeros(2, dtype=torch.long, pin_memory=pinned)  # (argmax, among the draft's 4)
@@ -57,7 +57,6 @@ class GraphExitDecoder(ExitDecoder):
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple, object] = {}
         self.draft_stream = torch.cuda.Stream(dev) if self.capture else None
-        self.draft_done = torch.cuda.Event() if self.capture else None
         self.prob_value = 0.0  # eager pieces: the last predictor's probability
         self.full_ms: float | None = None
         self.window_mark: tuple[float, int] | None = None  # (start time, tokens then) of the fallback's window
@@ -87,65 +86,84 @@ class GraphExitDecoder(ExitDecoder):
         g.replay()
         return self.outputs[key]
 
-    def _embed(self) -> None:
-        self.xs[0] = self._run(("embed",), lambda: self.model.embed[self.token].view(1, 1, -1))
-
     def _draft(self) -> None:
+        """The draft head's top-4 for this token (from the last token's normed hidden state and this embedding) and
+        their LM-head rows, into fixed buffers."""
         draft = self.sp.draft
+        top4 = draft.propose(draft.step_at(self.h_prev[None], self.X[0].view(1, -1), self.pos - 1, self.d_cos,
+                                           self.d_sin))
+        self.top4.copy_(top4)
+        self.rows.copy_(self.lm_w[top4])
+        self.host_top4.copy_(top4, non_blocking=True)
 
-        def fn():
-            top4 = draft.propose(draft.step_at(self.h_prev[None], self.xs[0].view(1, -1), self.pos - 1,
-                                               self.d_cos, self.d_sin))
-            self.top4.copy_(top4)
-            self.rows.copy_(self.lm_w[top4])
-            self.host_top4.copy_(top4, non_blocking=True)
+    def _head_fn(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final norm and LM head on layer i's output; (argmax, among the draft's 4) to the host."""
+        hn = final_norm(self.X[i + 1].view(-1), self.model.norm, self.eps)
+        logits = self.model.output(hn)
+        top = logits.argmax()
+        self.host_head.copy_(torch.stack((top, (self.top4 == top).any().long())), non_blocking=True)
+        return logits, hn
 
-        if not self.capture:
-            return fn()
-        self.draft_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.draft_stream):
-            self._run(("draft",), fn)
-            self.draft_done.record()
-
-    def _layer(self, i: int) -> None:
+    def _piece(self, c: int, p: int | None, first: bool):
+        """Queue layers c..p from X[c] (c = 0: after the embedding, with the draft forked), then the predictor at p
+        and layer p + 1; p None: layers c..L-1 and the LM head, whose (logits, hn) it returns."""
         mask = lambda: self.model.causal[self.pos].view(1, 1, 1, self.max_seq_len)  # noqa: E731
-        self.xs[i + 1] = self._run(("layer", i), lambda: self.run_layer(i, self.xs[i], self.pos, mask(),
-                                                                        self.model.ops))
-
-    def _predict(self, i: int, first: bool) -> None:
-        """Queue layer i's predictor; its probability is read by `_read_prob` (after the next layer is queued)."""
-        if not self.capture:
-            self.prob_value = self.exit_prob(i, self.xs[i + 1], self.rows, first)
-            return
-        from kernels.exit_predictor import exit_probability
+        last = self.L - 1 if p is None else p
 
         def fn():
-            exit_probability(self.xs[i + 1].view(-1), self.model.norm, self.eps, self.rows, self.p_state,
-                             self.prob_out, 0, self.mlp, self.sp.predictors.slot[i], first=first)
-            self.host_prob.copy_(self.prob_out, non_blocking=True)
+            main = torch.cuda.current_stream() if self.capture else None
+            if c == 0:
+                torch.index_select(self.model.embed, 0, self.token, out=self.X[0].view(1, -1))
+                if self.capture:  # the draft on its own stream, beside the first layers
+                    self.draft_stream.wait_stream(main)
+                    with torch.cuda.stream(self.draft_stream):
+                        self._draft()
+                else:
+                    self._draft()
+            if c <= last:
+                self.run_layers(c, last + 1, self.X[c], self.pos, mask(), self.model.ops, out=self.X[last + 1])
+            if c == 0 and self.capture:
+                main.wait_stream(self.draft_stream)
+            if p is None:
+                return self._head_fn(self.L - 1)
+            if self.capture:
+                from kernels.exit_predictor import exit_probability
 
-        self._run(("predict", i, first), fn, restore=(self.p_state,))
-        self.prob_ready = torch.cuda.Event()
-        self.prob_ready.record()
+                exit_probability(self.X[p + 1].view(-1), self.model.norm, self.eps, self.rows, self.p_state,
+                                 self.prob_out, 0, self.mlp, self.sp.predictors.slot[p], first=first)
+                self.host_prob.copy_(self.prob_out, non_blocking=True)
+            else:
+                self.prob_value = self.exit_prob(p, self.X[p + 1], self.rows, first)
+            if p + 1 < self.L:  # run while the host reads the decision
+                self.run_layers(p + 1, p + 2, self.X[p + 1], self.pos, mask(), self.model.ops, out=self.X[p + 2])
+            return None
+
+        if p is not None:
+            self.host_prob[0] = -1.0  # a probability is >= 0: the poll waits for this piece's
+        else:
+            self.host_head[1] = -1
+        return self._run(("piece", c, p, first), fn, restore=(self.p_state,))
+
+    def _poll(self, buf: torch.Tensor, index: int):
+        """buf[index] once the GPU has written it (it was set to -1 before the piece was queued): a spin on pinned
+        host memory, no CUDA call per read."""
+        view = buf.numpy()
+        spins = 0
+        while view[index] == -1:
+            spins += 1
+            if spins % 100_000 == 0 and torch.cuda.current_stream().query() and view[index] == -1:
+                raise MpqError("a piece of the exit decoder finished without writing its decision to the host")
+        return view[index]
 
     def _read_prob(self) -> float:
-        if not self.capture:
-            return self.prob_value
-        self.prob_ready.synchronize()
-        return float(self.host_prob[0])
+        return float(self._poll(self.host_prob, 0)) if self.capture else self.prob_value
 
     def _head(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Final norm and LM head on layer i's output; the host learns (argmax, among the draft's 4)."""
-        def fn():
-            hn = final_norm(self.xs[i + 1].view(-1), self.model.norm, self.eps)
-            logits = self.model.output(hn)
-            top = logits.argmax()
-            self.host_head.copy_(torch.stack((top, (self.top4 == top).any().long())), non_blocking=True)
-            return logits, hn
-
-        out = self._run(("head", i), fn)
+        """The exit head at layer i; the host learns (argmax, among the draft's 4)."""
+        self.host_head[1] = -1
+        out = self._run(("head", i), lambda: self._head_fn(i))
         if self.capture:
-            torch.cuda.current_stream().synchronize()
+            self._poll(self.host_head, 1)
         return out
 
     def _full_depth(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -160,15 +178,14 @@ class GraphExitDecoder(ExitDecoder):
         def fn():
             x = self.model.embed[self.token].view(1, 1, -1)
             mask = self.model.causal[self.pos].view(1, 1, 1, self.max_seq_len)
-            for i in range(self.L):
-                x = self.run_layer(i, x, self.pos, mask, self.model.ops)
+            x = self.run_layers(0, self.L, x, self.pos, mask, self.model.ops)
             hn = final_norm(x.view(-1), self.model.norm, self.eps)
             return self.model.output(hn), hn
 
         return self._run(("full",), fn)
 
     def _fill(self, first: int) -> None:
-        self._run(("fill", first), lambda: self.fill_kv(self.xs[first], self.pos, first))
+        self._run(("fill", first), lambda: self.fill_kv(self.X[first], self.pos, first))
 
     # ---- one token ---------------------------------------------------------------------------------------
     def step(self, token: int, t: int, h_prev: torch.Tensor, exits: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -182,37 +199,30 @@ class GraphExitDecoder(ExitDecoder):
             raise MpqError("exits cannot resume after a step without them (no normed hidden state for the draft)")
         if h_prev.data_ptr() != self.h_prev.data_ptr():  # the draft's input: the last token's normed hidden state
             self.h_prev.copy_(h_prev)
-        self._embed()
-        exit_at = None
-        self._draft()
         sched = self.online.layers()
+        exit_at = None
         if self.trace is not None:  # trace-driven: the replayed exit layer always carries a predictor
             exit_at = self.trace[st.tokens % len(self.trace)] - 1
             sched = ({j for j in sched if j < exit_at} | {exit_at}) if exit_at < L - 1 else sched
-        pending, first, result = None, True, None
-        for i in range(L):
-            self._layer(i)
-            if pending is not None:  # layer i is queued behind predictor i - 1: read its decision now
-                j, pending = pending, None
-                prob = self._read_prob()
-                fire = prob > self.thresholds[j] if exit_at is None else j == exit_at
-                if fire:
-                    result = self._try_exit(j, None if exit_at is None else True)
-                    if result is not None:
-                        break
-            if i < L - 1 and i in sched:
-                if first and self.capture:
-                    torch.cuda.current_stream().wait_event(self.draft_done)
-                self._predict(i, first)
-                first = False
-                st.predictor_calls += 1
-                pending = i
-        if result is None:
-            logits, hn = self._head(L - 1)
-            self.online.record_exit(L - 1)
-            result = logits, hn, L
-        if self.capture:
-            self.draft_done.synchronize()
+        sched = sorted(j for j in sched if j < L - 1)
+        queued, first, result = 0, True, None  # layers [0, queued) are queued
+        for p in [*sched, None]:
+            if p is None:  # past the last scheduled layer: the rest and the LM head
+                logits, hn = self._piece(queued, None, first)
+                if self.capture:
+                    self._poll(self.host_head, 1)
+                self.online.record_exit(L - 1)
+                result = logits, hn, L
+                break
+            self._piece(queued, p, first)
+            first = False
+            st.predictor_calls += 1
+            queued = min(p + 2, L)
+            prob = self._read_prob()
+            if (prob > self.thresholds[p]) if exit_at is None else p == exit_at:
+                result = self._try_exit(p, None if exit_at is None else True)
+                if result is not None:
+                    break
         st.proposals.append(set(self.host_top4.tolist()))
         return result
 
