@@ -65,7 +65,7 @@ def main() -> None:
     model.compile_small_ops()
     a, L, dev = model.args, model.args.n_layers, model.device
     src = json.loads(Path("benchmarks/results/specee-trace-smollm2.json").read_text())
-    trace = scaled_trace(src["oracle_histogram"], int(src["num_layers"]), L, 256)
+    trace = scaled_trace(src["exit_histogram"], int(src["num_layers"]), L, 256)
     prompt = list(range(1, 129))
     res = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT"),
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens": TOKENS, "runs": {}}
