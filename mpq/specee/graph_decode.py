@@ -51,13 +51,14 @@ class GraphExitDecoder(ExitDecoder):
         self.rows = torch.zeros(4, model.args.dim, dtype=dt, device=dev)
         self.X = torch.zeros(self.L + 1, 1, 1, model.args.dim, dtype=dt, device=dev)  # X[i]: residual into layer i
         pinned = dev.type == "cuda"
-        self.host_prob = torch.zeros(1, dtype=torch.float32, pin_memory=pinned)
+        self.host_prob = torch.zeros(self.L, dtype=torch.float32, pin_memory=pinned)  # per predicted layer
         self.host_head = torch.zeros(2, dtype=torch.long, pin_memory=pinned)  # (argmax, among the draft's 4)
         self.host_top4 = torch.zeros(4, dtype=torch.long, pin_memory=pinned)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple, object] = {}
         self.draft_stream = torch.cuda.Stream(dev) if self.capture else None
-        self.prob_value = 0.0  # eager pieces: the last predictor's probability
+        self.host_prob_np, self.host_head_np = self.host_prob.numpy(), self.host_head.numpy()  # cheap host writes
+        self.prob_values: dict[int, float] = {}  # eager pieces: each predicted layer's probability
         self.full_ms: float | None = None
         self.window_mark: tuple[float, int] | None = None  # (start time, tokens then) of the fallback's window
 
@@ -131,23 +132,22 @@ class GraphExitDecoder(ExitDecoder):
 
                 exit_probability(self.X[p + 1].view(-1), self.model.norm, self.eps, self.rows, self.p_state,
                                  self.prob_out, 0, self.mlp, self.sp.predictors.slot[p], first=first)
-                self.host_prob.copy_(self.prob_out, non_blocking=True)
+                self.host_prob[p:p + 1].copy_(self.prob_out, non_blocking=True)
             else:
-                self.prob_value = self.exit_prob(p, self.X[p + 1], self.rows, first)
+                self.prob_values[p] = self.exit_prob(p, self.X[p + 1], self.rows, first)
             if p + 1 < self.L:  # run while the host reads the decision
                 self.run_layers(p + 1, p + 2, self.X[p + 1], self.pos, mask(), self.model.ops, out=self.X[p + 2])
             return None
 
         if p is not None:
-            self.host_prob[0] = -1.0  # a probability is >= 0: the poll waits for this piece's
+            self.host_prob_np[p] = -1.0  # a probability is >= 0: the poll waits for this piece's
         else:
-            self.host_head[1] = -1
+            self.host_head_np[1] = -1
         return self._run(("piece", c, p, first), fn, restore=(self.p_state,))
 
-    def _poll(self, buf: torch.Tensor, index: int):
-        """buf[index] once the GPU has written it (it was set to -1 before the piece was queued): a spin on pinned
-        host memory, no CUDA call per read."""
-        view = buf.numpy()
+    def _poll(self, view, index: int):
+        """view[index] (a pinned buffer's numpy view) once the GPU has written it (it was set to -1 before the piece
+        was queued): a spin on pinned host memory, no CUDA call per read."""
         spins = 0
         while view[index] == -1:
             spins += 1
@@ -155,15 +155,15 @@ class GraphExitDecoder(ExitDecoder):
                 raise MpqError("a piece of the exit decoder finished without writing its decision to the host")
         return view[index]
 
-    def _read_prob(self) -> float:
-        return float(self._poll(self.host_prob, 0)) if self.capture else self.prob_value
+    def _read_prob(self, p: int) -> float:
+        return float(self._poll(self.host_prob_np, p)) if self.capture else self.prob_values[p]
 
     def _head(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The exit head at layer i; the host learns (argmax, among the draft's 4)."""
-        self.host_head[1] = -1
+        self.host_head_np[1] = -1
         out = self._run(("head", i), lambda: self._head_fn(i))
         if self.capture:
-            self._poll(self.host_head, 1)
+            self._poll(self.host_head_np, 1)
         return out
 
     def _full_depth(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -205,24 +205,38 @@ class GraphExitDecoder(ExitDecoder):
             exit_at = self.trace[st.tokens % len(self.trace)] - 1
             sched = ({j for j in sched if j < exit_at} | {exit_at}) if exit_at < L - 1 else sched
         sched = sorted(j for j in sched if j < L - 1)
+        # two pieces in flight: the host reads one predictor's decision while the GPU runs the next piece, so the
+        # GPU never waits for the host's turnaround; on an exit the piece after it ran for nothing (its KV entries at
+        # this position are overwritten by the fill, or masked in drop mode)
         queued, first, result = 0, True, None  # layers [0, queued) are queued
-        for p in [*sched, None]:
-            if p is None:  # past the last scheduled layer: the rest and the LM head
-                logits, hn = self._piece(queued, None, first)
-                if self.capture:
-                    self._poll(self.host_head, 1)
-                self.online.record_exit(L - 1)
-                result = logits, hn, L
-                break
-            self._piece(queued, p, first)
-            first = False
+        ahead = iter(sched)
+        inflight: list[int] = []
+
+        def queue_next() -> None:
+            nonlocal queued, first
+            p = next(ahead, None)
+            if p is not None:
+                self._piece(queued, p, first)
+                first, queued = False, min(p + 2, L)
+                inflight.append(p)
+
+        queue_next()
+        queue_next()
+        while inflight:
+            p = inflight.pop(0)
             st.predictor_calls += 1
-            queued = min(p + 2, L)
-            prob = self._read_prob()
+            prob = self._read_prob(p)
             if (prob > self.thresholds[p]) if exit_at is None else p == exit_at:
                 result = self._try_exit(p, None if exit_at is None else True)
                 if result is not None:
                     break
+            queue_next()
+        if result is None:  # past the last scheduled layer: the rest and the LM head
+            logits, hn = self._piece(queued, None, first)
+            if self.capture:
+                self._poll(self.host_head_np, 1)
+            self.online.record_exit(L - 1)
+            result = logits, hn, L
         st.proposals.append(set(self.host_top4.tolist()))
         return result
 
