@@ -11,7 +11,7 @@ import json
 import os
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -71,39 +71,30 @@ def main() -> None:
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "tokens": TOKENS, "runs": {}}
     gen = Generator(model, cache_length(model, 128 + 64))
     gen.generate(prompt, 64)
-    res["runs"]["engine"] = {"ms_per_token": min(gen.generate(prompt, 64).decode_ms_per_token for _ in range(3)),
-                             "timeline": timeline(lambda g=gen: g.generate(prompt, TOKENS))}
+    res["runs"]["engine"] = {"ms_per_token": min(gen.generate(prompt, 64).decode_ms_per_token for _ in range(3))}
     del gen
     draft = DraftHead(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, a.intermediate_size // 4, a.norm_eps,
                       torch.arange(4096))
     preds = ExitPredictors(list(range(L - 1))).to(dev)
-    for name, exits, mode in (("full_depth", False, "fill"), ("trace_fill", True, "fill"), ("trace_drop", True, "drop")):
-        dec = GraphExitDecoder(model, SpecEE(draft, preds, OFFLINE, {}), 128 + 64 + 1, exits=exits, mode=mode,
-                               auto_fallback=False, trace=trace)
-        dec.generate(prompt, 64)
-        _, st, _ = dec.generate(prompt, 64)
-        run = {"ms_per_token": st.decode_ms / st.tokens, "mean_layers": st.layers / st.tokens, "graphs": len(dec.graphs)}
-        host = defaultdict(float)
-        for meth in ("_poll", "_run", "_piece", "_head", "_fill", "_try_exit", "step"):
-            orig = getattr(dec, meth)
+    from old_graph_decode import GraphExitDecoder as OldDecoder  # 8088b31: a graph per layer and per predictor
 
-            def timed(*args, _orig=orig, _m=meth, **kw):
-                t0 = time.perf_counter()
-                r = _orig(*args, **kw)
-                host[_m] += time.perf_counter() - t0
-                return r
-
-            setattr(dec, meth, timed)
-        _, st, _ = dec.generate(prompt, 64)
-        run["host_ms_per_token"] = {k: 1000 * v / st.tokens for k, v in host.items()}
-        run["ms_per_token_instrumented"] = st.decode_ms / st.tokens
-        for meth in list(host):
-            delattr(dec, meth)
-        run["timeline"] = timeline(lambda d=dec: d.generate(prompt, TOKENS))
-        res["runs"][name] = run
-        print(name, json.dumps(run, indent=1), flush=True)
-        del dec
-        torch.cuda.empty_cache()
+    variants = {"old_8088b31": (OldDecoder, {}), "ahead1": (GraphExitDecoder, {"AHEAD": 1}),
+                "ahead2": (GraphExitDecoder, {"AHEAD": 2}), "ahead2_copy_aside": (GraphExitDecoder, {"AHEAD": 2, "COPY_ASIDE": True})}
+    for _round in range(2):
+        for vname, (cls, attrs) in variants.items():
+            for mode in ("fill", "drop"):
+                name = f"{vname}_{mode}_round{_round}"
+                dec = cls(model, SpecEE(draft, preds, OFFLINE, {}), 128 + 64 + 1, exits=True, mode=mode,
+                          auto_fallback=False, trace=trace)
+                for k, v in attrs.items():
+                    setattr(dec, k, v)
+                dec.generate(prompt, 64)
+                _, st, _ = dec.generate(prompt, 64)
+                res["runs"][name] = {"ms_per_token": st.decode_ms / st.tokens, "mean_layers": st.layers / st.tokens,
+                                     "graphs": len(dec.graphs)}
+                print(name, res["runs"][name], flush=True)
+                del dec
+                torch.cuda.empty_cache()
     (out / "live-exit-gaps.json").write_text(json.dumps(res, indent=1))
 
 

@@ -38,6 +38,9 @@ from mpq.specee.features import final_norm
 class GraphExitDecoder(ExitDecoder):
     """`ExitDecoder` whose decode step replays captured pieces (CUDA) or runs them eagerly (capture=False)."""
 
+    AHEAD = 2  # pieces in flight
+    COPY_ASIDE = False  # the probability's copy to the host on a side stream
+
     def __init__(self, *args, capture: bool | None = None, trace: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         model = self.model
@@ -57,6 +60,7 @@ class GraphExitDecoder(ExitDecoder):
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple, object] = {}
         self.draft_stream = torch.cuda.Stream(dev) if self.capture else None
+        self.copy_stream = torch.cuda.Stream(dev) if self.capture else None
         self.host_prob_np, self.host_head_np = self.host_prob.numpy(), self.host_head.numpy()  # cheap host writes
         self.prob_values: dict[int, float] = {}  # eager pieces: each predicted layer's probability
         self.full_ms: float | None = None
@@ -132,11 +136,18 @@ class GraphExitDecoder(ExitDecoder):
 
                 exit_probability(self.X[p + 1].view(-1), self.model.norm, self.eps, self.rows, self.p_state,
                                  self.prob_out, 0, self.mlp, self.sp.predictors.slot[p], first=first)
-                self.host_prob[p:p + 1].copy_(self.prob_out, non_blocking=True)
+                if self.COPY_ASIDE:
+                    self.copy_stream.wait_stream(main)
+                    with torch.cuda.stream(self.copy_stream):
+                        self.host_prob[p:p + 1].copy_(self.prob_out, non_blocking=True)
+                else:
+                    self.host_prob[p:p + 1].copy_(self.prob_out, non_blocking=True)
             else:
                 self.prob_values[p] = self.exit_prob(p, self.X[p + 1], self.rows, first)
             if p + 1 < self.L:  # run while the host reads the decision
                 self.run_layers(p + 1, p + 2, self.X[p + 1], self.pos, mask(), self.model.ops, out=self.X[p + 2])
+            if self.capture and self.COPY_ASIDE:
+                main.wait_stream(self.copy_stream)
             return None
 
         if p is not None:
@@ -220,8 +231,8 @@ class GraphExitDecoder(ExitDecoder):
                 first, queued = False, min(p + 2, L)
                 inflight.append(p)
 
-        queue_next()
-        queue_next()
+        for _ in range(self.AHEAD):
+            queue_next()
         while inflight:
             p = inflight.pop(0)
             st.predictor_calls += 1

@@ -1,0 +1,281 @@
+"""Live exit-aware decoding from CUDA graphs: SpecEE on the GPU without a Python launch per kernel.
+
+The eager `ExitDecoder` launches every kernel of a step from Python and reads each predictor's decision back; on
+the H100's 7B shape that ran 20x slower than the engine's one-graph step. Here each piece of a step is captured
+once on fixed buffers and replayed, and the host only chooses the next piece:
+
+- the token's embedding; the draft head (on its own stream, overlapping the first layers; the first predictor
+  waits for it);
+- each decoder layer, one graph each;
+- each predictor (layer, first of the token or not): the fused features + MLP kernel, its probability copied to
+  pinned host memory;
+- the exit head at a layer: final norm, LM head, argmax, and whether that argmax is one of the draft's 4;
+- the KV fill of the layers after an exit (fill mode);
+- without exits (off, or after the fallback), the whole step as one graph, as the engine's own.
+
+To keep the GPU busy while the host reads a predictor's probability, the next layer is already queued behind the
+predictor. On a continue nothing is lost; on a predicted exit that layer ran for nothing (its KV entry at this
+position is then overwritten by the fill, or masked in drop mode): one layer per exit. Tokens, exits and
+counters equal the eager decoder's (tests/specee/test_graph_decode.py).
+
+Pieces are captured on first use. `capture=False` runs the same pieces eagerly, which is how the CPU tests check
+the host logic. `trace` (the GPU bench only) replays given exit layers instead of the predictors' decisions, with
+the predictors, the reads and the exit heads still really run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+from mpq.errors import MpqError
+from mpq.specee.decode import ExitDecoder
+from mpq.specee.features import final_norm
+
+
+class GraphExitDecoder(ExitDecoder):
+    """`ExitDecoder` whose decode step replays captured pieces (CUDA) or runs them eagerly (capture=False)."""
+
+    def __init__(self, *args, capture: bool | None = None, trace: list[int] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self.model
+        dev, dt = model.device, model.dtype
+        self.capture = dev.type == "cuda" if capture is None else capture
+        self.trace = None if trace is None else list(trace)
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.h_prev = torch.zeros(model.args.dim, dtype=dt, device=dev)
+        self.top4 = torch.zeros(4, dtype=torch.long, device=dev)
+        self.rows = torch.zeros(4, model.args.dim, dtype=dt, device=dev)
+        self.xs: list[torch.Tensor | None] = [None] * (self.L + 1)  # xs[i]: the residual entering layer i
+        pinned = dev.type == "cuda"
+        self.host_prob = torch.zeros(1, dtype=torch.float32, pin_memory=pinned)
+        self.host_head = torch.zeros(2, dtype=torch.long, pin_memory=pinned)  # (argmax, among the draft's 4)
+        self.host_top4 = torch.zeros(4, dtype=torch.long, pin_memory=pinned)
+        self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[tuple, object] = {}
+        self.draft_stream = torch.cuda.Stream(dev) if self.capture else None
+        self.draft_done = torch.cuda.Event() if self.capture else None
+        self.prob_value = 0.0  # eager pieces: the last predictor's probability
+        self.full_ms: float | None = None
+        self.window_mark: tuple[float, int] | None = None  # (start time, tokens then) of the fallback's window
+
+    # ---- pieces ------------------------------------------------------------------------------------------
+    def _run(self, key: tuple, fn, restore: tuple[torch.Tensor, ...] = ()):
+        """fn() now (eager), or its CUDA graph, captured on first use; `restore`: state a warm-up run must not
+        change (the capture needs one run outside the graph first). Each graph has its own memory pool: pieces
+        replay in varying orders (and the draft's concurrently), so one graph's temporaries must never lie under
+        another's outputs."""
+        if not self.capture:
+            return fn()
+        g = self.graphs.get(key)
+        if g is None:
+            saved = [t.clone() for t in restore]
+            side = torch.cuda.Stream(self.model.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                fn()
+            torch.cuda.current_stream().wait_stream(side)
+            for t, s in zip(restore, saved):
+                t.copy_(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self.outputs[key] = fn()
+            self.graphs[key] = g
+        g.replay()
+        return self.outputs[key]
+
+    def _embed(self) -> None:
+        self.xs[0] = self._run(("embed",), lambda: self.model.embed[self.token].view(1, 1, -1))
+
+    def _draft(self) -> None:
+        draft = self.sp.draft
+
+        def fn():
+            top4 = draft.propose(draft.step_at(self.h_prev[None], self.xs[0].view(1, -1), self.pos - 1,
+                                               self.d_cos, self.d_sin))
+            self.top4.copy_(top4)
+            self.rows.copy_(self.lm_w[top4])
+            self.host_top4.copy_(top4, non_blocking=True)
+
+        if not self.capture:
+            return fn()
+        self.draft_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.draft_stream):
+            self._run(("draft",), fn)
+            self.draft_done.record()
+
+    def _layer(self, i: int) -> None:
+        mask = lambda: self.model.causal[self.pos].view(1, 1, 1, self.max_seq_len)  # noqa: E731
+        self.xs[i + 1] = self._run(("layer", i), lambda: self.run_layer(i, self.xs[i], self.pos, mask(),
+                                                                        self.model.ops))
+
+    def _predict(self, i: int, first: bool) -> None:
+        """Queue layer i's predictor; its probability is read by `_read_prob` (after the next layer is queued)."""
+        if not self.capture:
+            self.prob_value = self.exit_prob(i, self.xs[i + 1], self.rows, first)
+            return
+        from kernels.exit_predictor import exit_probability
+
+        def fn():
+            exit_probability(self.xs[i + 1].view(-1), self.model.norm, self.eps, self.rows, self.p_state,
+                             self.prob_out, 0, self.mlp, self.sp.predictors.slot[i], first=first)
+            self.host_prob.copy_(self.prob_out, non_blocking=True)
+
+        self._run(("predict", i, first), fn, restore=(self.p_state,))
+        self.prob_ready = torch.cuda.Event()
+        self.prob_ready.record()
+
+    def _read_prob(self) -> float:
+        if not self.capture:
+            return self.prob_value
+        self.prob_ready.synchronize()
+        return float(self.host_prob[0])
+
+    def _head(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Final norm and LM head on layer i's output; the host learns (argmax, among the draft's 4)."""
+        def fn():
+            hn = final_norm(self.xs[i + 1].view(-1), self.model.norm, self.eps)
+            logits = self.model.output(hn)
+            top = logits.argmax()
+            self.host_head.copy_(torch.stack((top, (self.top4 == top).any().long())), non_blocking=True)
+            return logits, hn
+
+        out = self._run(("head", i), fn)
+        if self.capture:
+            torch.cuda.current_stream().synchronize()
+        return out
+
+    def _full_depth(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A whole step without exits as one piece (one graph): the baseline the fallback compares with, and what
+        decodes once exits are off. In fill mode it is the engine's own step (residual adds fused into the next
+        norm; no normed hidden state is returned, since no draft runs after it); drop mode needs the decoder's
+        layer loop, which masks the positions skipped layers left empty."""
+        if self.mode == "fill":
+            return self._run(("full",), lambda: (self.model(self.token.view(1, 1), self.pos, last_only=True).view(-1),
+                                                 None))
+
+        def fn():
+            x = self.model.embed[self.token].view(1, 1, -1)
+            mask = self.model.causal[self.pos].view(1, 1, 1, self.max_seq_len)
+            for i in range(self.L):
+                x = self.run_layer(i, x, self.pos, mask, self.model.ops)
+            hn = final_norm(x.view(-1), self.model.norm, self.eps)
+            return self.model.output(hn), hn
+
+        return self._run(("full",), fn)
+
+    def _fill(self, first: int) -> None:
+        self._run(("fill", first), lambda: self.fill_kv(self.xs[first], self.pos, first))
+
+    # ---- one token ---------------------------------------------------------------------------------------
+    def step(self, token: int, t: int, h_prev: torch.Tensor, exits: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """As `ExitDecoder.step`, from the pieces above."""
+        st, L = self.stats, self.L
+        self.token.fill_(token)
+        self.pos.fill_(t)
+        if not exits:
+            return (*self._full_depth(), L)
+        if h_prev is None:
+            raise MpqError("exits cannot resume after a step without them (no normed hidden state for the draft)")
+        if h_prev.data_ptr() != self.h_prev.data_ptr():  # the draft's input: the last token's normed hidden state
+            self.h_prev.copy_(h_prev)
+        self._embed()
+        exit_at = None
+        self._draft()
+        sched = self.online.layers()
+        if self.trace is not None:  # trace-driven: the replayed exit layer always carries a predictor
+            exit_at = self.trace[st.tokens % len(self.trace)] - 1
+            sched = ({j for j in sched if j < exit_at} | {exit_at}) if exit_at < L - 1 else sched
+        pending, first, result = None, True, None
+        for i in range(L):
+            self._layer(i)
+            if pending is not None:  # layer i is queued behind predictor i - 1: read its decision now
+                j, pending = pending, None
+                prob = self._read_prob()
+                fire = prob > self.thresholds[j] if exit_at is None else j == exit_at
+                if fire:
+                    result = self._try_exit(j, None if exit_at is None else True)
+                    if result is not None:
+                        break
+            if i < L - 1 and i in sched:
+                if first and self.capture:
+                    torch.cuda.current_stream().wait_event(self.draft_done)
+                self._predict(i, first)
+                first = False
+                st.predictor_calls += 1
+                pending = i
+        if result is None:
+            logits, hn = self._head(L - 1)
+            self.online.record_exit(L - 1)
+            result = logits, hn, L
+        if self.capture:
+            self.draft_done.synchronize()
+        st.proposals.append(set(self.host_top4.tolist()))
+        return result
+
+    def _try_exit(self, j: int, forced: bool | None):
+        """The exit head at layer j: (logits, hn, j + 1) with the skipped layers' KV filled (or dropped) if its
+        argmax is among the draft's 4 (or `forced`), else None (a rejected verification)."""
+        st = self.stats
+        logits, hn = self._head(j)
+        st.verifications += 1
+        accepted = bool(self.host_head[1]) if self.capture else bool((self.top4 == logits.argmax()).any())
+        if forced is not None:
+            accepted = forced
+        if not accepted:
+            st.rejections += 1
+            return None
+        self.online.record_exit(j)
+        if self.mode == "fill":
+            self._fill(j + 1)
+        else:
+            self.dropped[j + 1:, self.pos] = float("-inf")
+        return logits, hn, j + 1
+
+    # ---- fallback ----------------------------------------------------------------------------------------
+    def generate(self, prompt, max_new_tokens, *args, **kwargs):
+        self.full_ms, self.window_mark = None, None
+        return super().generate(prompt, max_new_tokens, *args, **kwargs)
+
+    def _full_depth_ms(self) -> float:
+        """ms of the one-graph full-depth step, timed on the position just decoded (its KV entries there are
+        restored afterwards)."""
+        t = self.pos.clone()
+        saved_kv = [layer.kv_cache.kv.index_select(3, t) for layer in self.model.layers]
+        times = []
+        for _ in range(3):
+            if self.capture:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            logits, _ = self._full_depth()
+            int(logits.argmax())  # as generate reads each token
+            times.append(1000 * (time.perf_counter() - t0))
+        for layer, kv in zip(self.model.layers, saved_kv):
+            layer.kv_cache.kv.index_copy_(3, t, kv)
+        return statistics.median(times)
+
+    def _check_fallback(self) -> bool:
+        """Every `window` tokens: were the steps with exits faster than the one-graph full-depth step? (The eager
+        decoder's per-part host timers mean nothing here: the GPU runs ahead of the host.)"""
+        st = self.stats
+        if not self.auto_fallback:
+            return False
+        now = time.perf_counter()
+        if self.window_mark is None:
+            self.window_mark = now, st.tokens
+            return False
+        start, tokens = self.window_mark
+        if st.tokens - tokens < self.window:
+            return False
+        per_token = 1000 * (now - start) / (st.tokens - tokens)
+        if self.full_ms is None:
+            self.full_ms = self._full_depth_ms()
+        self.window_mark = time.perf_counter(), st.tokens
+        if per_token < self.full_ms:
+            return False
+        st.fallback = (f"exits do not pay here: {per_token:.2f} ms/token with exits against {self.full_ms:.2f} at "
+                       f"full depth over the last {st.tokens - tokens} tokens; decoding the rest at full depth")
+        return True
