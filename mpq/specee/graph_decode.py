@@ -38,9 +38,6 @@ from mpq.specee.features import final_norm
 class GraphExitDecoder(ExitDecoder):
     """`ExitDecoder` whose decode step replays captured pieces (CUDA) or runs them eagerly (capture=False)."""
 
-    AHEAD = 2  # pieces in flight
-    COPY_ASIDE = False  # the probability's copy to the host on a side stream
-
     def __init__(self, *args, capture: bool | None = None, trace: list[int] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         model = self.model
@@ -54,15 +51,14 @@ class GraphExitDecoder(ExitDecoder):
         self.rows = torch.zeros(4, model.args.dim, dtype=dt, device=dev)
         self.X = torch.zeros(self.L + 1, 1, 1, model.args.dim, dtype=dt, device=dev)  # X[i]: residual into layer i
         pinned = dev.type == "cuda"
-        self.host_prob = torch.zeros(self.L, dtype=torch.float32, pin_memory=pinned)  # per predicted layer
+        self.host_prob = torch.zeros(1, dtype=torch.float32, pin_memory=pinned)
         self.host_head = torch.zeros(2, dtype=torch.long, pin_memory=pinned)  # (argmax, among the draft's 4)
         self.host_top4 = torch.zeros(4, dtype=torch.long, pin_memory=pinned)
+        self.host_prob_np, self.host_head_np = self.host_prob.numpy(), self.host_head.numpy()  # cheap host writes
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple, object] = {}
         self.draft_stream = torch.cuda.Stream(dev) if self.capture else None
-        self.copy_stream = torch.cuda.Stream(dev) if self.capture else None
-        self.host_prob_np, self.host_head_np = self.host_prob.numpy(), self.host_head.numpy()  # cheap host writes
-        self.prob_values: dict[int, float] = {}  # eager pieces: each predicted layer's probability
+        self.prob_value = 0.0  # eager pieces: the last predictor's probability
         self.full_ms: float | None = None
         self.window_mark: tuple[float, int] | None = None  # (start time, tokens then) of the fallback's window
 
@@ -136,22 +132,15 @@ class GraphExitDecoder(ExitDecoder):
 
                 exit_probability(self.X[p + 1].view(-1), self.model.norm, self.eps, self.rows, self.p_state,
                                  self.prob_out, 0, self.mlp, self.sp.predictors.slot[p], first=first)
-                if self.COPY_ASIDE:
-                    self.copy_stream.wait_stream(main)
-                    with torch.cuda.stream(self.copy_stream):
-                        self.host_prob[p:p + 1].copy_(self.prob_out, non_blocking=True)
-                else:
-                    self.host_prob[p:p + 1].copy_(self.prob_out, non_blocking=True)
+                self.host_prob.copy_(self.prob_out, non_blocking=True)
             else:
-                self.prob_values[p] = self.exit_prob(p, self.X[p + 1], self.rows, first)
+                self.prob_value = self.exit_prob(p, self.X[p + 1], self.rows, first)
             if p + 1 < self.L:  # run while the host reads the decision
                 self.run_layers(p + 1, p + 2, self.X[p + 1], self.pos, mask(), self.model.ops, out=self.X[p + 2])
-            if self.capture and self.COPY_ASIDE:
-                main.wait_stream(self.copy_stream)
             return None
 
         if p is not None:
-            self.host_prob_np[p] = -1.0  # a probability is >= 0: the poll waits for this piece's
+            self.host_prob_np[0] = -1.0  # a probability is >= 0: the poll waits for this piece's
         else:
             self.host_head_np[1] = -1
         return self._run(("piece", c, p, first), fn, restore=(self.p_state,))
@@ -166,8 +155,8 @@ class GraphExitDecoder(ExitDecoder):
                 raise MpqError("a piece of the exit decoder finished without writing its decision to the host")
         return view[index]
 
-    def _read_prob(self, p: int) -> float:
-        return float(self._poll(self.host_prob_np, p)) if self.capture else self.prob_values[p]
+    def _read_prob(self) -> float:
+        return float(self._poll(self.host_prob_np, 0)) if self.capture else self.prob_value
 
     def _head(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The exit head at layer i; the host learns (argmax, among the draft's 4)."""
@@ -216,38 +205,24 @@ class GraphExitDecoder(ExitDecoder):
             exit_at = self.trace[st.tokens % len(self.trace)] - 1
             sched = ({j for j in sched if j < exit_at} | {exit_at}) if exit_at < L - 1 else sched
         sched = sorted(j for j in sched if j < L - 1)
-        # two pieces in flight: the host reads one predictor's decision while the GPU runs the next piece, so the
-        # GPU never waits for the host's turnaround; on an exit the piece after it ran for nothing (its KV entries at
-        # this position are overwritten by the fill, or masked in drop mode)
         queued, first, result = 0, True, None  # layers [0, queued) are queued
-        ahead = iter(sched)
-        inflight: list[int] = []
-
-        def queue_next() -> None:
-            nonlocal queued, first
-            p = next(ahead, None)
-            if p is not None:
-                self._piece(queued, p, first)
-                first, queued = False, min(p + 2, L)
-                inflight.append(p)
-
-        for _ in range(self.AHEAD):
-            queue_next()
-        while inflight:
-            p = inflight.pop(0)
+        for p in [*sched, None]:
+            if p is None:  # past the last scheduled layer: the rest and the LM head
+                logits, hn = self._piece(queued, None, first)
+                if self.capture:
+                    self._poll(self.host_head_np, 1)
+                self.online.record_exit(L - 1)
+                result = logits, hn, L
+                break
+            self._piece(queued, p, first)
+            first = False
             st.predictor_calls += 1
-            prob = self._read_prob(p)
+            queued = min(p + 2, L)
+            prob = self._read_prob()
             if (prob > self.thresholds[p]) if exit_at is None else p == exit_at:
                 result = self._try_exit(p, None if exit_at is None else True)
                 if result is not None:
                     break
-            queue_next()
-        if result is None:  # past the last scheduled layer: the rest and the LM head
-            logits, hn = self._piece(queued, None, first)
-            if self.capture:
-                self._poll(self.host_head_np, 1)
-            self.online.record_exit(L - 1)
-            result = logits, hn, L
         st.proposals.append(set(self.host_top4.tolist()))
         return result
 
