@@ -354,8 +354,8 @@ def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sa
     {"used": False, "reason": ...}) where it has them but leaves decoding to the engine, which it also says on
     stderr. Exits are defined for greedy decoding, so sampling leaves decoding to the engine. On CUDA the live exit
     decoder replays a CUDA graph per piece with a host decision per predicted layer (`GraphExitDecoder`); on the
-    H100's 7B shape, replaying an exit trace of 22.6 of 32 layers it took 2.45 ms/token against the engine's
-    one-graph step at full depth, 2.06 (specee-e2e-h100-v19.json), so it leaves CUDA decoding to the engine
+    H200's 7B shape, replaying an exit trace of 22.6 of 32 layers it took 2.32 ms/token against the engine's
+    one-graph step at full depth, 1.95 (specee-e2e-h200-v20.json), so it leaves CUDA decoding to the engine
     unless `gpu_exits`, and says so."""
     import sys
     from pathlib import Path
