@@ -66,8 +66,7 @@ class GraphExitDecoder(ExitDecoder):
     def _run(self, key: tuple, fn, restore: tuple[torch.Tensor, ...] = ()):
         """fn() now (eager), or its CUDA graph, captured on first use; `restore`: state a warm-up run must not
         change (the capture needs one run outside the graph first). Each graph has its own memory pool: pieces
-        replay in varying orders (and the draft's concurrently), so one graph's temporaries must never lie under
-        another's outputs."""
+        replay in varying orders, so one graph's temporaries must never lie under another's outputs."""
         if not self.capture:
             return fn()
         g = self.graphs.get(key)
