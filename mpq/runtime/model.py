@@ -373,18 +373,29 @@ class Transformer(nn.Module):
                             rope_write=torch.compile(rope_write, dynamic=False, options=options),
                             decode_attention=functools.partial(decode_attention, pdl=pdl))
 
+    def blocks(self, x: torch.Tensor, delta: torch.Tensor | None, first: int, end: int, input_pos: torch.Tensor,
+               cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, ops: SmallOps,
+               dropped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layers [first, end) on the residual x + delta (delta None: x alone), each residual add fused into the
+        next norm. Returns the last layer's (x, delta): its output is their sum. dropped: None, or additive rows
+        [n_layers, cache length] masking the positions each layer skipped (SpecEE's drop mode)."""
+        for i in range(first, end):
+            layer, skipped = self.layers[i], None if dropped is None else dropped[i]
+            x, h = ops.add_rms_norm(x, delta, layer.attn_norm, self.args.norm_eps)
+            delta = layer.attention(h, input_pos, cos, sin, mask if skipped is None else mask + skipped, ops,
+                                    causal_prefix=True, dropped=skipped)
+            x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.args.norm_eps)
+            delta = layer.mlp(h, ops)
+        return x, delta
+
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits [B, S or 1, vocab] for tokens [B, S] at positions input_pos [S]; writes the KV cache."""
         S = tokens.shape[1]
         ops = self.ops if S == 1 else SmallOps()  # compiled ops are specialised to the decode shape
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         mask = self.causal[input_pos].view(1, 1, S, self.max_seq_len)  # unused where the fused kernel runs
-        x, delta = F.embedding(tokens, self.embed), None
-        for layer in self.layers:
-            x, h = ops.add_rms_norm(x, delta, layer.attn_norm, self.args.norm_eps)
-            delta = layer.attention(h, input_pos, cos, sin, mask, ops, causal_prefix=True)
-            x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.args.norm_eps)
-            delta = layer.mlp(h, ops)
+        x, delta = self.blocks(F.embedding(tokens, self.embed), None, 0, len(self.layers), input_pos, cos, sin,
+                               mask, ops)
         _, h = ops.add_rms_norm(x, delta, self.norm, self.args.norm_eps)
         return self.output(h[:, -1:] if last_only else h)
 

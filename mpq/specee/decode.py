@@ -143,17 +143,9 @@ class ExitDecoder:
     def run_layers(self, first: int, end: int, x: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor, ops: SmallOps,
                    out: torch.Tensor | None = None) -> torch.Tensor:
         """Layers [first, end) on residual x: their output residual, written into `out` if given (a buffer a CUDA
-        graph keeps). Each residual add is fused into the next norm, as in `Transformer.forward`."""
+        graph keeps). The engine's own layer loop (`Transformer.blocks`), with drop mode's masks."""
         cos, sin = self.model.rope_cos[pos], self.model.rope_sin[pos]
-        delta = None
-        for i in range(first, end):
-            layer = self.model.layers[i]
-            dropped = None if self.dropped is None else self.dropped[i]
-            x, h = ops.add_rms_norm(x, delta, layer.attn_norm, self.eps)
-            delta = layer.attention(h, pos, cos, sin, mask if dropped is None else mask + dropped, ops,
-                                    causal_prefix=True, dropped=dropped)
-            x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.eps)
-            delta = layer.mlp(h, ops)
+        x, delta = self.model.blocks(x, None, first, end, pos, cos, sin, mask, ops, self.dropped)
         return torch.add(x, delta, out=out)
 
     def fill_kv(self, x: torch.Tensor, pos: torch.Tensor, first: int, join: bool = True) -> None:
@@ -227,16 +219,21 @@ class ExitDecoder:
         CUDA one fused kernel (kernels/exit_predictor.py), elsewhere the features and MLP in folded form (the norm
         weight in the rows, the standardisation in the first layer), a dozen fewer small ops."""
         if self.fused:
-            from kernels.exit_predictor import exit_probability
-
-            exit_probability(x.view(-1), self.model.norm, self.eps, rows, self.p_state, self.prob_out, 0, self.mlp,
-                             self.sp.predictors.slot[layer], first=first)
+            self.launch_exit_prob(layer, x, rows, first)
             return float(self.prob_out[0])
         if first:
             self.rows_w = fold_norm(rows, self.model.norm)
         prob, self.p_prev = self.sp.predictors.prob_from_hidden(layer, x, self.rows_w, self.eps,
                                                                 None if first else self.p_prev)
         return prob
+
+    def launch_exit_prob(self, layer: int, x: torch.Tensor, rows: torch.Tensor, first: bool) -> None:
+        """CUDA: queue the fused kernel that writes `exit_prob`'s value into self.prob_out[0] (no host read, so a
+        CUDA graph can hold it)."""
+        from kernels.exit_predictor import exit_probability
+
+        exit_probability(x.view(-1), self.model.norm, self.eps, rows, self.p_state, self.prob_out, 0, self.mlp,
+                         self.sp.predictors.slot[layer], first=first)
 
     def _timed(self, part: str, t0: float) -> float:
         t = time.perf_counter()

@@ -127,10 +127,7 @@ class GraphExitDecoder(ExitDecoder):
             if p is None:
                 return self._head_fn(self.L - 1)
             if self.capture:
-                from kernels.exit_predictor import exit_probability
-
-                exit_probability(self.X[p + 1].view(-1), self.model.norm, self.eps, self.rows, self.p_state,
-                                 self.prob_out, 0, self.mlp, self.sp.predictors.slot[p], first=first)
+                self.launch_exit_prob(p, self.X[p + 1], self.rows, first)
                 self.host_prob.copy_(self.prob_out, non_blocking=True)
             else:
                 self.prob_value = self.exit_prob(p, self.X[p + 1], self.rows, first)
