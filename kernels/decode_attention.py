@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.exit_flag import exited
+
 BLOCK_N = 64  # cached positions per tile
 # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly; there the bf16 tiles are multiplied in fp32
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -67,7 +69,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
                              n_kv, stride_c0, stride_cb, stride_ch, scale,
                              G: tl.constexpr, GP: tl.constexpr, MP: tl.constexpr, D: tl.constexpr,
                              SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr, DOT_F32: tl.constexpr,
-                             PDL: tl.constexpr):
+                             PDL: tl.constexpr, skip_ptr, SKIP: tl.constexpr):
     if PDL:  # q, k, v are the output of the kernel before (launched early, this program waits here for it)
         tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)  # batch * n_kv + KV head
@@ -87,12 +89,18 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
     # the group's q heads as the rows of an MP-row tile (tensor-core tiles need >= 16; the rows past G are zero),
     # rotated and rounded to the cache dtype as the eager path feeds them to SDPA
     offs_m = tl.arange(0, MP)
-    q = _rotate(q_ptr + (bh * G + offs_m)[:, None] * D, offs_d, cos, sin, D // 2, (offs_m < G)[:, None]).to(dt)
     k_new = _rotate(k_ptr + bh * D, offs_d, cos, sin, D // 2, offs_d[None, :] < D).to(dt)  # [1, D]
     v_new = tl.load(v_ptr + bh * D + offs_d[None, :])
     if sp == 0:
         tl.store(base + pos * D + offs_d[None, :], k_new)
         tl.store(base + stride_c0 + pos * D + offs_d[None, :], v_new)
+    if SKIP:  # the exit flag: the layer is skipped. Its cache entry above is the fill (k and v from the exit
+        # state); in drop mode (BIAS) the position is masked out of this layer for later tokens instead
+        if exited(skip_ptr):
+            if BIAS and sp == 0 and bh == 0:
+                tl.store(bias_ptr + pos, float("-inf"))
+            return
+    q = _rotate(q_ptr + (bh * G + offs_m)[:, None] * D, offs_d, cos, sin, D // 2, (offs_m < G)[:, None]).to(dt)
     m_i = tl.full([MP], float("-inf"), tl.float32)
     l_i = tl.zeros([MP], tl.float32)
     acc = tl.zeros([MP, D], tl.float32)
@@ -143,13 +151,15 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      cache: torch.Tensor, input_pos: torch.Tensor, counters: torch.Tensor,
                      bias: torch.Tensor | None = None, *,
                      splits: int | None = None, out: torch.Tensor | None = None, pdl: bool = False,
-                     block_n: int = BLOCK_N) -> torch.Tensor:
+                     block_n: int = BLOCK_N, skip: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new token per sequence: q [B, 1, heads, D], k/v [B, 1, kv heads, D] (before RoPE),
     cos/sin [1, D] at the new position input_pos [1] (a device tensor), cache [2, B, kv heads, length, D]
     (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call). bias: None, or an
     additive row [length] over the cached positions (SpecEE's drop mode: -inf where this layer skipped a token;
     the new token itself is never masked). splits: shares per KV head (default `attention_splits`). Returns `out`
-    (or a new tensor) [B, 1, heads * D] in the cache's dtype."""
+    (or a new tensor) [B, 1, heads * D] in the cache's dtype. skip: the exit flag (`kernels.exit_flag`); while it is
+    set the kernel only writes the new k and v into the cache (fill mode) or, given `bias`, sets bias[input_pos] to
+    -inf (drop mode), and leaves `out` unwritten."""
     B, S, H, D = q.shape
     _, _, KV, L, _ = cache.shape
     if S != 1 or H % KV or D & (D - 1) or cache.stride(4) != 1 or cache.stride(3) != D:
@@ -167,6 +177,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         KV, cache.stride(0), cache.stride(1), cache.stride(2), D ** -0.5,
         G=G, GP=triton.next_power_of_2(G), MP=max(16, triton.next_power_of_2(G)), D=D, SPLITS=splits,
         BLOCK_N=block_n, BIAS=bias is not None, DOT_F32=INTERPRET and cache.dtype == torch.bfloat16, PDL=pdl,
+        skip_ptr=counters if skip is None else skip, SKIP=skip is not None,
         num_warps=4, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -176,18 +176,23 @@ def _say_slow_path(reason: str) -> None:
 
 
 def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_size: int, outliers: int,
-                 counters: torch.Tensor, config: KernelConfig | None = None) -> torch.Tensor:
+                 counters: torch.Tensor, config: KernelConfig | None = None, skip: torch.Tensor | None = None,
+                 keep_tiles: int = 0) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T for W in format v1; `tensors` in TENSOR_ORDER; counters int32, zero, >= 16 * N / 16
     (`counter_words` for a linear's own scratch: its M = 1 tensor-core GEMV then runs the split-K epilogue without a
     fence, and keeps state between calls there).
 
     x must be contiguous fp16/bf16 (fp32 also works off the tensor-core path); y has x's dtype.
+    skip (int32 [1], on x's device), keep_tiles: the exit flag of the one-graph exit decoder (`kernels.exit_flag`);
+    the decode GEMVs only (M <= 16): row tiles at or past keep_tiles are left unwritten while it is set.
     """
     m, n = x.shape[0], tensors[3].shape[0]
     cfg = config or choose_config(m, n, x.shape[1], group_size, x.device, outliers)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    if skip is not None and cfg.kind not in ("tc", "gemv2", "gemv"):
+        raise ValueError(f"the exit flag is read by the decode GEMVs only, not by the {cfg.kind} kernel (M = {m})")
     if cfg.kind == "prefill":
         return prefill_mixed(x, y, *tensors, group_size=group_size, outliers=outliers)
     tc_fast = cfg.kind == "tc" and _tc_fast(x, tensors, group_size)
@@ -219,14 +224,14 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
         return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
                        prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens,
                        gen_early=cfg.gen_early, fast=tc_fast,
-                       pdl=tc_fast and pdl_enabled(x.device))
+                       pdl=tc_fast and pdl_enabled(x.device), skip=skip, keep_tiles=keep_tiles)
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                        rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,
                        pairs=cfg.pairs if group_size >= 64 else 1, early4=cfg.early4, fast=True,
-                       pdl=pdl_enabled(x.device))
+                       pdl=pdl_enabled(x.device), skip=skip, keep_tiles=keep_tiles)
     if cfg.kind == "gemv":
         return gemv_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
-                          rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps)
+                          rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps, skip=skip, keep_tiles=keep_tiles)
     return gemm_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                       block_m=cfg.block_m, split=cfg.split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)

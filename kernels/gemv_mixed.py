@@ -10,9 +10,11 @@ activation value instead. Scales are applied once per group to the partial dot p
 group through the sum of x, 2-bit outliers in the same pass.
 """
 
+import torch
 import triton
 import triton.language as tl
 
+from kernels.exit_flag import skipped_tile
 from kernels.splitk import finish_split
 
 MAGIC = 0x4B000000  # bit pattern of the float 2**23; a runtime argument, so that ptxas keeps it in one register
@@ -119,17 +121,20 @@ def _stream(x_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, offs_r, n_sl
     return tl.sum(tl.sum(acc, axis=2) + acc_sr, axis=1), tl.sum(acc_o, axis=1)
 
 
-@triton.jit(do_not_specialize=["M", "n2", "n4", "magic", "unit"])
-def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr,
+@triton.jit(do_not_specialize=["M", "n2", "n4", "magic", "unit", "keep_tiles"])
+def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr, skip_ptr, keep_tiles,
                  q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                  q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
                  M, N, n2, n4, stride_xm, stride_ym, magic, unit,
                  G_SIZE: tl.constexpr, R: tl.constexpr, OUTLIERS: tl.constexpr, KO_PAD: tl.constexpr,
-                 RB: tl.constexpr, S2: tl.constexpr, S4: tl.constexpr, SPLIT: tl.constexpr):
+                 RB: tl.constexpr, S2: tl.constexpr, S4: tl.constexpr, SPLIT: tl.constexpr, SKIP: tl.constexpr):
     pid = tl.program_id(0)  # RB rows of one row tile
     sp = tl.program_id(1)
     m = tl.program_id(2)
     t = pid // (R // RB)
+    if SKIP:
+        if skipped_tile(skip_ptr, t, keep_tiles):
+            return
     offs_r = (pid % (R // RB)) * RB + tl.arange(0, RB)
     x_row = x_ptr + m * stride_xm
     p2, o2 = _stream(x_row, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, t, offs_r, n2, sp, magic, unit,
@@ -144,16 +149,19 @@ def _gemv_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr,
 
 
 def gemv_mixed(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *,
-               group_size: int, outliers: int, rows: int, split: int, num_warps: int):
+               group_size: int, outliers: int, rows: int, split: int, num_warps: int,
+               skip: torch.Tensor | None = None, keep_tiles: int = 0):
     """y[M, N] = x[M, K] @ W.T; ws fp32 [split, M, N] (unused when split == 1); counters int32, zero, at least
     M * N / rows of them when split > 1. Each program takes `rows` rows of a row tile and 32 * num_warps / W
-    slots per chunk of each stream (W = words per group row), the size at which x needs no layout change."""
+    slots per chunk of each stream (W = words per group row), the size at which x needs no layout change.
+    `skip`, `keep_tiles`: the exit flag (`kernels.exit_flag`); skipped row tiles leave y unwritten."""
     M, N, T, R = x.shape[0], y.shape[1], q2.shape[0], q2.shape[2]
     slots = lambda bits: max(1, 32 * num_warps // (group_size * bits // 32))  # noqa: E731
     _gemv_kernel[(T * (R // rows), split, M)](
-        x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4,
+        x, y, ws, counters, counters if skip is None else skip, keep_tiles, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4,
+        ss4, idx4,
         M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0), MAGIC, 1,
         G_SIZE=group_size, R=R, OUTLIERS=outliers, KO_PAD=triton.next_power_of_2(max(outliers, 1)),
-        RB=rows, S2=slots(2), S4=slots(4), SPLIT=split, num_warps=num_warps,
+        RB=rows, S2=slots(2), S4=slots(4), SPLIT=split, SKIP=skip is not None, num_warps=num_warps,
     )
     return y

@@ -28,6 +28,7 @@ import triton
 import triton.language as tl
 
 from kernels import half2_decode as half2
+from kernels.exit_flag import skipped_tile
 from kernels.splitk import finish_split, finish_split_tagged
 
 TILE_ROWS = 16  # tile rows the fragments assume
@@ -466,14 +467,16 @@ def _prefetch_share(q_ptr, s_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, lane, BITS:
 
 @triton.jit
 def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, gen_ptr, tile, n_slots, sp, g,
-            t, M, stride_xm, pre, BITS: tl.constexpr, OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr,
-            PF: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr,
-            XF: tl.constexpr):
+            t, M, stride_xm, pre, skip_ptr, keep_tiles, BITS: tl.constexpr, OUTLIERS: tl.constexpr,
+            SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr,
+            FAST: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr):
     """This program's share of one stream: 8 scaled sums (C of up to two activation blocks) and the outlier sums
     of block 0 (4) and block 1 (4), fp32 [32] each. With PF the next U slots' loads are issued before this U's
     arithmetic; with PDL the first loads are issued before the wait for the previous kernel; `pre`, unless None:
     the first step's loads, issued by the caller. gen_ptr, unless None: the fenceless epilogue's generation word,
-    read right after the wait (its latency then hides behind the stream) and returned; else 0 is returned."""
+    read right after the wait (its latency then hides behind the stream) and returned; else 0 is returned.
+    skip_ptr, unless None: the exit flag (`kernels.exit_flag`), read after the wait; a skipped tile runs no
+    iteration, and the last value returned says so."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0
     start, end = _share(n_slots, sp, SPLIT, U)
     first = tile * n_slots
@@ -492,6 +495,10 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
     gen = 0
     if gen_ptr is not None:
         gen = tl.load(gen_ptr, cache_modifier=".cg")
+    skipped = False
+    if skip_ptr is not None:
+        skipped = skipped_tile(skip_ptr, tile, keep_tiles)
+        end = tl.where(skipped, start, end)
     for s in range(start, end, U):
         cur = nxt
         if PF:
@@ -509,7 +516,7 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
         if not PF:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE)
-    return acc, acc_o, acc_o2, gen
+    return acc, acc_o, acc_o2, gen, skipped
 
 
 @triton.jit
@@ -529,15 +536,15 @@ def _quad(v0, v1, v2, v3):
     return tl.join(tl.join(v0, v1), tl.join(v2, v3))
 
 
-@triton.jit(do_not_specialize=["M", "n2", "n4"])
-def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr,
+@triton.jit(do_not_specialize=["M", "n2", "n4", "keep_tiles"])
+def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, keep_tiles,
                     q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                     q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
                     M, N, n2, n4, stride_xm, stride_ym,
                     OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
                     PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, TAGGED: tl.constexpr,
-                    GEN_EARLY: tl.constexpr):
+                    GEN_EARLY: tl.constexpr, SKIP: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -552,11 +559,16 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr,
         start4, end4 = _share(n4, sp, SPLIT, 1)
         pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4, end4, g, t, 4, 0, 1,
                           SINGLE)
-    p2, o2, o2b, gen = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr,
-                               gen_ptr + tile if TAGGED and GEN_EARLY else None, tile, n2, sp, g, t, M, stride_xm,
-                               None, 2, OUTLIERS, SPLIT, U, PF, BLOCKS, SINGLE, FAST, PDL, XF)
-    p4, _, _, _ = _stream(x_ptr, xw_ptr, xp_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, None, tile, n4, sp,
-                          g, t, M, stride_xm, pre4, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False, XF)
+    p2, o2, o2b, gen, skipped = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr,
+                                        gen_ptr + tile if TAGGED and GEN_EARLY else None, tile, n2, sp, g, t, M,
+                                        stride_xm, None, skip_ptr if SKIP else None, keep_tiles, 2, OUTLIERS, SPLIT,
+                                        U, PF, BLOCKS, SINGLE, FAST, PDL, XF)
+    if SKIP:  # the exit flag is set (read in the 2-bit stream, after the PDL wait): no work, y left as it is
+        if skipped:
+            return
+    p4, _, _, _, _ = _stream(x_ptr, xw_ptr, xp_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, None, tile, n4,
+                             sp, g, t, M, stride_xm, pre4, None, 0, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False,
+                             XF)
     rg = tile * ROWS + g
     s2g = tl.load(ss2_ptr + rg).to(tl.float32)
     s2h = tl.load(ss2_ptr + rg + 8).to(tl.float32)
@@ -594,7 +606,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr,
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
             early4: bool = False, gens: torch.Tensor | None = None, gen_early: bool = False, fast: bool,
-            pdl: bool = False):
+            pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
@@ -604,7 +616,8 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     is then an int64 workspace [>= split * M * N] that keeps its contents between calls (both zeroed once): the
     split-K epilogue without a fence (`kernels.splitk`); `gen_early`: that epilogue's generation word read right
     after the PDL wait rather than at the end (kernels-notes, version 19: +6.5% on split 4, -2..4% on split 16);
-    `pdl`: launched as a programmatic dependent (sm_90+)."""
+    `pdl`: launched as a programmatic dependent (sm_90+); `skip`, `keep_tiles`: the exit flag
+    (`kernels.exit_flag`): skipped row tiles leave y unwritten."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
     xfrag = xfrag and fast
@@ -612,10 +625,11 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     assert not tagged or (ws.dtype == torch.int64 and ws.numel() >= split * M * N and gens.numel() >= T)
     xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
     _gemv_tc_kernel[(T, split)](
-        x, xw, y, ws, counters, gens if tagged else counters, q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
+        x, xw, y, ws, counters, gens if tagged else counters, counters if skip is None else skip, keep_tiles,
+        q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
-        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, TAGGED=tagged, GEN_EARLY=gen_early,
+        FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, TAGGED=tagged, GEN_EARLY=gen_early, SKIP=skip is not None,
         num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y

@@ -12,10 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.exit_flag import exited
+
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, x_out_ptr, h_ptr, N, eps,
-                         BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, x_out_ptr, h_ptr, skip_ptr, N, eps,
+                         BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr, SKIP: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
@@ -25,7 +27,10 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, x_out_ptr, h_ptr, N, eps,
         tl.extra.cuda.gdc_wait()
     x = tl.load(x_ptr + row * N + offs, mask=ok, other=0.0)
     if HAS_DELTA:  # x + delta rounded to x's dtype, as the eager add rounds
-        x = (x.to(tl.float32) + tl.load(d_ptr + row * N + offs, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+        d = tl.load(d_ptr + row * N + offs, mask=ok, other=0.0).to(tl.float32)
+        if SKIP:  # after an exit the layer before added nothing (its delta was never computed)
+            d = tl.where(exited(skip_ptr), 0.0, d)
+        x = (x.to(tl.float32) + d).to(x.dtype)
         tl.store(x_out_ptr + row * N + offs, x, mask=ok)
     xf = x.to(tl.float32)
     r = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
@@ -34,13 +39,17 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, x_out_ptr, h_ptr, N, eps,
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, skip_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                     SKIP: tl.constexpr):
     row = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
+    if SKIP:
+        if exited(skip_ptr):
+            return
     g = tl.load(g_ptr + row * stride_g + offs, mask=ok, other=0.0)
     u = tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0)
     gf = g.to(tl.float32)
@@ -55,26 +64,28 @@ def norm_num_warps(block: int) -> int:
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
-                 pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 pdl: bool = False, skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, RMSNorm(x + delta) * weight) for x [..., N] (delta None: no add, x returned as is), weight [N];
     the normalised rows in the dtype the eager product gives (x's, or the weight's if wider). New output tensors,
-    so that the call can sit in a captured CUDA graph."""
+    so that the call can sit in a captured CUDA graph. skip: the exit flag (`kernels.exit_flag`); while it is set
+    delta counts as zero (the residual passes through a skipped layer unchanged)."""
     N = x.shape[-1]
     x = x.contiguous()
     x_out = torch.empty_like(x) if delta is not None else x
     h = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
     block = triton.next_power_of_2(N)
     _add_rms_norm_kernel[(x.numel() // N,)](
-        x, x if delta is None else delta.contiguous(), weight, x_out, h, N, eps, BLOCK=block,
-        HAS_DELTA=delta is not None, PDL=pdl, num_warps=norm_num_warps(block),
+        x, x if delta is None else delta.contiguous(), weight, x_out, h, x if skip is None else skip, N, eps,
+        BLOCK=block, HAS_DELTA=delta is not None, PDL=pdl, SKIP=skip is not None, num_warps=norm_num_warps(block),
         **({"launch_pdl": True} if pdl else {}),
     )
     return x_out, h
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, pdl: bool = False,
+             skip: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for gate, up [..., N] whose rows are contiguous (e.g. the two halves of a stacked gate/up
-    output); returns a new contiguous tensor."""
+    output); returns a new contiguous tensor (left unwritten while the exit flag `skip` is set)."""
     N = gate.shape[-1]
     g, u = gate.reshape(-1, N), up.reshape(-1, N)
     if g.stride(-1) != 1 or u.stride(-1) != 1 or gate.shape != up.shape:
@@ -82,7 +93,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, pdl: bool = False) -> torc
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
     _silu_mul_kernel[(triton.cdiv(N, block), g.shape[0])](
-        g, u, y, N, g.stride(0), u.stride(0), BLOCK=block, PDL=pdl, num_warps=4,
+        g, u, y, g if skip is None else skip, N, g.stride(0), u.stride(0), BLOCK=block, PDL=pdl,
+        SKIP=skip is not None, num_warps=4,
         **({"launch_pdl": True} if pdl else {}),
     )
     return y

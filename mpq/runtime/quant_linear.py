@@ -36,6 +36,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("split_counters", torch.zeros(_scratch_words(packed), dtype=torch.int32,
                                                            device=packed.q2.device), persistent=False)
         self._dense: torch.Tensor | None = None  # reference-path cache of the dequantized weight
+        # (flag [1] int32, kept row tiles): the one-graph exit decoder's exit flag, which the CUDA kernels read
+        # (mpq/specee/flag_decode.py sets it while it captures its step); the reference path ignores it
+        self.exit_flag: tuple[torch.Tensor, int] | None = None
 
     @property
     def in_features(self) -> int:
@@ -57,8 +60,9 @@ class QuantLinear(nn.Module):
         if x.is_cuda:
             from mpq.runtime import ops  # imports triton; CPU-only users never need it
 
+            flag, keep = self.exit_flag or (None, 0)
             y = ops.mixed_linear(x, *(getattr(self, n) for n in KERNEL_TENSOR_ORDER), self.split_counters,
-                                 self.geometry["group_size"], self.geometry["outliers"])
+                                 self.geometry["group_size"], self.geometry["outliers"], flag, keep)
             return y if self.bias is None else y + self.bias.to(y.dtype)
         w = self.dequantized_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)

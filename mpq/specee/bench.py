@@ -203,6 +203,7 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
     captured graphs use."""
     from mpq.specee.bundle import SpecEE
     from mpq.specee.decode import ExitDecoder
+    from mpq.specee.flag_decode import FlagExitDecoder
     from mpq.specee.graph_decode import GraphExitDecoder
 
     out = {}
@@ -213,7 +214,7 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
         _, st, _ = dec.generate(prompt, tokens)
         out[name] = st.decode_ms / max(st.tokens, 1)
         out[f"{name}_mean_layers"] = st.layers / max(st.tokens, 1)
-    graph = {}
+    graph, flag = {}, {}
     for name, exits, mode in (("full_depth", False, "fill"), ("trace_fill", True, "fill"),
                               ("trace_drop", True, "drop")):
         dec = GraphExitDecoder(model, SpecEE(draft, preds, offline, {}),
@@ -225,7 +226,18 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
         graph[f"{name}_mean_layers"] = st.layers / max(st.tokens, 1)
         graph[f"{name}_graphs"] = len(dec.graphs)
         del dec
-    out["graph"] = graph
+    L = model.args.n_layers
+    for name, mode, replay in (("no_exit_trace", "fill", [L]), ("trace_fill", "fill", trace),
+                               ("trace_drop", "drop", trace)):
+        dec = FlagExitDecoder(model, SpecEE(draft, preds, offline, {}), len(prompt) + graph_tokens + 1, mode=mode,
+                              auto_fallback=False, trace=replay)
+        dec.generate(prompt, 4)  # captures the step
+        _, st, _ = dec.generate(prompt, graph_tokens)
+        flag[name] = st.decode_ms / max(st.tokens, 1)
+        flag[f"{name}_mean_layers"] = st.layers / max(st.tokens, 1)
+        flag[f"{name}_predictor_calls_per_token"] = st.predictor_calls / max(st.tokens, 1)
+        del dec
+    out["graph"], out["flag"] = graph, flag
     return out
 
 
@@ -311,9 +323,11 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
                 rows.append({"trace": name, "mode": mode, "mean_layers": mean_layers, "ideal_speedup": L / mean_layers,
                              "ms_per_token_exit": ms, "speedup": base / ms, "speedup_vs_ideal": base / ms / (L / mean_layers)})
     live = _time_live_decoding(model, draft, preds, step.offline, prompt, first)  # the trace in the rows' order
-    g = live.pop("graph")  # reported once, as live_graph_ms_per_token
+    g, f = live.pop("graph"), live.pop("flag")  # reported once each, beside the trace rows
     live_rows = {"live_graph_ms_per_token": g, "live_graph_speedup_vs_engine": {
-        k: base / g[k] for k in ("full_depth", "trace_fill", "trace_drop")}}
+        k: base / g[k] for k in ("full_depth", "trace_fill", "trace_drop")},
+        "live_one_graph_ms_per_token": f, "live_one_graph_speedup_vs_engine": {
+            k: base / f[k] for k in ("no_exit_trace", "trace_fill", "trace_drop")}}
     full_machinery_ms = full["loop_draft_predictors"]
     # draft: overlapped with the whole step; predictors: with the LM-head rows of 4 fixed tokens; the wait is what
     # the first predicted layer spends waiting for the draft's tokens
@@ -335,8 +349,11 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
                       "per predicted layer, no CUDA graph) on the same engine, at full depth and with exits on (random "
                       "predictors and draft, so its exits are rare); live_graph_ms_per_token: the live decoder from "
                       "CUDA graphs (mpq.specee.graph_decode, a host decision per predicted layer between graph replays) "
-                      "at full depth and replaying the trace's first 64 exit layers; KV filling cost is inside the fill "
-                      "rows (the drop rows have none)"}
+                      "at full depth and replaying the trace's first 64 exit layers; live_one_graph_ms_per_token: the "
+                      "live decoder whose step is one CUDA graph with the exit decision on the device "
+                      "(mpq.specee.flag_decode), replaying a trace without exits (the predictors run, none fires) and "
+                      "the trace's first 64 exit layers; KV filling cost is inside the fill rows (the drop rows have "
+                      "none)"}
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")

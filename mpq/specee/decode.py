@@ -290,6 +290,10 @@ class ExitDecoder:
             self.online.record_exit(self.L - 1)
         return logits, hn, self.L
 
+    def _greedy(self, logits: torch.Tensor) -> int:
+        """The greedy token of a step's output (logits here; a decoder whose step returns the token overrides it)."""
+        return int(logits.argmax())
+
     def _check_fallback(self) -> bool:
         """True when exits should be turned off: over the tokens so far they cost more time than they saved."""
         st = self.stats
@@ -326,7 +330,7 @@ class ExitDecoder:
         out, nll = [], []
         exits = self.exits_on
         for k in range(max_new_tokens):
-            tok = int(logits.argmax())
+            tok = self._greedy(logits)
             out.append(tok)
             if on_token is not None:
                 on_token([tok])

@@ -1,0 +1,189 @@
+"""Live exit-aware decoding as one CUDA graph per token: the exit decision stays on the device.
+
+`GraphExitDecoder` replays a piece per predicted layer and lets the host choose the next one; on the lent VM each
+replay costs the host ~45 us and the GPU idles at every turnaround, so live exits lost to the engine's one-graph
+step (1.2x slower, `specee-e2e-h200-v20.json`). Here the whole step is one graph holding every layer's kernels,
+and the decision travels through a control block in device memory (`kernels.exit_flag`):
+
+- after each layer that may carry a predictor, the fused predictor kernel (features, MLP, and the next layer's
+  residual add + norm) runs if the host marked the layer active for this token, and asks for a verification
+  where its probability passes the layer's threshold;
+- the exit head after it (`kernels.exit_head`: final norm, LM head, argmax) runs only when asked; it accepts
+  when the argmax is one of the draft's 4 and then sets the exit flag;
+- every later kernel reads the flag after its PDL wait and does no work: a skipped layer costs its launches,
+  not its weights. In fill mode a skipped layer still runs its attention norm (on the unchanged exit residual),
+  the k and v rows of its projection and the cache write, which is the KV fill; in drop mode its attention
+  kernel masks the position out of that layer instead;
+- the final exit head runs unless the step exited.
+
+The host writes the control block (the fed token, the active layers from the online schedule, a forced exit
+when replaying a trace) and the position into pinned memory, replays the graph, and reads the token, the
+executed layers and the counters back: one replay and one sync per token, as the engine's own decode loop.
+
+Tokens, exits and counters equal `ExitDecoder`'s (tests/specee/test_flag_decode.py runs the step eagerly under
+the Triton interpreter on the CPU, and tests/runtime/test_engine_cuda.py on CUDA).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from kernels import step_ops
+from kernels.decode_attention import decode_attention
+from kernels.dispatch import pdl_enabled
+from kernels.exit_flag import (CTL_ACTIVE, CTL_EVALUATED, CTL_EXECUTED, CTL_FORCED, CTL_REJECTIONS, CTL_TOKEN,
+                               CTL_VERIFICATIONS)
+from kernels.exit_head import exit_head, head_state
+from kernels.exit_predictor import exit_probability
+from mpq.errors import MpqError
+from mpq.runtime.model import SmallOps, SplitLinears
+from mpq.runtime.quant_linear import QuantLinear
+from mpq.specee.graph_decode import GraphExitDecoder
+
+RESULT_WORDS = int(CTL_ACTIVE)  # the control block's counters and token, read back after each step
+
+
+class FlagExitDecoder(GraphExitDecoder):
+    """`GraphExitDecoder` whose exit step is one graph with the decision on the device. Runs where the step's
+    Triton kernels run: CUDA (captured), or eagerly under TRITON_INTERPRET=1 (capture=False), as the tests do."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.sp is None:
+            raise MpqError("the one-graph exit decoder needs predictors (mpq train-predictors)")
+        dev, L = self.model.device, self.L
+        self.candidates = sorted(j for j in self.sp.predictors.slot if j < L - 1)
+        self.ctl = torch.zeros(int(CTL_ACTIVE) + L, dtype=torch.int32, device=dev)
+        pinned = dev.type == "cuda"
+        self.host_ctl = torch.zeros_like(self.ctl, device="cpu").pin_memory() if pinned else self.ctl.clone()
+        self.host_pos = torch.zeros(1, dtype=torch.long, pin_memory=pinned)
+        self.host_result = torch.zeros(RESULT_WORDS, dtype=torch.int32, pin_memory=pinned)
+        self.host_ctl_np, self.host_pos_np = self.host_ctl.numpy(), self.host_pos.numpy()
+        self.head_state = head_state(dev)
+        slots = self.sp.predictors.slot
+        thr = torch.zeros(len(slots), dtype=torch.float32)
+        for layer, s in slots.items():
+            thr[s] = self.thresholds[layer]
+        self.thr = thr.to(dev)
+        pdl = pdl_enabled(dev)
+        flag = self.ctl[:1]
+        self.flag_ops = SmallOps(add_rms_norm=functools.partial(step_ops.add_rms_norm, pdl=pdl, skip=flag),
+                                 silu_mul=functools.partial(step_ops.silu_mul, pdl=pdl, skip=flag),
+                                 decode_attention=functools.partial(decode_attention, pdl=pdl, skip=flag))
+        self.pdl = pdl
+
+    # ---- the step ----------------------------------------------------------------------------------------
+    def _set_exit_flags(self, on: bool) -> None:
+        """Hand the exit flag to every quantized linear of the layers (None: off). In fill mode the k and v rows of
+        the k/v/q projection stay computed on skipped layers: they are the KV fill."""
+        a = self.model.args
+        kv_rows = 2 * a.n_kv_heads * a.head_dim if self.mode == "fill" else 0
+        for layer in self.model.layers:
+            for module, keep_rows in ((layer.kvq, kv_rows), (layer.o, 0), (layer.gate_up, 0), (layer.down, 0)):
+                offset = 0
+                for part in (module.parts if isinstance(module, SplitLinears) else [module]):
+                    rows = part.out_features if isinstance(part, QuantLinear) else part.weight.shape[0]
+                    if isinstance(part, QuantLinear):
+                        keep = min(max(keep_rows - offset, 0), rows)
+                        tile = part.geometry["tile_rows"]
+                        part.exit_flag = (self.ctl[:1], -(-keep // tile)) if on else None
+                    offset += rows
+
+    def _flag_step(self) -> None:
+        """Queue one decode step with exits decided on the device (see the module docstring)."""
+        m, L, eps, ops = self.model, self.L, self.eps, self.flag_ops
+        main = torch.cuda.current_stream() if self.capture else None
+        self.ctl.copy_(self.host_ctl, non_blocking=True)
+        self.pos.copy_(self.host_pos, non_blocking=True)
+        torch.index_select(m.embed, 0, self.ctl[CTL_TOKEN:CTL_TOKEN + 1], out=self.X[0].view(1, -1))
+        if self.capture:  # the draft on its own stream, beside the first layers
+            self.draft_stream.wait_stream(main)
+            with torch.cuda.stream(self.draft_stream):
+                self._draft()
+        else:
+            self._draft()
+        joined = not self.capture
+        cos, sin = m.rope_cos[self.pos], m.rope_sin[self.pos]
+        x, delta, normed = self.X[0], None, None
+        for i, layer in enumerate(m.layers):
+            x, h = normed or ops.add_rms_norm(x, delta, layer.attn_norm, eps)
+            normed = None
+            delta = layer.attention(h, self.pos, cos, sin, None, ops, causal_prefix=True,
+                                    dropped=None if self.dropped is None else self.dropped[i])
+            x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, eps)
+            delta = layer.mlp(h, ops)
+            if i not in self.candidates:
+                continue
+            if not joined:
+                main.wait_stream(self.draft_stream)
+                joined = True
+            x, h = exit_probability(x.view(-1), m.norm, eps, self.rows, self.p_state, self.prob_out, 0, self.mlp,
+                                    self.sp.predictors.slot[i], first=False, delta=delta.view(-1), pdl=self.pdl,
+                                    next_norm=m.layers[i + 1].attn_norm, control=(self.ctl, self.thr, i))
+            exit_head(x, None, m.norm, eps, self.lm_w, self.h_prev, self.top4, self.ctl, self.head_state, i,
+                      final=False, pdl=self.pdl)
+            x, delta, normed = x.view(1, 1, -1), None, (x.view(1, 1, -1), h.view(1, 1, -1))
+        if not joined:
+            main.wait_stream(self.draft_stream)
+        exit_head(x.view(-1), None if delta is None else delta.view(-1), m.norm, eps, self.lm_w, self.h_prev,
+                  self.top4, self.ctl, self.head_state, L - 1, final=True, pdl=self.pdl)
+        self.host_result.copy_(self.ctl[:RESULT_WORDS], non_blocking=True)
+        self.host_top4.copy_(self.top4, non_blocking=True)
+
+    def _replay(self) -> None:
+        key = ("flag_step",)
+        if self.capture and key in self.graphs:
+            self.graphs[key].replay()
+            return
+        self._set_exit_flags(True)
+        try:  # the warm-up run before a capture must leave the draft's input as it found it (the cache entries it
+            # writes, the replay writes again with the same values)
+            self._run(key, self._flag_step, restore=(self.p_state, self.h_prev))
+        finally:
+            self._set_exit_flags(False)
+
+    # ---- one token ---------------------------------------------------------------------------------------
+    def step(self, token: int, t: int, h_prev: torch.Tensor, exits: bool):
+        """As `ExitDecoder.step`, but returns the token itself in place of the logits (see `_greedy`)."""
+        if not exits:
+            return super().step(token, t, h_prev, exits)
+        if h_prev is None:
+            raise MpqError("exits cannot resume after a step without them (no normed hidden state for the draft)")
+        if h_prev.data_ptr() != self.h_prev.data_ptr():
+            self.h_prev.copy_(h_prev)
+        st, L = self.stats, self.L
+        sched = self.online.layers()
+        forced = -1
+        if self.trace is not None:  # trace-driven: the replayed exit layer carries a predictor and is accepted;
+            # no other predictor fires (at full depth the forced layer is the last, which carries none)
+            forced = self.trace[st.tokens % len(self.trace)] - 1
+            if forced < L - 1:
+                sched = {j for j in sched if j < forced} | {forced}
+        ctl = self.host_ctl_np
+        ctl[:] = 0
+        ctl[CTL_TOKEN], ctl[CTL_FORCED] = token, forced
+        for j in sched:
+            if j < L - 1:
+                ctl[int(CTL_ACTIVE) + j] = 1
+        self.host_pos_np[0] = t
+        self._replay()
+        if self.capture:
+            torch.cuda.current_stream().synchronize()
+        res = self.host_result.tolist()
+        executed = res[CTL_EXECUTED]
+        st.predictor_calls += res[CTL_EVALUATED]
+        st.verifications += res[CTL_VERIFICATIONS]
+        st.rejections += res[CTL_REJECTIONS]
+        st.proposals.append(set(self.host_top4.tolist()))
+        self.online.record_exit(executed - 1)
+        return res[CTL_TOKEN], self.h_prev, executed
+
+    def _greedy(self, out) -> int:
+        return out if isinstance(out, int) else int(out.argmax())
+
+    def generate(self, prompt, max_new_tokens, *args, targets=None, **kwargs):
+        if targets is not None:
+            raise MpqError("the one-graph exit decoder returns tokens, not logits: no per-token losses")
+        return super().generate(prompt, max_new_tokens, *args, **kwargs)

@@ -1,0 +1,92 @@
+"""The one-graph exit decoder (mpq/specee/flag_decode.py): its step, with every exit decision taken by the
+kernels on the device, decodes as the eager `ExitDecoder` does. On the CPU the step runs eagerly through the
+Triton interpreter (the suite sets TRITON_INTERPRET=1); on CUDA it is captured and replayed."""
+
+import os
+from collections import Counter
+
+import pytest
+import torch
+
+from test_train_e2e import trained  # noqa: F401  (the module-scoped fixture: a tiny artifact with predictors)
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available(),
+                                reason="the step's Triton kernels need a GPU or the interpreter")
+
+
+def _signed_head(model, keep):
+    """An LM head whose argmax is always one of `keep` (5 ids): rows (v, -v, u, -u, w) there and zero elsewhere,
+    so some kept logit is positive and every other one is 0. With the draft proposing the first 4, exits are
+    accepted and sometimes (the fifth) rejected, on a model whose intermediate layers mean nothing."""
+    from mpq.runtime.model import DenseLinear
+    from mpq.specee.decode import lm_head_weight
+
+    w = lm_head_weight(model)
+    head = torch.zeros_like(w)
+    head[keep[0]], head[keep[1]] = w[keep[0]], -w[keep[0]]
+    head[keep[2]], head[keep[3]] = w[keep[2]], -w[keep[2]]
+    head[keep[4]] = w[keep[4]]
+    model.output = DenseLinear(head)
+
+
+def _decoders(art, dev, mode, **kwargs):
+    from mpq.runtime.loader import load_engine
+    from mpq.specee.bundle import load_specee
+    from mpq.specee.decode import ExitDecoder
+    from mpq.specee.flag_decode import FlagExitDecoder
+
+    model = load_engine(str(art), dev).model
+    if dev == "cuda":
+        model.compile_small_ops()
+    keep = load_specee(art, None).draft.vocab[3:8].to(dev)
+    _signed_head(model, keep)
+    out = []
+    for cls, extra in ((ExitDecoder, {}), (FlagExitDecoder, {"capture": dev == "cuda"})):
+        sp = load_specee(art, None)
+        sp.draft.vocab = keep[:4].cpu()
+        out.append(cls(model, sp, 96, mode=mode, auto_fallback=False, **kwargs, **extra))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["fill", "drop"])
+def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode):  # noqa: F811
+    """Every scheduled layer's predictor fires (threshold 0): tokens, exit layers, predictor calls,
+    verifications, rejections and the draft's proposals equal the eager decoder's, exits accepted at several
+    layers and some rejected. The KV caches they leave agree too: in fill mode every entry (the skipped layers'
+    ones are the fill), in drop mode the masks of what each layer skipped."""
+    _, art, _, _ = trained
+    prompt = list(b"To be, or not to be, that is")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    runs, states = [], []
+    for dec in _decoders(art, dev, mode, threshold=0.0):
+        out, st, _ = dec.generate(prompt, 16)
+        runs.append((out, dict(st.exits), st.predictor_calls, st.verifications, st.rejections, st.proposals))
+        n = len(prompt) + st.tokens
+        states.append(torch.stack([layer.kv_cache.kv[:, :, :, :n].float() for layer in dec.model.layers])
+                      if mode == "fill" else dec.dropped[:, :n].clone())
+    assert runs[0] == runs[1], runs
+    if mode == "fill":
+        torch.testing.assert_close(states[1], states[0], rtol=2e-2 if dev == "cuda" else 1e-4, atol=1e-3)
+    else:
+        assert torch.equal(states[0], states[1]) and bool(torch.isinf(states[0]).any())
+    _, exits, calls, verifications, rejections, _ = runs[0]
+    assert verifications == calls > rejections > 0 and len([k for k in exits if k < 5]) > 1
+
+
+def test_flag_decoder_replays_a_trace(trained):  # noqa: F811
+    """Trace-driven (the GPU bench): each token exits at the trace's layer, whatever the predictors say."""
+    from mpq.runtime.loader import load_engine
+    from mpq.specee.bundle import load_specee
+    from mpq.specee.flag_decode import FlagExitDecoder
+
+    _, art, _, _ = trained
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_engine(str(art), dev).model
+    if dev == "cuda":
+        model.compile_small_ops()
+    trace = [2, 5, 1, 3, 5, 4]
+    dec = FlagExitDecoder(model, load_specee(art, None), 96, auto_fallback=False, capture=dev == "cuda",
+                          trace=trace)
+    _, st, _ = dec.generate(list(b"To be, or not"), 13)
+    assert st.tokens == 12 and dict(st.exits) == dict(Counter(trace * 2))
+    assert st.layers == 2 * sum(trace) and st.rejections == 0
