@@ -17,7 +17,7 @@ out_path = sys.argv[1]
 config = LlamaConfig(**LLAMA2_7B)
 L, dev = config.num_hidden_layers, torch.device("cuda")
 src = json.load(open("benchmarks/results/specee-trace-smollm2.json"))
-trace = scaled_trace(src["oracle_histogram"], int(src["num_layers"]), L, 256)
+trace = scaled_trace(src["exit_histogram"], int(src["num_layers"]), L, 256)
 hf = random_hf_model(config)
 sd = {k: v.detach() for k, v in hf.state_dict().items()}
 del hf
