@@ -57,7 +57,9 @@ class GraphExitDecoder(ExitDecoder):
         self.host_prob_np, self.host_head_np = self.host_prob.numpy(), self.host_head.numpy()  # cheap host writes
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[tuple, object] = {}
-        self.draft_stream = torch.cuda.Stream(dev) if self.capture else None
+        # high priority: the first predicted layer waits for the draft's tokens, so the draft's kernels go first
+        # where both streams have work (at normal priority the one-graph step waited ~0.2 ms a token for it)
+        self.draft_stream = torch.cuda.Stream(dev, priority=-1) if self.capture else None
         self.prob_value = 0.0  # eager pieces: the last predictor's probability
         self.full_ms: float | None = None
         self.window_mark: tuple[float, int] | None = None  # (start time, tokens then) of the fallback's window
