@@ -73,8 +73,21 @@ class FlagExitDecoder(GraphExitDecoder):
                                  silu_mul=functools.partial(step_ops.silu_mul, pdl=pdl, skip=flag),
                                  decode_attention=functools.partial(decode_attention, pdl=pdl, skip=flag))
         self.pdl = pdl
+        # the draft on its own stream, through the same kernels without the flag (it runs before any exit)
+        self.draft_ops = SmallOps(add_rms_norm=step_ops.add_rms_norm, silu_mul=step_ops.silu_mul,
+                                  decode_attention=decode_attention)
+        self.draft_counters = torch.zeros(self.sp.draft.n_kv_heads, dtype=torch.int32, device=dev)
 
     # ---- the step ----------------------------------------------------------------------------------------
+    def _draft(self) -> None:
+        """The draft head's top-4 and their LM-head rows into fixed buffers, through the decode kernels."""
+        draft, prev = self.sp.draft, self.pos - 1
+        logits = draft.step_fused(self.h_prev[None], self.X[0].view(1, -1), prev, self.d_cos[prev], self.d_sin[prev],
+                                  self.draft_ops, self.draft_counters)
+        top4 = draft.propose(logits)
+        self.top4.copy_(top4)
+        self.rows.copy_(self.lm_w[top4])
+
     def _set_exit_flags(self, on: bool) -> None:
         """Hand the exit flag to every quantized linear of the layers (None: off). In fill mode the k and v rows of
         the k/v/q projection stay computed on skipped layers: they are the KV fill."""

@@ -90,3 +90,41 @@ def test_flag_decoder_replays_a_trace(trained):  # noqa: F811
     _, st, _ = dec.generate(list(b"To be, or not"), 13)
     assert st.tokens == 12 and dict(st.exits) == dict(Counter(trace * 2))
     assert st.layers == 2 * sum(trace) and st.rejections == 0
+
+
+def test_draft_step_through_the_decode_kernels_matches_its_eager_step():
+    """`DraftHead.step_fused` (the one-graph decoder's draft) against `step_at`, a few positions in a row, each
+    writing the draft's own cache."""
+    import functools
+
+    from kernels import step_ops
+    from kernels.decode_attention import decode_attention
+    from mpq.runtime.model import SmallOps
+    from mpq.specee.draft import DraftHead, rope_tables
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dt = torch.float16 if dev == "cuda" else torch.float32
+    torch.manual_seed(0)
+    d = DraftHead(64, 4, 2, 16, 48, 1e-5, torch.arange(30)).to(dev, dt)
+    with torch.no_grad():
+        d.o.normal_(0, 0.2)
+        d.down.normal_(0, 0.2)
+    d.bind_rows(torch.randn(100, 64, device=dev, dtype=dt))
+    cos, sin = (t.to(dev, dt) for t in rope_tables(1.0 / 10000 ** (torch.arange(0, 16, 2).float() / 16), 40))
+    ops = SmallOps(add_rms_norm=step_ops.add_rms_norm, silu_mul=step_ops.silu_mul,
+                   decode_attention=functools.partial(decode_attention))
+    counters = torch.zeros(2, dtype=torch.int32, device=dev)
+    caches = []
+    for fused in (False, True):
+        d.setup_cache(40, dev, dt)
+        gen = torch.Generator().manual_seed(1)
+        outs = []
+        for p in range(5):
+            h, e = (torch.randn(1, 64, generator=gen).to(dev, dt) for _ in range(2))
+            pos = torch.tensor([p], device=dev)
+            outs.append(d.step_fused(h, e, pos, cos[pos], sin[pos], ops, counters) if fused
+                        else d.step_at(h, e, pos, cos, sin))
+        caches.append((torch.stack(outs).float(), d.cache.float()))
+    tol = dict(rtol=2e-2, atol=2e-2) if dev == "cuda" else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(caches[1][0], caches[0][0], **tol)
+    torch.testing.assert_close(caches[1][1], caches[0][1], **tol)
