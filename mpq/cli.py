@@ -179,9 +179,9 @@ def run(
     raw: bool = typer.Option(False, help="skip the chat template"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     no_exit: bool = typer.Option(False, "--no-exit", help="ignore the artifact's SpecEE predictors (full depth)"),
-    gpu_exits: bool = typer.Option(False, "--gpu-exits", help="on CUDA, decode with exits anyway: a CUDA graph per "
-                                   "piece and a host decision per predicted layer, slower than the default one-graph "
-                                   "step on the H100 (docs/specee.md)"),
+    gpu_exits: bool = typer.Option(False, "--gpu-exits", help="on CUDA, decode with exits anyway: one CUDA graph a "
+                                   "token whose kernels skip the exited layers, measured a little slower than the "
+                                   "default one-graph step on the 7B shape (docs/specee.md)"),
 ):
     """Generate text with the decode engine (one CUDA graph per decode step on the GPU), streamed, with timings."""
     from mpq.runtime.run import RunOptions, run as run_prompt
@@ -234,9 +234,12 @@ def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="writ
         typer.echo(f"live exit decoder, eager: {live['full_depth']:.3f} ms/token at full depth, "
                    f"{live['exits_on']:.3f} with exits on")
         g = r["live_graph_ms_per_token"]
-        typer.echo(f"live exit decoder from CUDA graphs (what `mpq run` uses): {g['full_depth']:.3f} ms/token at full "
-                   f"depth; replaying the trace {g['trace_fill']:.3f} (fill), {g['trace_drop']:.3f} (drop); the "
-                   f"engine's one-graph step {r['ms_per_token_no_exit']:.3f}")
+        typer.echo(f"live exit decoder from graph pieces: {g['full_depth']:.3f} ms/token at full depth; replaying the "
+                   f"trace {g['trace_fill']:.3f} (fill), {g['trace_drop']:.3f} (drop)")
+        f = r["live_one_graph_ms_per_token"]
+        typer.echo(f"live exit decoder as one graph a token (what `mpq run --gpu-exits` uses): {f['no_exit_trace']:.3f} "
+                   f"ms/token without exits; replaying the trace {f['trace_fill']:.3f} (fill), {f['trace_drop']:.3f} "
+                   f"(drop); the engine's one-graph step {r['ms_per_token_no_exit']:.3f}")
         print_json_last(r)
         return
     from mpq.bench.e2e import bench_e2e as run_bench

@@ -27,7 +27,7 @@ class RunOptions:
     device: str = "auto"
     stream: bool = True  # print text to stdout as it is generated
     no_exit: bool = False  # ignore SpecEE predictors in the artifact (full depth)
-    gpu_exits: bool = False  # on CUDA, decode with exits anyway (graph pieces; the one-graph step is faster)
+    gpu_exits: bool = False  # on CUDA, decode with exits anyway (mpq.specee.flag_decode; the engine's step is faster)
 
 
 def read_prompt(opts: RunOptions) -> str:

@@ -196,11 +196,12 @@ class GraphStep:
 def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[int], trace: list[int],
                         tokens: int = 32, graph_tokens: int = 64) -> dict:
     """ms/token of the live exit decoders on this engine. Eager (`ExitDecoder`, a Python launch per kernel):
-    at full depth and with exits on (random predictors and draft, so its exits are rare). From CUDA graphs
-    (`GraphExitDecoder`, what `mpq run` uses on CUDA): at full depth, and replaying `trace` (the predictors, their
-    reads and the exit heads really run; the exit layer comes from the trace) in fill and drop mode, each timed on
-    a second run after a first that captured its pieces. Run last: it re-allocates the model's caches that the
-    captured graphs use."""
+    at full depth and with exits on (random predictors and draft, so its exits are rare). From CUDA-graph pieces
+    (`GraphExitDecoder`, a host decision per predicted layer): at full depth, and replaying `trace` (the predictors,
+    their reads and the exit heads really run; the exit layer comes from the trace) in fill and drop mode, each
+    timed on a second run after a first that captured its pieces. As one graph a token (`FlagExitDecoder`, what
+    `mpq run --gpu-exits` uses): a trace without exits and `trace`, fill and drop. Run last: it re-allocates the
+    model's caches that the captured graphs use."""
     from mpq.specee.bundle import SpecEE
     from mpq.specee.decode import ExitDecoder
     from mpq.specee.flag_decode import FlagExitDecoder

@@ -354,16 +354,16 @@ def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sa
     """`mpq run` with exits: (Generation, stats dict), or None where the artifact has no predictors, or (None,
     {"used": False, "reason": ...}) where it has them but leaves decoding to the engine, which it also says on
     stderr. Exits are defined for greedy decoding, so sampling leaves decoding to the engine. On CUDA the live exit
-    decoder replays a CUDA graph per piece with a host decision per predicted layer (`GraphExitDecoder`); on the
-    H200's 7B shape, replaying an exit trace of 22.6 of 32 layers it took 2.32 ms/token against the engine's
-    one-graph step at full depth, 1.95 (specee-e2e-h200-v20.json), so it leaves CUDA decoding to the engine
-    unless `gpu_exits`, and says so."""
+    decoder is one CUDA graph per token with the exit decision on the device (`FlagExitDecoder`); on the H200's 7B
+    shape, replaying an exit trace of 22.6 of 32 layers it took 2.08 (fill) / 2.01 (drop) ms/token against the
+    engine's one-graph step at full depth, 1.95 (specee-e2e-h200-v23.json), so it leaves CUDA decoding to the
+    engine unless `gpu_exits`, and says so."""
     import sys
     from pathlib import Path
 
     from mpq.runtime.generate import Generation
     from mpq.specee.bundle import has_specee, load_specee
-    from mpq.specee.graph_decode import GraphExitDecoder
+    from mpq.specee.flag_decode import FlagExitDecoder
 
     if engine.kind != "artifact" or not has_specee(Path(spec)):
         return None
@@ -372,13 +372,13 @@ def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sa
     if sampling.temperature > 0:
         reason = "exit-aware decoding is greedy-only; sampling at full depth"
     elif cuda and not gpu_exits:
-        reason = ("on the GPU, exit-aware decoding needs a host decision per predicted layer between CUDA graphs and "
-                  "is slower than the one-graph decode step; decoding at full depth in the graph (--gpu-exits to "
-                  "force exits)")
+        reason = ("on the GPU, exit-aware decoding (one CUDA graph a token, kernels that skip the exited layers) "
+                  "measured slower than the engine's one-graph decode step; decoding at full depth in the graph "
+                  "(--gpu-exits to force exits)")
     if reason is not None:
         print(f"note: {reason}", file=sys.stderr)
         return None, {"used": False, "reason": reason}
-    cls = GraphExitDecoder if cuda else ExitDecoder
+    cls = FlagExitDecoder if cuda else ExitDecoder
     dec = cls(engine.model, load_specee(Path(spec), engine.config), len(prompt) + max_new_tokens + 1, mode=mode)
     out, st, _ = dec.generate(prompt, max_new_tokens, eos_ids=eos, on_token=on_tokens)
     if st.fallback:

@@ -61,6 +61,7 @@ class FlagExitDecoder(GraphExitDecoder):
         self.host_pos = torch.zeros(1, dtype=torch.long, pin_memory=pinned)
         self.host_result = torch.zeros(RESULT_WORDS, dtype=torch.int32, pin_memory=pinned)
         self.host_ctl_np, self.host_pos_np = self.host_ctl.numpy(), self.host_pos.numpy()
+        self.host_result_np = self.host_result.numpy()
         self.head_state = head_state(dev)
         slots = self.sp.predictors.slot
         thr = torch.zeros(len(slots), dtype=torch.float32)
@@ -73,17 +74,22 @@ class FlagExitDecoder(GraphExitDecoder):
                                  silu_mul=functools.partial(step_ops.silu_mul, pdl=pdl, skip=flag),
                                  decode_attention=functools.partial(decode_attention, pdl=pdl, skip=flag))
         self.pdl = pdl
-        # the draft on its own stream, through the same kernels without the flag (it runs before any exit)
+        # the draft through the same kernels without the flag (it runs after the step's exit head)
         self.draft_ops = SmallOps(add_rms_norm=step_ops.add_rms_norm, silu_mul=step_ops.silu_mul,
                                   decode_attention=decode_attention)
         self.draft_counters = torch.zeros(self.sp.draft.n_kv_heads, dtype=torch.int32, device=dev)
+        self.next_emb = torch.zeros_like(self.X[0].view(1, -1))
+        self.drafted: int | None = None  # the token the pending draft was computed for
 
     # ---- the step ----------------------------------------------------------------------------------------
-    def _draft(self) -> None:
-        """The draft head's top-4 and their LM-head rows into fixed buffers, through the decode kernels."""
-        draft, prev = self.sp.draft, self.pos - 1
-        logits = draft.step_fused(self.h_prev[None], self.X[0].view(1, -1), prev, self.d_cos[prev], self.d_sin[prev],
-                                  self.draft_ops, self.draft_counters)
+    def _draft_next(self, token: torch.Tensor) -> None:
+        """The draft for the token after position `pos` (its embedding from `token`, int [1] on the device; the
+        last step's normed state in h_prev): its top-4 and their LM-head rows into fixed buffers, through the
+        decode kernels. Queued at the end of a step, so it runs while the host reads the step's token."""
+        draft = self.sp.draft
+        torch.index_select(self.model.embed, 0, token, out=self.next_emb)
+        logits = draft.step_fused(self.h_prev[None], self.next_emb, self.pos, self.d_cos[self.pos],
+                                  self.d_sin[self.pos], self.draft_ops, self.draft_counters)
         top4 = draft.propose(logits)
         self.top4.copy_(top4)
         self.rows.copy_(self.lm_w[top4])
@@ -105,19 +111,13 @@ class FlagExitDecoder(GraphExitDecoder):
                     offset += rows
 
     def _flag_step(self) -> None:
-        """Queue one decode step with exits decided on the device (see the module docstring)."""
+        """Queue one decode step with exits decided on the device (see the module docstring), then the draft for
+        the next token."""
         m, L, eps, ops = self.model, self.L, self.eps, self.flag_ops
-        main = torch.cuda.current_stream() if self.capture else None
         self.ctl.copy_(self.host_ctl, non_blocking=True)
         self.pos.copy_(self.host_pos, non_blocking=True)
+        self.host_top4.copy_(self.top4, non_blocking=True)  # this step's proposals, drafted by the step before
         torch.index_select(m.embed, 0, self.ctl[CTL_TOKEN:CTL_TOKEN + 1], out=self.X[0].view(1, -1))
-        if self.capture:  # the draft on its own stream, beside the first layers
-            self.draft_stream.wait_stream(main)
-            with torch.cuda.stream(self.draft_stream):
-                self._draft()
-        else:
-            self._draft()
-        joined = not self.capture
         cos, sin = m.rope_cos[self.pos], m.rope_sin[self.pos]
         x, delta, normed = self.X[0], None, None
         for i, layer in enumerate(m.layers):
@@ -129,21 +129,16 @@ class FlagExitDecoder(GraphExitDecoder):
             delta = layer.mlp(h, ops)
             if i not in self.candidates:
                 continue
-            if not joined:
-                main.wait_stream(self.draft_stream)
-                joined = True
             x, h = exit_probability(x.view(-1), m.norm, eps, self.rows, self.p_state, self.prob_out, 0, self.mlp,
                                     self.sp.predictors.slot[i], first=False, delta=delta.view(-1), pdl=self.pdl,
                                     next_norm=m.layers[i + 1].attn_norm, control=(self.ctl, self.thr, i))
             exit_head(x, None, m.norm, eps, self.lm_w, self.h_prev, self.top4, self.ctl, self.head_state, i,
                       final=False, pdl=self.pdl)
             x, delta, normed = x.view(1, 1, -1), None, (x.view(1, 1, -1), h.view(1, 1, -1))
-        if not joined:
-            main.wait_stream(self.draft_stream)
         exit_head(x.view(-1), None if delta is None else delta.view(-1), m.norm, eps, self.lm_w, self.h_prev,
                   self.top4, self.ctl, self.head_state, L - 1, final=True, pdl=self.pdl)
         self.host_result.copy_(self.ctl[:RESULT_WORDS], non_blocking=True)
-        self.host_top4.copy_(self.top4, non_blocking=True)
+        self._draft_next(self.ctl[CTL_TOKEN:CTL_TOKEN + 1])
 
     def _replay(self) -> None:
         key = ("flag_step",)
@@ -153,7 +148,7 @@ class FlagExitDecoder(GraphExitDecoder):
         self._set_exit_flags(True)
         try:  # the warm-up run before a capture must leave the draft's input as it found it (the cache entries it
             # writes, the replay writes again with the same values)
-            self._run(key, self._flag_step, restore=(self.p_state, self.h_prev))
+            self._run(key, self._flag_step, restore=(self.p_state, self.h_prev, self.top4, self.rows))
         finally:
             self._set_exit_flags(False)
 
@@ -167,6 +162,9 @@ class FlagExitDecoder(GraphExitDecoder):
         if h_prev.data_ptr() != self.h_prev.data_ptr():
             self.h_prev.copy_(h_prev)
         st, L = self.stats, self.L
+        if self.drafted != token:  # the first step, or a fed token other than the one the last step drafted for
+            self.pos.fill_(t - 1)
+            self._draft_next(torch.tensor([token], device=self.pos.device))
         sched = self.online.layers()
         forced = -1
         if self.trace is not None:  # trace-driven: the replayed exit layer carries a predictor and is accepted;
@@ -181,10 +179,12 @@ class FlagExitDecoder(GraphExitDecoder):
             if j < L - 1:
                 ctl[int(CTL_ACTIVE) + j] = 1
         self.host_pos_np[0] = t
+        self.host_result_np[CTL_TOKEN] = -1  # a token is >= 0: the poll waits for this step's
         self._replay()
         if self.capture:
-            torch.cuda.current_stream().synchronize()
+            self._poll(self.host_result_np, CTL_TOKEN)
         res = self.host_result.tolist()
+        self.drafted = res[CTL_TOKEN]
         executed = res[CTL_EXECUTED]
         st.predictor_calls += res[CTL_EVALUATED]
         st.verifications += res[CTL_VERIFICATIONS]
@@ -199,4 +199,5 @@ class FlagExitDecoder(GraphExitDecoder):
     def generate(self, prompt, max_new_tokens, *args, targets=None, **kwargs):
         if targets is not None:
             raise MpqError("the one-graph exit decoder returns tokens, not logits: no per-token losses")
+        self.drafted = None
         return super().generate(prompt, max_new_tokens, *args, **kwargs)

@@ -114,7 +114,7 @@ def test_drop_mode_masks_the_skipped_positions(float_model):
 
 
 def test_run_leaves_gpu_decoding_to_the_graph_unless_forced(monkeypatch, capsys):
-    """On CUDA the live exit decoder (a host decision per predicted layer between graph pieces) is slower than the
+    """On CUDA the live exit decoder (one graph a token, kernels that skip exited layers) is slower than the
     engine's one-graph step, so `mpq run` decodes at full depth in the graph and says so; --gpu-exits reaches the
     exit decoder anyway."""
     from types import SimpleNamespace

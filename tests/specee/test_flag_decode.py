@@ -29,7 +29,7 @@ def _signed_head(model, keep):
     model.output = DenseLinear(head)
 
 
-def _decoders(art, dev, mode, **kwargs):
+def _decoders(art, dev, mode, narrow_draft=True, **kwargs):
     from mpq.runtime.loader import load_engine
     from mpq.specee.bundle import load_specee
     from mpq.specee.decode import ExitDecoder
@@ -43,7 +43,8 @@ def _decoders(art, dev, mode, **kwargs):
     out = []
     for cls, extra in ((ExitDecoder, {}), (FlagExitDecoder, {"capture": dev == "cuda"})):
         sp = load_specee(art, None)
-        sp.draft.vocab = keep[:4].cpu()
+        if narrow_draft:
+            sp.draft.vocab = keep[:4].cpu()
         out.append(cls(model, sp, 96, mode=mode, auto_fallback=False, **kwargs, **extra))
     return out
 
@@ -71,6 +72,21 @@ def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode):  # noqa: F811
         assert torch.equal(states[0], states[1]) and bool(torch.isinf(states[0]).any())
     _, exits, calls, verifications, rejections, _ = runs[0]
     assert verifications == calls > rejections > 0 and len([k for k in exits if k < 5]) > 1
+
+
+def test_flag_decoder_follows_its_draft_and_fed_tokens(trained):  # noqa: F811
+    """With the trained draft's own vocabulary (its proposals now decide which exits verify) and teacher forcing
+    (each fed token re-drafts when it is not the one the step before drafted for), as the eager decoder."""
+    _, art, _, _ = trained
+    prompt = list(b"To be, or not to be, that is")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fed = list(b" the question: whether 'tis no")
+    runs = []
+    for dec in _decoders(art, dev, "fill", narrow_draft=False, threshold=0.0):
+        out, st, _ = dec.generate(prompt, 16, force=fed)
+        runs.append((out, dict(st.exits), st.predictor_calls, st.verifications, st.rejections, st.proposals))
+    assert runs[0] == runs[1], runs
+    assert runs[0][3] > 0
 
 
 def test_flag_decoder_replays_a_trace(trained):  # noqa: F811
