@@ -228,10 +228,12 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
         graph[f"{name}_graphs"] = len(dec.graphs)
         del dec
     L = model.args.n_layers
-    for name, mode, replay in (("no_exit_trace", "fill", [L]), ("trace_fill", "fill", trace),
-                               ("trace_drop", "drop", trace)):
+    for name, mode, replay in (("no_exit_no_predictors", "fill", [L]), ("no_exit_trace", "fill", [L]),
+                               ("trace_fill", "fill", trace), ("trace_drop", "drop", trace)):
         dec = FlagExitDecoder(model, SpecEE(draft, preds, offline, {}), len(prompt) + graph_tokens + 1, mode=mode,
                               auto_fallback=False, trace=replay)
+        if name == "no_exit_no_predictors":  # the step's own cost: draft, exit flags, copies; no predictor or head
+            dec.candidates = []
         dec.generate(prompt, 4)  # captures the step
         _, st, _ = dec.generate(prompt, graph_tokens)
         flag[name] = st.decode_ms / max(st.tokens, 1)
@@ -328,7 +330,7 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     live_rows = {"live_graph_ms_per_token": g, "live_graph_speedup_vs_engine": {
         k: base / g[k] for k in ("full_depth", "trace_fill", "trace_drop")},
         "live_one_graph_ms_per_token": f, "live_one_graph_speedup_vs_engine": {
-            k: base / f[k] for k in ("no_exit_trace", "trace_fill", "trace_drop")}}
+            k: base / f[k] for k in ("no_exit_no_predictors", "no_exit_trace", "trace_fill", "trace_drop")}}
     full_machinery_ms = full["loop_draft_predictors"]
     # draft: overlapped with the whole step; predictors: with the LM-head rows of 4 fixed tokens; the wait is what
     # the first predicted layer spends waiting for the draft's tokens
@@ -352,7 +354,8 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
                       "CUDA graphs (mpq.specee.graph_decode, a host decision per predicted layer between graph replays) "
                       "at full depth and replaying the trace's first 64 exit layers; live_one_graph_ms_per_token: the "
                       "live decoder whose step is one CUDA graph with the exit decision on the device "
-                      "(mpq.specee.flag_decode), replaying a trace without exits (the predictors run, none fires) and "
+                      "(mpq.specee.flag_decode), without exits and without any predictor or exit-head kernel in the "
+                      "graph (no_exit_no_predictors), replaying a trace without exits (the predictors run, none fires) and "
                       "the trace's first 64 exit layers; KV filling cost is inside the fill rows (the drop rows have "
                       "none)"}
     if json_out is not None:
