@@ -4,6 +4,9 @@ Protocol (defaults): 32 prompts = the first 32 consecutive 64-token windows of s
 no-exit greedy continuation of 128 tokens (full depth, the same layer loop with exits off). On those continuations:
   oracle_layers   mean over decode steps of the earliest layer count whose hidden state (final norm + full LM
                   head, fp32) already gives the continuation's token
+  settled_layers  the same for the earliest layer count from which every later layer gives it too: an exit
+                  before it is right only where an intermediate layer agrees by chance, which no exit rule can
+                  know without running the later layers
   agreement       teacher-forced: the exit decoder is fed the no-exit continuation (its cache built by its own
                   exits) and its greedy token is compared with the no-exit one at every decode step; mean_layers
                   is over the same steps, so it sits beside the oracle like for like
@@ -11,7 +14,8 @@ no-exit greedy continuation of 128 tokens (full depth, the same layer loop with 
 draft_bound_layers: the mean layers/token with perfect predictors at every layer and this draft: a step exits at
                   its oracle layer where the draft's top-4 held the no-exit token, else runs full depth (the
                   verification cannot accept a token outside the draft's 4); it splits the distance to the oracle
-                  into the draft's share and the predictors'.
+                  into the draft's share and the predictors'. draft_settled_bound_layers: the same with each step
+                  exiting at its settled layer.
 exits_pay: the verdict of the decoder's automatic fallback rule (time saved by skipped layers > machinery time) on
 the aggregate; the measurements themselves run with the fallback off, so that they describe the exits.
 ppl_exit / ppl_no_exit: teacher-forced perplexity over `ppl_windows` x `ppl_seq_len` Hamlet tokens, the exit
@@ -49,8 +53,14 @@ class ExitEvalOptions:
 
 
 @torch.inference_mode()
-def oracle_counts(dec, prompt: list[int], continuation: list[int]) -> list[int]:
-    """Per continuation token k >= 1, the earliest layer count whose final-norm + LM-head argmax equals it."""
+def settled_match(match: torch.Tensor) -> torch.Tensor:
+    """[L, N] -> [L, N]: True where match holds at that layer and at every later one."""
+    return match.flip(0).long().cumprod(0).flip(0).bool()
+
+
+def oracle_counts(dec, prompt: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
+    """Per continuation token k >= 1: the earliest layer count whose final-norm + LM-head argmax equals it (the
+    oracle), and the earliest from which every later layer's argmax equals it too (the settled layer)."""
     from mpq.runtime.model import SmallOps
     from mpq.specee.features import final_norm
 
@@ -67,7 +77,8 @@ def oracle_counts(dec, prompt: list[int], continuation: list[int]) -> list[int]:
         x = dec.run_layer(i, x, pos, mask, SmallOps())
         hn = final_norm(x[0, first:], model.norm, model.args.norm_eps)
         match.append(model.output(hn).argmax(-1) == target)
-    return (earliest_match(torch.stack(match)) + 1).tolist()
+    match = torch.stack(match)
+    return (earliest_match(match) + 1).tolist(), (earliest_match(settled_match(match)) + 1).tolist()
 
 
 def draft_bound(oracle: list[int], proposals: list[set], nxt: list[int], num_layers: int) -> tuple[int, int, int]:
@@ -85,7 +96,7 @@ def _ms_per_token(st) -> float:
     return sum(st.ms.values()) / max(st.tokens, 1)
 
 
-def _run_mode(model, sp, mode, opts, prompts, refs, oracles, max_len, ppl_windows) -> dict:
+def _run_mode(model, sp, mode, opts, prompts, refs, oracles, settled, max_len, ppl_windows) -> dict:
     from mpq.specee.decode import PARTS, ExitDecoder
 
     dec = ExitDecoder(model, sp, max_len, mode=mode, auto_fallback=opts.auto_fallback, threshold=opts.threshold)
@@ -93,9 +104,11 @@ def _run_mode(model, sp, mode, opts, prompts, refs, oracles, max_len, ppl_window
     ms = {p: 0.0 for p in PARTS}
     hist, fallbacks, total_ms, saved_ms = {}, 0, 0.0, 0.0
     bound = [0, 0, 0]  # draft_bound's layers, hits, steps
-    for prompt, ref, oracle in zip(prompts, refs, oracles):
+    settled_bound = 0  # its layers with each step exiting at its settled layer instead
+    for prompt, ref, oracle, stays in zip(prompts, refs, oracles, settled):
         out, st, _ = dec.generate(prompt, len(ref), force=ref)
         bound = [a + b for a, b in zip(bound, draft_bound(oracle, st.proposals, ref[1:], st.num_layers))]
+        settled_bound += draft_bound(stays, st.proposals, ref[1:], st.num_layers)[0]
         agree += sum(int(a == b) for a, b in zip(out[1:], ref[1:]))
         steps += st.tokens
         layers += st.layers
@@ -112,7 +125,8 @@ def _run_mode(model, sp, mode, opts, prompts, refs, oracles, max_len, ppl_window
            "predictor_calls_per_token": calls / steps, "verification_rejections": rej, "fallbacks": fallbacks,
            "exit_histogram": {str(k): hist[k] for k in sorted(hist)}, "ms_per_token": total_ms / steps,
            "overhead_ms_per_token": {p: ms[p] / steps for p in PARTS},
-           "draft_recall": bound[1] / max(bound[2], 1), "draft_bound_layers": bound[0] / max(bound[2], 1)}
+           "draft_recall": bound[1] / max(bound[2], 1), "draft_bound_layers": bound[0] / max(bound[2], 1),
+           "draft_settled_bound_layers": settled_bound / max(bound[2], 1)}
     if opts.free_running and mode == "fill":
         match = count = 0
         for prompt, ref in zip(prompts, refs):
@@ -148,13 +162,15 @@ def evaluate_exits(opts: ExitEvalOptions) -> dict:
     ppl_w = eval_windows(opts.dataset, engine.tokenizer, opts.ppl_windows, opts.ppl_seq_len).tolist()
     max_len = max(opts.prompt_len + opts.new_tokens, opts.ppl_seq_len) + 8
     base = ExitDecoder(model, None, max_len, exits=False)
-    refs, oracles, full_ms, steps = [], [], 0.0, 0
+    refs, oracles, settled, full_ms, steps = [], [], [], 0.0, 0
     for prompt in prompts:
         ref, st, _ = base.generate(prompt, opts.new_tokens)
         refs.append(ref)
         full_ms += _ms_per_token(st) * st.tokens
         steps += st.tokens
-        oracles.append(oracle_counts(base, prompt, ref))
+        first, stays = oracle_counts(base, prompt, ref)
+        oracles.append(first)
+        settled.append(stays)
     oracle = sum(oracles, [])
     full_step = full_ms / steps
     nll = []
@@ -165,11 +181,12 @@ def evaluate_exits(opts: ExitEvalOptions) -> dict:
     result = {**environment(model.device), "artifact": opts.artifact, "dataset": opts.dataset, "prompts": opts.prompts, "prompt_len": opts.prompt_len,
               "new_tokens": opts.new_tokens, "num_layers": model.args.n_layers, "oracle_layers": sum(oracle) / len(oracle),
               "oracle_histogram": {str(k): oracle.count(k) for k in sorted(set(oracle))},
+              "settled_layers": sum(map(sum, settled)) / len(oracle),
               "ppl_no_exit": math.exp(sum(nll) / len(nll)), "ms_per_token_no_exit": full_step,
               "offline_layers": sp.offline}
     modes = ("fill", "drop") if opts.mode == "both" else (opts.mode,)
     for mode in modes:
-        res = _run_mode(model, sp, mode, opts, prompts, refs, oracles, max_len, ppl_w)
+        res = _run_mode(model, sp, mode, opts, prompts, refs, oracles, settled, max_len, ppl_w)
         split = res["overhead_ms_per_token"]
         res["overhead_fraction"] = sum(split.values()) / full_step
         res["overhead_split"] = {"draft_head": split["draft"] / full_step, "features_predictors": split["predict"] / full_step,
@@ -191,7 +208,8 @@ def _print(r: dict, modes) -> None:
     c = Console()
     c.print(f"[bold]mpq eval --early-exit[/] {r['artifact']}: {r['prompts']} prompts x {r['new_tokens']} new tokens "
             f"({r['dataset']}), offline layers {r['offline_layers']}, on {r['device']}")
-    c.print(f"  oracle layers/token {r['oracle_layers']:.2f} of {r['num_layers']}; ppl without exits {r['ppl_no_exit']:.3f}; "
+    c.print(f"  oracle layers/token {r['oracle_layers']:.2f} of {r['num_layers']} (settled: "
+            f"{r['settled_layers']:.2f}, from where every later layer agrees); ppl without exits {r['ppl_no_exit']:.3f}; "
             f"full step {r['ms_per_token_no_exit']:.2f} ms")
     for mode in modes:
         m = r if mode == modes[0] else r[mode]
@@ -204,5 +222,6 @@ def _print(r: dict, modes) -> None:
                 f"measured speed-up {m['speedup_measured']:.3f}x; {m['predictor_calls_per_token']:.1f} predictor calls/token, "
                 f"{m['verification_rejections']} rejections; draft top-4 recall {100 * m['draft_recall']:.1f}%, "
                 f"so perfect predictors at every layer would run {m['draft_bound_layers']:.2f} layers/token "
-                f"({m['draft_bound_layers'] / r['oracle_layers']:.3f} x oracle); exits "
+                f"({m['draft_bound_layers'] / r['oracle_layers']:.3f} x oracle), or "
+                f"{m['draft_settled_bound_layers']:.2f} exiting only where the token has settled; exits "
                 + ("pay" if m["exits_pay"] else "do NOT pay (mpq run would fall back to full depth)"))

@@ -20,8 +20,8 @@ The host writes the control block (the fed token, the active layers from the onl
 when replaying a trace) and the position into pinned memory, replays the graph, and reads the token, the
 executed layers and the counters back: one replay and one sync per token, as the engine's own decode loop.
 
-Tokens, exits and counters equal `ExitDecoder`'s (tests/specee/test_flag_decode.py runs the step eagerly under
-the Triton interpreter on the CPU, and tests/runtime/test_engine_cuda.py on CUDA).
+Tokens, exits, counters, proposals and KV caches equal `ExitDecoder`'s (tests/specee/test_flag_decode.py: the step
+run eagerly under the Triton interpreter on the CPU, captured and replayed on CUDA).
 """
 
 from __future__ import annotations

@@ -78,3 +78,12 @@ def test_draft_bound_exits_at_the_oracle_only_where_the_draft_held_the_token():
     proposals = [{10, 11, 12, 13}, {20, 21, 22, 23}, {30, 31, 32, 33}]  # the last step ran with exits off
     nxt = [11, 99, 30, 40]
     assert draft_bound(oracle, proposals, nxt, num_layers=8) == (3 + 8 + 2 + 8, 2, 4)
+
+
+def test_settled_layer_is_where_every_later_layer_agrees():
+    from mpq.specee.evaluate import settled_match
+    from mpq.specee.train import earliest_match
+
+    match = torch.tensor([[1, 0, 0], [0, 1, 0], [1, 1, 0], [1, 1, 1]], dtype=torch.bool)  # [L = 4, N = 3]
+    assert earliest_match(match).tolist() == [0, 1, 3]
+    assert earliest_match(settled_match(match)).tolist() == [2, 1, 3]

@@ -194,7 +194,8 @@ def test_cli_run_json_and_eval_early_exit(trained):
     for key in ("mean_layers", "oracle_layers", "num_layers", "agreement", "ppl_exit", "ppl_no_exit", "overhead_fraction"):
         assert key in res
     assert res["num_layers"] == 5 and 1 <= res["oracle_layers"] <= res["num_layers"]
-    assert res["oracle_layers"] <= res["draft_bound_layers"] <= res["num_layers"] and 0 <= res["draft_recall"] <= 1
+    assert res["oracle_layers"] <= res["draft_bound_layers"] <= res["draft_settled_bound_layers"] <= res["num_layers"]
+    assert res["oracle_layers"] <= res["settled_layers"] <= res["draft_settled_bound_layers"] and 0 <= res["draft_recall"] <= 1
     assert set(res["overhead_split"]) == {"draft_head", "features_predictors", "verify_rejected", "kv_filling"}
     assert "drop" in res and 0 <= res["drop"]["agreement"] <= 1
 
