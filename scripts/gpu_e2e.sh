@@ -17,6 +17,7 @@ if [ "$PART" != exits ]; then
   python3 -m pytest -q -p no:cacheprovider tests/runtime/test_engine_cuda.py tests/kernels/test_exit_predictor.py \
       tests/specee/test_decode.py tests/specee/test_train_e2e.py tests/kernels/test_decode_attention.py \
       tests/kernels/test_step_ops.py tests/kernels/test_mixed_kernels.py::test_dispatch \
+      tests/kernels/test_exit_flag.py tests/specee/test_flag_decode.py \
       tests/kernels/test_mixed_kernels.py::test_tc_config_takes_bf16_x 2>&1 | tee "$OUT/e2e-spotcheck.log"
   python3 -m mpq.cli bench e2e --json "$OUT/e2e.json" 2>&1 | tee "$OUT/e2e-bench.log"
 fi
