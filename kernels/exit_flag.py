@@ -14,14 +14,15 @@ import triton.language as tl
 
 
 @triton.jit
-def skipped_tile(skip_ptr, tile, keep_tiles):
-    """True where the exit flag is set and this row tile is not one of the kept ones."""
-    return (tl.load(skip_ptr, volatile=True) != 0) & (tile >= keep_tiles)
+def exited(skip_ptr):
+    """True once the step's exit is verified (volatile: another kernel of the step writes it)."""
+    return tl.load(skip_ptr, volatile=True) != 0
 
 
 @triton.jit
-def exited(skip_ptr):
-    return tl.load(skip_ptr, volatile=True) != 0
+def skipped_tile(skip_ptr, tile, keep_tiles):
+    """True where the exit flag is set and this row tile is not one of the kept ones."""
+    return exited(skip_ptr) & (tile >= keep_tiles)
 
 
 # The control block: int32 [CTL_ACTIVE + layers]. The decoder writes it at the start of every step (zeros, the

@@ -23,11 +23,18 @@ LOW_WORD = tl.constexpr(0xFFFFFFFF)
 
 
 @triton.jit
-def _normed(x_ptr, d_ptr, w_ptr, offs, ok, r, HAS_DELTA: tl.constexpr):
-    """The final norm's output at offs, rounded as kernels.step_ops rounds it (fp32 values of fp16 numbers)."""
+def _residual(x_ptr, d_ptr, offs, ok, HAS_DELTA: tl.constexpr):
+    """x (+ the pending delta, rounded to x's dtype as the engine's residual add rounds) at offs."""
     x = tl.load(x_ptr + offs, mask=ok, other=0.0)
     if HAS_DELTA:
         x = (x.to(tl.float32) + tl.load(d_ptr + offs, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _normed(x_ptr, d_ptr, w_ptr, offs, ok, r, HAS_DELTA: tl.constexpr):
+    """The final norm's output at offs, rounded as kernels.step_ops rounds it (fp32 values of fp16 numbers)."""
+    x = _residual(x_ptr, d_ptr, offs, ok, HAS_DELTA)
     w = tl.load(w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     return (w * (x.to(tl.float32) * r).to(x.dtype).to(tl.float32)).to(x.dtype).to(tl.float32)
 
@@ -50,11 +57,8 @@ def _exit_head_kernel(x_ptr, d_ptr, norm_ptr, lm_ptr, hn_ptr, top4_ptr, ctl_ptr,
     offs_d = tl.arange(0, BLOCK_D)
     sq = tl.zeros([BLOCK_D], tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        ok = d0 + offs_d < D
-        x = tl.load(x_ptr + d0 + offs_d, mask=ok, other=0.0)
-        if HAS_DELTA:
-            x = (x.to(tl.float32) + tl.load(d_ptr + d0 + offs_d, mask=ok, other=0.0).to(tl.float32)).to(x.dtype)
-        sq += x.to(tl.float32) * x.to(tl.float32)
+        x = _residual(x_ptr + d0, d_ptr + d0, offs_d, d0 + offs_d < D, HAS_DELTA).to(tl.float32)
+        sq += x * x
     r = tl.rsqrt(tl.sum(sq, axis=0) / D + eps)
     offs_v = tl.arange(0, BLOCK_V)
     best = float("-inf")

@@ -52,12 +52,12 @@ class ExitEvalOptions:
     device: str = "cpu"
 
 
-@torch.inference_mode()
 def settled_match(match: torch.Tensor) -> torch.Tensor:
     """[L, N] -> [L, N]: True where match holds at that layer and at every later one."""
     return match.flip(0).long().cumprod(0).flip(0).bool()
 
 
+@torch.inference_mode()
 def oracle_counts(dec, prompt: list[int], continuation: list[int]) -> tuple[list[int], list[int]]:
     """Per continuation token k >= 1: the earliest layer count whose final-norm + LM-head argmax equals it (the
     oracle), and the earliest from which every later layer's argmax equals it too (the settled layer)."""
