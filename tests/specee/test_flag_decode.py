@@ -54,12 +54,15 @@ def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode):  # noqa: F811
     """Every scheduled layer's predictor fires (threshold 0): tokens, exit layers, predictor calls,
     verifications, rejections and the draft's proposals equal the eager decoder's, exits accepted at several
     layers and some rejected. The KV caches they leave agree too: in fill mode every entry (the skipped layers'
-    ones are the fill), in drop mode the masks of what each layer skipped."""
+    ones are the fill; the caches, which both decoders share, are poisoned before each run), in drop mode the masks
+    of what each layer skipped."""
     _, art, _, _ = trained
     prompt = list(b"To be, or not to be, that is")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     runs, states = [], []
     for dec in _decoders(art, dev, mode, threshold=0.0):
+        for layer in dec.model.layers:  # an entry a decoder leaves unwritten keeps this, not the other's value
+            layer.kv_cache.kv.fill_(7.0)
         out, st, _ = dec.generate(prompt, 16)
         runs.append((out, dict(st.exits), st.predictor_calls, st.verifications, st.rejections, st.proposals))
         n = len(prompt) + st.tokens
