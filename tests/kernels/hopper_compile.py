@@ -5,7 +5,8 @@ The CPU tests run every kernel under the Triton interpreter, which never compile
 compiler refuses and never sees the fast paths (inline PTX, PDL, L2 prefetch, fragment-ordered x). Here each case
 calls a kernel's launch wrapper with CPU tensors while a stand-in driver names an H100 as the target; Triton
 compiles down to a cubin (ptxas included) and a post-compile hook stops the launch. Prints one line per case
-(`ok NAME` or `FAIL NAME: error`) and exits 1 if any failed. `python tests/kernels/hopper_compile.py [NAME ...]`."""
+(`ok NAME` or `FAIL NAME: error`) and exits 1 if any failed, or if a run of all cases left some kernel of kernels/
+uncompiled. `python tests/kernels/hopper_compile.py [NAME ...]`."""
 
 import os
 import sys
@@ -186,8 +187,26 @@ CASES = {
 }
 
 
+def all_kernels() -> set[str]:
+    """`module.name` of every launchable kernel in kernels/ (by the house convention, a `_..._kernel` function)."""
+    import importlib
+    import pkgutil
+
+    import kernels
+
+    found = set()
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"kernels.{info.name}")
+        found |= {f"{module.__name__}.{name}" for name, obj in vars(module).items()
+                  if name.endswith("_kernel") and hasattr(obj, "arg_names") and obj.fn.__module__ == module.__name__}
+    return found
+
+
 def main(names: list[str]) -> int:
-    def stop(*args, **kwargs):
+    compiled = set()
+
+    def stop(*args, fn, **kwargs):
+        compiled.add(f"{fn.module}.{fn.name}")
         raise Compiled()
 
     driver.set_active(HopperTarget())
@@ -204,6 +223,10 @@ def main(names: list[str]) -> int:
             first = (str(e).strip().splitlines() or [""])[0]
             print(f"FAIL {name}: {type(e).__name__}: {first[:300]}", flush=True)
             failed += 1
+    missing = sorted(all_kernels() - compiled) if not names else []
+    if missing:  # a new kernel needs a case here, or it is only ever checked by the interpreter
+        print(f"FAIL coverage: no case compiles {', '.join(missing)}", flush=True)
+        failed += 1
     return 1 if failed else 0
 
 

@@ -1,6 +1,6 @@
 """The kernels' GPU paths compile for an H100 (sm_90) here, without a GPU: tests/kernels/hopper_compile.py in a
-process without the interpreter. A kernel that only the interpreter accepts, or inline PTX that ptxas rejects,
-fails here rather than on the lent GPU."""
+process without the interpreter. A kernel that only the interpreter accepts (a global the GPU compiler refuses),
+inline PTX that ptxas rejects, or a kernel no case compiles fails here rather than on the lent GPU."""
 
 import os
 import subprocess
