@@ -1,0 +1,275 @@
+"""Probe (GPU, run by hand): CUDA-graph IF nodes built through the driver API under a torch capture, for the
+one-graph exit step (mpq/specee/flag_decode.py), whose skipped layers still cost their launches (~half a layer,
+benchmarks/e2e-notes.md run 20). torch 2.11 has no CUDAGraph.begin_capture_to_if_node, so: the condition setter is
+compiled by NVRTC (it calls cudaGraphSetConditional, which the driver resolves at module load), the node is added
+with cuGraphAddNode and its body captured with cuStreamBeginCaptureToGraph on a second stream.
+
+What it answers: does each step work on this driver/torch; do PDL-launched Triton kernels run inside a body; what
+an IF level costs at full depth; what an exit saves against flag-skipped kernels. Writes JSON to argv[1]."""
+
+import ctypes
+import glob
+import json
+import os
+import sys
+import traceback
+
+import torch
+import triton
+import triton.language as tl
+
+CU = ctypes.CDLL("libcuda.so.1")
+SETTER = r"""
+extern "C" __device__ void cudaGraphSetConditional(unsigned long long handle, unsigned int value);
+extern "C" __global__ void mpq_set_if(unsigned long long handle, const int* stop, int index) {
+    cudaGraphSetConditional(handle, stop[index] == 0 ? 1u : 0u);
+}
+"""
+DRV: dict = {}
+IF_NODE, NODE_CONDITIONAL, ASSIGN_DEFAULT, SET_DEPS, THREAD_LOCAL = 0, 13, 1, 1, 1
+
+
+P, U64, SZ, VP = ctypes.POINTER, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p
+PROTOS = {  # the driver entry points as of CUDA 12.4 (edge-data forms), fetched by cuGetProcAddress
+    "cuStreamGetCaptureInfo": (VP, P(ctypes.c_int), P(U64), P(VP), P(P(VP)), P(VP), P(SZ)),
+    "cuGraphAddNode": (P(VP), VP, P(VP), VP, SZ, VP),
+    "cuStreamUpdateCaptureDependencies": (VP, P(VP), VP, SZ, ctypes.c_uint),
+    "cuGraphConditionalHandleCreate": (P(U64), VP, VP, ctypes.c_uint, ctypes.c_uint),
+    "cuStreamBeginCaptureToGraph": (VP, VP, VP, VP, SZ, ctypes.c_int),
+}
+
+
+def proc(name: str):
+    fn = VP()
+    status = ctypes.c_int()
+    check(CU.cuGetProcAddress_v2(name.encode(), ctypes.byref(fn), 12040, U64(0), ctypes.byref(status)),
+          f"cuGetProcAddress({name})")
+    if not fn.value:
+        raise RuntimeError(f"{name}: not found (status {status.value})")
+    return ctypes.CFUNCTYPE(ctypes.c_int, *PROTOS[name])(fn.value)
+
+
+def check(res, what):
+    if res != 0:
+        name = ctypes.c_char_p()
+        CU.cuGetErrorName(res, ctypes.byref(name))
+        raise RuntimeError(f"{what}: {res} {name.value}")
+
+
+def nvrtc():
+    names = [f"libnvrtc.so.{torch.version.cuda.split('.')[0]}", "libnvrtc.so"]
+    root = os.path.dirname(os.path.dirname(torch.__file__))
+    names += glob.glob(os.path.join(root, "nvidia", "**", "libnvrtc.so*"), recursive=True)
+    for n in names:
+        try:
+            return ctypes.CDLL(n)
+        except OSError:
+            continue
+    raise OSError("no libnvrtc")
+
+
+def compile_setter(arch: int):
+    nv = nvrtc()
+    prog = ctypes.c_void_p()
+    assert nv.nvrtcCreateProgram(ctypes.byref(prog), SETTER.encode(), b"set_if.cu", 0, None, None) == 0
+    opts = [f"--gpu-architecture=compute_{arch}".encode()]
+    res = nv.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
+    size = ctypes.c_size_t()
+    nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+    log = ctypes.create_string_buffer(size.value)
+    nv.nvrtcGetProgramLog(prog, log)
+    if res != 0:
+        raise RuntimeError(f"nvrtc {res}: {log.value.decode(errors='replace')}")
+    nv.nvrtcGetPTXSize(prog, ctypes.byref(size))
+    ptx = ctypes.create_string_buffer(size.value)
+    nv.nvrtcGetPTX(prog, ptx)
+    module, func = ctypes.c_void_p(), ctypes.c_void_p()
+    torch.cuda.current_stream()  # a context
+    check(CU.cuModuleLoadData(ctypes.byref(module), ptx), "cuModuleLoadData")
+    check(CU.cuModuleGetFunction(ctypes.byref(func), module, b"mpq_set_if"), "cuModuleGetFunction")
+    return func, ptx.value.decode(errors="replace")
+
+
+class CondParams(ctypes.Structure):
+    _fields_ = [("handle", ctypes.c_uint64), ("type", ctypes.c_int), ("size", ctypes.c_uint),
+                ("phGraph_out", ctypes.POINTER(ctypes.c_void_p)), ("ctx", ctypes.c_void_p)]
+
+
+class NodeParams(ctypes.Structure):
+    _fields_ = [("type", ctypes.c_int), ("reserved0", ctypes.c_int * 3), ("u", ctypes.c_longlong * 29),
+                ("reserved2", ctypes.c_longlong)]
+
+
+def capture_info(stream: int):
+    status, cid, graph = ctypes.c_int(), ctypes.c_uint64(), ctypes.c_void_p()
+    deps, n = ctypes.POINTER(ctypes.c_void_p)(), ctypes.c_size_t()
+    edges = ctypes.c_void_p()
+    check(DRV["cuStreamGetCaptureInfo"](VP(stream), ctypes.byref(status), ctypes.byref(cid), ctypes.byref(graph),
+                                        ctypes.byref(deps), ctypes.byref(edges), ctypes.byref(n)),
+          "cuStreamGetCaptureInfo")
+    return status.value, graph, deps, n.value
+
+
+class IfScope:
+    """`with IfScope(setter, stop, index):` inside a torch CUDA-graph capture: the code in the block becomes the
+    body of an IF node taken when stop[index] == 0 at that point of the replay."""
+    bodies: list = []
+
+    def __init__(self, setter, stop: torch.Tensor, index: int):
+        self.setter, self.stop, self.index = setter, stop, index
+
+    def __enter__(self):
+        main = torch.cuda.current_stream()
+        s = main.cuda_stream
+        status, graph, _, _ = capture_info(s)
+        assert status == 1, "not capturing"
+        ctx = ctypes.c_void_p()
+        check(CU.cuCtxGetCurrent(ctypes.byref(ctx)), "cuCtxGetCurrent")
+        handle = ctypes.c_uint64()
+        check(DRV["cuGraphConditionalHandleCreate"](ctypes.byref(handle), graph, ctx, 0, ASSIGN_DEFAULT),
+              "cuGraphConditionalHandleCreate")
+        args = [ctypes.c_uint64(handle.value), ctypes.c_void_p(self.stop.data_ptr()), ctypes.c_int(self.index)]
+        argv = (ctypes.c_void_p * 3)(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+        check(CU.cuLaunchKernel(self.setter, 1, 1, 1, 1, 1, 1, 0, ctypes.c_void_p(s), argv, None), "cuLaunchKernel")
+        _, graph, deps, n = capture_info(s)
+        cond = CondParams(handle=handle.value, type=IF_NODE, size=1, ctx=ctx)
+        params = NodeParams(type=NODE_CONDITIONAL)
+        ctypes.memmove(ctypes.addressof(params.u), ctypes.addressof(cond), ctypes.sizeof(cond))
+        node = ctypes.c_void_p()
+        check(DRV["cuGraphAddNode"](ctypes.byref(node), graph, deps, None, n, ctypes.addressof(params)),
+              "cuGraphAddNode")
+        ctypes.memmove(ctypes.addressof(cond), ctypes.addressof(params.u), ctypes.sizeof(cond))
+        body = ctypes.c_void_p(cond.phGraph_out[0])
+        check(DRV["cuStreamUpdateCaptureDependencies"](VP(s), ctypes.byref(node), None, 1, SET_DEPS),
+              "cuStreamUpdateCaptureDependencies")
+        self.side = torch.cuda.Stream()
+        check(DRV["cuStreamBeginCaptureToGraph"](VP(self.side.cuda_stream), body, None, None, 0, THREAD_LOCAL),
+              "cuStreamBeginCaptureToGraph")
+        self.ctx = torch.cuda.stream(self.side)
+        self.ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.ctx.__exit__(*exc)
+        g = ctypes.c_void_p()
+        check(CU.cuStreamEndCapture(ctypes.c_void_p(self.side.cuda_stream), ctypes.byref(g)), "cuStreamEndCapture")
+        IfScope.bodies.append(self.side)  # the stream outlives the capture
+        return False
+
+
+@triton.jit
+def _bump(x_ptr, y_ptr, skip_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr, SKIP: tl.constexpr):
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    if SKIP:
+        if tl.load(skip_ptr, volatile=True) != 0:
+            return
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < N
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=ok) * 0.5 + 1.0, mask=ok)
+
+
+L, K, N, GRID = 32, 8, 1 << 16, 256
+CAND = [0, 2, 5, 6, 9, 13, 17, 21, 26, 28, 29]
+
+
+def main(out_path):
+    res = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(),
+           "has_if_api": hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")}
+    dev = torch.device("cuda")
+    bufs = [torch.randn(N, device=dev) for _ in range(2)]
+    skip = torch.zeros(L, dtype=torch.int32, device=dev)
+    stop = torch.zeros(len(CAND), dtype=torch.int32, device=dev)
+    count = torch.zeros(L, dtype=torch.int32, device=dev)
+
+    def layer(i, pdl, flag):
+        for k in range(K):
+            _bump[(GRID,)](bufs[k % 2], bufs[1 - k % 2], skip[i:i + 1], N, BLOCK=N // GRID, PDL=pdl, SKIP=flag,
+                           **({"launch_pdl": True} if pdl else {}))
+        count[i:i + 1].add_(1)
+
+    def flat(n, pdl, flag):
+        for i in range(n):
+            layer(i, pdl, flag)
+
+    def nested(pdl, setter):
+        scopes = []
+        for i in range(L):
+            layer(i, pdl, False)
+            if i in CAND:
+                scopes.append(IfScope(setter, stop, CAND.index(i)))
+                scopes[-1].__enter__()
+        for s in reversed(scopes):
+            s.__exit__(None, None, None)
+
+    def capture(fn):
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, capture_error_mode="thread_local"):
+            fn()
+        return g
+
+    def timeit(g, n=100):
+        g.replay()
+        torch.cuda.synchronize()
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        best = []
+        for _ in range(3):
+            a.record()
+            for _ in range(n):
+                g.replay()
+            b.record()
+            b.synchronize()
+            best.append(a.elapsed_time(b) / n * 1000)
+        return min(best)
+
+    def layers_run(g):
+        count.zero_()
+        g.replay()
+        torch.cuda.synchronize()
+        return int((count > 0).sum())
+
+    for pdl in (False, True):
+        flat(L, pdl, True)  # compile outside any capture
+        flat(L, pdl, False)
+    torch.cuda.synchronize()
+    try:
+        global DRV
+        DRV = {name: proc(name) for name in PROTOS}
+        setter, ptx = compile_setter(torch.cuda.get_device_capability()[0] * 10)
+        res["setter_ptx_calls"] = [ln.strip() for ln in ptx.splitlines() if "cudaGraphSetConditional" in ln][:4]
+    except Exception as e:
+        res["setter_error"] = f"{type(e).__name__}: {e}"[:1500]
+        json.dump(res, open(out_path, "w"), indent=1)
+        print(json.dumps(res, indent=1))
+        return
+    for pdl in (False, True):
+        tag = "pdl" if pdl else "plain"
+        g_all, g_22, g_flag = (capture(lambda: flat(L, pdl, False)), capture(lambda: flat(22, pdl, False)),
+                               capture(lambda: flat(L, pdl, True)))
+        res[f"{tag}_flat_all_us"] = timeit(g_all)
+        res[f"{tag}_flat_22_us"] = timeit(g_22)
+        skip[22:] = 1
+        res[f"{tag}_flag_exit21_us"] = timeit(g_flag)
+        skip.zero_()
+        try:
+            g_if = capture(lambda: nested(pdl, setter))
+            stop.zero_()
+            res[f"{tag}_if_all_us"] = timeit(g_if)
+            res[f"{tag}_if_all_layers"] = layers_run(g_if)
+            stop[CAND.index(21)] = 1
+            res[f"{tag}_if_exit21_us"] = timeit(g_if)
+            res[f"{tag}_if_exit21_layers"] = layers_run(g_if)
+            stop.fill_(1)
+            res[f"{tag}_if_exit0_us"] = timeit(g_if)
+            res[f"{tag}_if_exit0_layers"] = layers_run(g_if)
+            stop.zero_()
+        except Exception as e:
+            res[f"{tag}_if_error"] = f"{type(e).__name__}: {e}"[:1500] + " | " + traceback.format_exc()[-800:]
+    json.dump(res, open(out_path, "w"), indent=1)
+    print(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
