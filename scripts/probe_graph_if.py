@@ -68,26 +68,38 @@ def nvrtc():
     raise OSError("no libnvrtc")
 
 
-def compile_setter(arch: int):
+def _nvrtc_ptx(arch: int, extra: list[bytes]) -> bytes:
     nv = nvrtc()
     prog = ctypes.c_void_p()
     assert nv.nvrtcCreateProgram(ctypes.byref(prog), SETTER.encode(), b"set_if.cu", 0, None, None) == 0
-    opts = [f"--gpu-architecture=compute_{arch}".encode()]
+    opts = [f"--gpu-architecture=compute_{arch}".encode()] + extra
     res = nv.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
     size = ctypes.c_size_t()
     nv.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     nv.nvrtcGetProgramLog(prog, log)
     if res != 0:
-        raise RuntimeError(f"nvrtc {res}: {log.value.decode(errors='replace')}")
+        raise RuntimeError(f"nvrtc {extra} {res}: {log.value.decode(errors='replace')}")
     nv.nvrtcGetPTXSize(prog, ctypes.byref(size))
     ptx = ctypes.create_string_buffer(size.value)
     nv.nvrtcGetPTX(prog, ptx)
-    module, func = ctypes.c_void_p(), ctypes.c_void_p()
-    torch.cuda.current_stream()  # a context
-    check(CU.cuModuleLoadData(ctypes.byref(module), ptx), "cuModuleLoadData")
-    check(CU.cuModuleGetFunction(ctypes.byref(func), module, b"mpq_set_if"), "cuModuleGetFunction")
-    return func, ptx.value.decode(errors="replace")
+    return ptx.value
+
+
+def compile_setter(arch: int):
+    """The setter as PTX (whole program; if NVRTC refuses the undefined extern there, relocatable), loaded by the
+    driver, which resolves cudaGraphSetConditional."""
+    errors = []
+    for extra in ([], [b"-rdc=true"]):
+        try:
+            ptx = _nvrtc_ptx(arch, extra)
+            module, func = ctypes.c_void_p(), ctypes.c_void_p()
+            check(CU.cuModuleLoadData(ctypes.byref(module), ptx), "cuModuleLoadData")
+            check(CU.cuModuleGetFunction(ctypes.byref(func), module, b"mpq_set_if"), "cuModuleGetFunction")
+            return func, ptx.decode(errors="replace"), errors
+        except Exception as e:  # noqa: BLE001 - the probe reports every way that failed
+            errors.append(f"{type(e).__name__}: {e}"[:600])
+    raise RuntimeError(" || ".join(errors))
 
 
 class CondParams(ctypes.Structure):
@@ -237,7 +249,7 @@ def main(out_path):
     try:
         global DRV
         DRV = {name: proc(name) for name in PROTOS}
-        setter, ptx = compile_setter(torch.cuda.get_device_capability()[0] * 10)
+        setter, ptx, res["setter_tries_failed"] = compile_setter(torch.cuda.get_device_capability()[0] * 10)
         res["setter_ptx_calls"] = [ln.strip() for ln in ptx.splitlines() if "cudaGraphSetConditional" in ln][:4]
     except Exception as e:
         res["setter_error"] = f"{type(e).__name__}: {e}"[:1500]
