@@ -140,9 +140,13 @@ class IfScope:
         handle = ctypes.c_uint64()
         check(DRV["cuGraphConditionalHandleCreate"](ctypes.byref(handle), graph, ctx, 0, ASSIGN_DEFAULT),
               "cuGraphConditionalHandleCreate")
-        args = [ctypes.c_uint64(handle.value), ctypes.c_void_p(self.stop.data_ptr()), ctypes.c_int(self.index)]
-        argv = (ctypes.c_void_p * 3)(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
-        check(CU.cuLaunchKernel(self.setter, 1, 1, 1, 1, 1, 1, 0, ctypes.c_void_p(s), argv, None), "cuLaunchKernel")
+        if self.setter == "triton":
+            triton_setter(handle.value, self.stop, self.index)
+        else:
+            args = [ctypes.c_uint64(handle.value), ctypes.c_void_p(self.stop.data_ptr()), ctypes.c_int(self.index)]
+            argv = (ctypes.c_void_p * 3)(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
+            check(CU.cuLaunchKernel(self.setter, 1, 1, 1, 1, 1, 1, 0, ctypes.c_void_p(s), argv, None),
+                  "cuLaunchKernel")
         _, graph, deps, n = capture_info(s)
         cond = CondParams(handle=handle.value, type=IF_NODE, size=1, ctx=ctx)
         params = NodeParams(type=NODE_CONDITIONAL)
@@ -180,6 +184,35 @@ def _bump(x_ptr, y_ptr, skip_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr, SKI
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=ok) * 0.5 + 1.0, mask=ok)
+
+
+# The same setter as a Triton kernel: cudaGraphSetConditional declared in a textual LLVM library that Triton links
+# (ptxas knows the builtin; checked on the CPU: the cubin builds), so that an exit head could set it itself.
+SET_CONDITIONAL_LL = """target triple = "nvptx64-nvidia-cuda"
+declare void @cudaGraphSetConditional(i64, i32)
+define i32 @mpq_graph_set_conditional(i64 %handle, i32 %value) {
+  call void @cudaGraphSetConditional(i64 %handle, i32 %value)
+  ret i32 0
+}
+"""
+LL_PATH = os.path.join(os.environ.get("TMPDIR", "/tmp"), "mpq_graph_set_conditional.ll")
+
+
+@tl.core.extern
+def _set_conditional(handle, value, _semantic=None):
+    return tl.core.extern_elementwise(
+        "graphcond", LL_PATH, [handle, value],
+        {(tl.core.dtype("uint64"), tl.core.dtype("uint32")): ("mpq_graph_set_conditional", tl.core.dtype("int32"))},
+        is_pure=False, _semantic=_semantic)
+
+
+@triton.jit
+def _triton_set_if(handle, stop_ptr, index):
+    _set_conditional(handle.to(tl.uint64), (tl.load(stop_ptr + index) == 0).to(tl.uint32))
+
+
+def triton_setter(handle: int, stop: torch.Tensor, index: int) -> None:
+    _triton_set_if[(1,)](handle, stop, index, num_warps=1, extern_libs={"graphcond": LL_PATH})
 
 
 L, K, N, GRID = 32, 8, 1 << 16, 256
@@ -256,8 +289,19 @@ def main(out_path):
         json.dump(res, open(out_path, "w"), indent=1)
         print(json.dumps(res, indent=1))
         return
-    for pdl in (False, True):
-        tag = "pdl" if pdl else "plain"
+    with open(LL_PATH, "w") as f:
+        f.write(SET_CONDITIONAL_LL)
+    try:  # compiled and loaded outside any capture, never run there (no handle to set outside a graph launch)
+        compiled = _triton_set_if.warmup(1 << 40, stop, 0, grid=(1,), num_warps=1, extern_libs={"graphcond": LL_PATH})
+        compiled._init_handles()
+        res["triton_setter"] = "compiled and loaded"
+    except Exception as e:  # noqa: BLE001
+        res["triton_setter_error"] = f"{type(e).__name__}: {e}"[:1500]
+    for pdl, which in ((False, "nvrtc"), (True, "nvrtc"), (True, "triton")):
+        if which == "triton" and "triton_setter_error" in res:
+            continue
+        tag = ("pdl" if pdl else "plain") + ("_triton_setter" if which == "triton" else "")
+        if_setter = "triton" if which == "triton" else setter
         g_all, g_22, g_flag = (capture(lambda: flat(L, pdl, False)), capture(lambda: flat(22, pdl, False)),
                                capture(lambda: flat(L, pdl, True)))
         res[f"{tag}_flat_all_us"] = timeit(g_all)
@@ -266,7 +310,7 @@ def main(out_path):
         res[f"{tag}_flag_exit21_us"] = timeit(g_flag)
         skip.zero_()
         try:
-            g_if = capture(lambda: nested(pdl, setter))
+            g_if = capture(lambda: nested(pdl, if_setter))
             stop.zero_()
             res[f"{tag}_if_all_us"] = timeit(g_if)
             res[f"{tag}_if_all_layers"] = layers_run(g_if)
