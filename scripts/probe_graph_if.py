@@ -206,7 +206,7 @@ def _set_conditional(handle, value, _semantic=None):
         is_pure=False, _semantic=_semantic)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["handle", "index"])
 def _triton_set_if(handle, stop_ptr, index):
     _set_conditional(handle.to(tl.uint64), (tl.load(stop_ptr + index) == 0).to(tl.uint32))
 
@@ -292,8 +292,9 @@ def main(out_path):
     with open(LL_PATH, "w") as f:
         f.write(SET_CONDITIONAL_LL)
     try:  # compiled and loaded outside any capture, never run there (no handle to set outside a graph launch)
-        compiled = _triton_set_if.warmup(1 << 40, stop, 0, grid=(1,), num_warps=1, extern_libs={"graphcond": LL_PATH})
-        compiled._init_handles()
+        for h in (5, 1 << 40, (1 << 63) + 5):  # an int argument is typed i32, i64 or u64 by its value
+            compiled = _triton_set_if.warmup(h, stop, 3, grid=(1,), num_warps=1, extern_libs={"graphcond": LL_PATH})
+            compiled._init_handles()
         res["triton_setter"] = "compiled and loaded"
     except Exception as e:  # noqa: BLE001
         res["triton_setter_error"] = f"{type(e).__name__}: {e}"[:1500]
