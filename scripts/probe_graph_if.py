@@ -4,8 +4,11 @@ benchmarks/e2e-notes.md run 20). torch 2.11 has no CUDAGraph.begin_capture_to_if
 compiled by NVRTC (it calls cudaGraphSetConditional, which the driver resolves at module load), the node is added
 with cuGraphAddNode and its body captured with cuStreamBeginCaptureToGraph on a second stream.
 
-What it answers: does each step work on this driver/torch; do PDL-launched Triton kernels run inside a body; what
-an IF level costs at full depth; what an exit saves against flag-skipped kernels. Writes JSON to argv[1]."""
+What it answers: does each step work on this driver/torch; do PDL-launched Triton kernels run inside a body; can
+a Triton kernel set the condition; can bodies allocate (into the graph's pool); what an IF level costs at full
+depth; what an exit saves against flag-skipped kernels. Writes JSON to argv[1]; argv[2], optional: the variants
+to run, comma-separated (plain_nvrtc, pdl_nvrtc, pdl_triton, pdl_triton_alloc), one process each is safest:
+  for v in plain_nvrtc pdl_nvrtc pdl_triton pdl_triton_alloc; do python3 scripts/probe_graph_if.py $OUT/$v.json $v; done"""
 
 import ctypes
 import glob
@@ -127,8 +130,8 @@ class IfScope:
     body of an IF node taken when stop[index] == 0 at that point of the replay."""
     bodies: list = []
 
-    def __init__(self, setter, stop: torch.Tensor, index: int):
-        self.setter, self.stop, self.index = setter, stop, index
+    def __init__(self, setter, stop: torch.Tensor, index: int, pool=None):
+        self.setter, self.stop, self.index, self.pool = setter, stop, index, pool
 
     def __enter__(self):
         main = torch.cuda.current_stream()
@@ -163,9 +166,15 @@ class IfScope:
               "cuStreamBeginCaptureToGraph")
         self.ctx = torch.cuda.stream(self.side)
         self.ctx.__enter__()
+        # the body's temporaries go to the outer graph's pool (its capture id is not the outer capture's)
+        self.pool_ctx = torch.cuda.use_mem_pool(self.pool) if self.pool is not None else None
+        if self.pool_ctx is not None:
+            self.pool_ctx.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self.pool_ctx is not None:
+            self.pool_ctx.__exit__(*exc)
         self.ctx.__exit__(*exc)
         g = ctypes.c_void_p()
         check(CU.cuStreamEndCapture(ctypes.c_void_p(self.side.cuda_stream), ctypes.byref(g)), "cuStreamEndCapture")
@@ -219,7 +228,7 @@ L, K, N, GRID = 32, 8, 1 << 16, 256
 CAND = [0, 2, 5, 6, 9, 13, 17, 21, 26, 28, 29]
 
 
-def main(out_path):
+def main(out_path, chosen):
     res = {"torch": torch.__version__, "cuda": torch.version.cuda, "device": torch.cuda.get_device_name(),
            "has_if_api": hasattr(torch.cuda.CUDAGraph, "begin_capture_to_if_node")}
     dev = torch.device("cuda")
@@ -228,30 +237,34 @@ def main(out_path):
     stop = torch.zeros(len(CAND), dtype=torch.int32, device=dev)
     count = torch.zeros(L, dtype=torch.int32, device=dev)
 
-    def layer(i, pdl, flag):
+    def layer(i, pdl, flag, alloc=False):
         for k in range(K):
             _bump[(GRID,)](bufs[k % 2], bufs[1 - k % 2], skip[i:i + 1], N, BLOCK=N // GRID, PDL=pdl, SKIP=flag,
                            **({"launch_pdl": True} if pdl else {}))
-        count[i:i + 1].add_(1)
+        if alloc:  # a temporary, as the decoder's ops make
+            t = count[i:i + 1] * 2
+            count[i:i + 1].copy_(t - count[i:i + 1] + 1)
+        else:
+            count[i:i + 1].add_(1)
 
     def flat(n, pdl, flag):
         for i in range(n):
             layer(i, pdl, flag)
 
-    def nested(pdl, setter):
+    def nested(pdl, setter, pool=None):
         scopes = []
         for i in range(L):
-            layer(i, pdl, False)
+            layer(i, pdl, False, alloc=pool is not None)
             if i in CAND:
-                scopes.append(IfScope(setter, stop, CAND.index(i)))
+                scopes.append(IfScope(setter, stop, CAND.index(i), pool))
                 scopes[-1].__enter__()
         for s in reversed(scopes):
             s.__exit__(None, None, None)
 
-    def capture(fn):
+    def capture(fn, pool=None):
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, capture_error_mode="thread_local"):
+        with torch.cuda.graph(g, capture_error_mode="thread_local", pool=None if pool is None else pool.id):
             fn()
         return g
 
@@ -298,11 +311,14 @@ def main(out_path):
         res["triton_setter"] = "compiled and loaded"
     except Exception as e:  # noqa: BLE001
         res["triton_setter_error"] = f"{type(e).__name__}: {e}"[:1500]
-    for pdl, which in ((False, "nvrtc"), (True, "nvrtc"), (True, "triton")):
+    variants = {"plain_nvrtc": (False, "nvrtc", False), "pdl_nvrtc": (True, "nvrtc", False),
+                "pdl_triton": (True, "triton", False), "pdl_triton_alloc": (True, "triton", True)}
+    for tag in chosen or variants:
+        pdl, which, alloc = variants[tag]
         if which == "triton" and "triton_setter_error" in res:
             continue
-        tag = ("pdl" if pdl else "plain") + ("_triton_setter" if which == "triton" else "")
         if_setter = "triton" if which == "triton" else setter
+        pool = torch.cuda.MemPool() if alloc else None
         g_all, g_22, g_flag = (capture(lambda: flat(L, pdl, False)), capture(lambda: flat(22, pdl, False)),
                                capture(lambda: flat(L, pdl, True)))
         res[f"{tag}_flat_all_us"] = timeit(g_all)
@@ -311,7 +327,7 @@ def main(out_path):
         res[f"{tag}_flag_exit21_us"] = timeit(g_flag)
         skip.zero_()
         try:
-            g_if = capture(lambda: nested(pdl, if_setter))
+            g_if = capture(lambda: nested(pdl, if_setter, pool), pool)
             stop.zero_()
             res[f"{tag}_if_all_us"] = timeit(g_if)
             res[f"{tag}_if_all_layers"] = layers_run(g_if)
@@ -329,4 +345,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2].split(",") if len(sys.argv) > 2 else [])
