@@ -289,6 +289,14 @@ class Block(nn.Module):
         self.down = w.linear(p + "mlp.down_proj")
         self.kv_cache: KVCache | None = None
 
+    def qkv(self, h):
+        """q, k, v of h [B, S, dim] as [B, S, heads, head_dim] (k and v: kv heads), before RoPE."""
+        a = self.args
+        B, S, _ = h.shape
+        k, v, q = self.kvq(h)
+        return (q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim),
+                v.view(B, S, a.n_kv_heads, a.head_dim))
+
     def attention(self, h, input_pos, cos, sin, mask, ops: SmallOps, causal_prefix: bool = False,
                   dropped: torch.Tensor | None = None):
         """causal_prefix: the mask is the causal one (positions 0..input_pos) plus `dropped` (None, or an additive
@@ -296,9 +304,8 @@ class Block(nn.Module):
         ignores `mask`."""
         a = self.args
         B, S, _ = h.shape
-        k, v, q = self.kvq(h)
+        q, k, v = self.qkv(h)
         cache = self.kv_cache.kv
-        q, k, v = q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim), v.view(B, S, a.n_kv_heads, a.head_dim)
         if causal_prefix and S == 1 and ops.decode_attention is not None:
             return self.o(ops.decode_attention(q, k, v, cos, sin, cache, input_pos, self.kv_cache.counters, dropped))
         q = ops.rope_write(q, k, v, cos, sin, cache, input_pos)

@@ -228,14 +228,23 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
         graph[f"{name}_graphs"] = len(dec.graphs)
         del dec
     L = model.args.n_layers
-    for name, mode, replay in (("no_exit_no_predictors", "fill", [L]), ("no_exit_trace", "fill", [L]),
-                               ("trace_fill", "fill", trace), ("trace_drop", "drop", trace)):
+    for name, mode, replay, branches in (("no_exit_no_predictors", "fill", [L], 0), ("no_exit_trace", "fill", [L], 0),
+                                         ("trace_fill", "fill", trace, 0), ("trace_drop", "drop", trace, 0),
+                                         ("no_exit_trace_branches4", "fill", [L], 4),
+                                         ("trace_fill_branches4", "fill", trace, 4),
+                                         ("trace_drop_branches4", "drop", trace, 4)):
         dec = FlagExitDecoder(model, SpecEE(draft, preds, offline, {}), len(prompt) + graph_tokens + 1, mode=mode,
-                              auto_fallback=False, trace=replay)
+                              auto_fallback=False, trace=replay, branches=branches)
         if name == "no_exit_no_predictors":  # the step's own cost: draft, exit flags, copies; no predictor or head
             dec.candidates = []
-        dec.generate(prompt, 4)  # captures the step
-        _, st, _ = dec.generate(prompt, graph_tokens)
+        try:
+            dec.generate(prompt, 4)  # captures the step
+            _, st, _ = dec.generate(prompt, graph_tokens)
+        except RuntimeError as e:  # graph IF nodes need driver support: say so, keep the other rows
+            if not branches:
+                raise
+            flag[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
+            break
         flag[name] = st.decode_ms / max(st.tokens, 1)
         flag[f"{name}_mean_layers"] = st.layers / max(st.tokens, 1)
         flag[f"{name}_predictor_calls_per_token"] = st.predictor_calls / max(st.tokens, 1)
@@ -330,7 +339,7 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     live_rows = {"live_graph_ms_per_token": g, "live_graph_speedup_vs_engine": {
         k: base / g[k] for k in ("full_depth", "trace_fill", "trace_drop")},
         "live_one_graph_ms_per_token": f, "live_one_graph_speedup_vs_engine": {
-            k: base / f[k] for k in ("no_exit_no_predictors", "no_exit_trace", "trace_fill", "trace_drop")}}
+            k: base / f[k] for k in f if not k.endswith(("_mean_layers", "_per_token", "_error"))}}
     full_machinery_ms = full["loop_draft_predictors"]
     # draft: overlapped with the whole step; predictors: with the LM-head rows of 4 fixed tokens; the wait is what
     # the first predicted layer spends waiting for the draft's tokens
@@ -356,7 +365,8 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
                       "live decoder whose step is one CUDA graph with the exit decision on the device "
                       "(mpq.specee.flag_decode), without exits and without any predictor or exit-head kernel in the "
                       "graph (no_exit_no_predictors), replaying a trace without exits (the predictors run, none fires) and "
-                      "the trace's first 64 exit layers; KV filling cost is inside the fill rows (the drop rows have "
+                      "the trace's first 64 exit layers, and the same with the rest of the step in a device branch "
+                      "every 4 layers (*_branches4: graph IF nodes, mpq.runtime.graph_if); KV filling cost is inside the fill rows (the drop rows have "
                       "none)"}
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)

@@ -39,6 +39,7 @@ from kernels.exit_head import exit_head, head_state
 from kernels.exit_predictor import exit_probability
 from mpq.errors import MpqError
 from mpq.runtime.model import SmallOps, SplitLinears
+from mpq.runtime.graph_if import DeviceBranch
 from mpq.runtime.quant_linear import QuantLinear
 from mpq.specee.graph_decode import GraphExitDecoder
 
@@ -49,7 +50,7 @@ class FlagExitDecoder(GraphExitDecoder):
     """`GraphExitDecoder` whose exit step is one graph with the decision on the device. Runs where the step's
     Triton kernels run: CUDA (captured), or eagerly under TRITON_INTERPRET=1 (capture=False), as the tests do."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, branches: int = 0, **kwargs):
         super().__init__(*args, **kwargs)
         if self.sp is None:
             raise MpqError("the one-graph exit decoder needs predictors (mpq train-predictors)")
@@ -80,6 +81,12 @@ class FlagExitDecoder(GraphExitDecoder):
         self.draft_counters = torch.zeros(self.sp.draft.n_kv_heads, dtype=torch.int32, device=dev)
         self.next_emb = torch.zeros_like(self.X[0].view(1, -1))
         self.drafted: int | None = None  # the token the pending draft was computed for
+        # every `branches` layers (0: never), the rest of the step sits in a device branch (`graph_if`): after an
+        # exit its layers are not launched at all, only their KV fill (or drop mask); between branches, the layers
+        # after an exit still launch and skip themselves on the flag
+        self.boundaries = {c for c in self.candidates if branches and (c + 1) % branches == 0}
+        self.pool = torch.cuda.MemPool() if self.capture and self.boundaries else None
+        self.branch = DeviceBranch(self.ctl, self.pool)
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _draft_next(self, token: torch.Tensor) -> None:
@@ -113,14 +120,22 @@ class FlagExitDecoder(GraphExitDecoder):
     def _flag_step(self) -> None:
         """Queue one decode step with exits decided on the device (see the module docstring), then the draft for
         the next token."""
-        m, L, eps, ops = self.model, self.L, self.eps, self.flag_ops
+        m = self.model
         self.ctl.copy_(self.host_ctl, non_blocking=True)
         self.pos.copy_(self.host_pos, non_blocking=True)
         self.host_top4.copy_(self.top4, non_blocking=True)  # this step's proposals, drafted by the step before
         torch.index_select(m.embed, 0, self.ctl[CTL_TOKEN:CTL_TOKEN + 1], out=self.X[0].view(1, -1))
         cos, sin = m.rope_cos[self.pos], m.rope_sin[self.pos]
-        x, delta, normed = self.X[0], None, None
-        for i, layer in enumerate(m.layers):
+        self._layers(0, self.X[0], None, None, cos, sin)
+        self.host_result.copy_(self.ctl[:RESULT_WORDS], non_blocking=True)
+        self._draft_next(self.ctl[CTL_TOKEN:CTL_TOKEN + 1])
+
+    def _layers(self, first: int, x, delta, normed, cos, sin) -> None:
+        """Layers first.. of the step with their predictors and exit heads, then the final head. At a boundary the
+        rest becomes a device branch: these layers while the step has not exited, else their KV fill."""
+        m, L, eps, ops = self.model, self.L, self.eps, self.flag_ops
+        for i in range(first, L):
+            layer = m.layers[i]
             x, h = normed or ops.add_rms_norm(x, delta, layer.attn_norm, eps)
             normed = None
             delta = layer.attention(h, self.pos, cos, sin, None, ops, causal_prefix=True,
@@ -135,10 +150,26 @@ class FlagExitDecoder(GraphExitDecoder):
             exit_head(x, None, m.norm, eps, self.lm_w, self.h_prev, self.top4, self.ctl, self.head_state, i,
                       final=False, pdl=self.pdl)
             x, delta, normed = x.view(1, 1, -1), None, (x.view(1, 1, -1), h.view(1, 1, -1))
+            if i in self.boundaries:
+                rest = (x, delta, normed)
+                self.branch.if_else(lambda: self._layers(i + 1, *rest, cos, sin),
+                                    lambda: self._skip_rest(i + 1, rest[0], cos, sin))
+                return
         exit_head(x.view(-1), None if delta is None else delta.view(-1), m.norm, eps, self.lm_w, self.h_prev,
                   self.top4, self.ctl, self.head_state, L - 1, final=True, pdl=self.pdl)
-        self.host_result.copy_(self.ctl[:RESULT_WORDS], non_blocking=True)
-        self._draft_next(self.ctl[CTL_TOKEN:CTL_TOKEN + 1])
+
+    def _skip_rest(self, first: int, x, cos, sin) -> None:
+        """Layers first.. after an exit: in fill mode each one's K/V from the exit residual x, as a skipped layer
+        computes it under the flag (its norm, the k and v rows of its projection, the cache write of the attention
+        kernel); in drop mode the position masked out of each."""
+        m, eps, ops = self.model, self.eps, self.flag_ops
+        if self.dropped is not None:
+            self.dropped[first:].index_fill_(1, self.pos, float("-inf"))
+            return
+        for layer in m.layers[first:]:
+            _, h = ops.add_rms_norm(x, None, layer.attn_norm, eps)
+            q, k, v = layer.qkv(h)
+            ops.decode_attention(q, k, v, cos, sin, layer.kv_cache.kv, self.pos, layer.kv_cache.counters, None)
 
     def _replay(self) -> None:
         key = ("flag_step",)
@@ -146,10 +177,15 @@ class FlagExitDecoder(GraphExitDecoder):
             self.graphs[key].replay()
             return
         self._set_exit_flags(True)
+        self.branch.warming = self.capture  # the run before the capture; eager steps take one side
         try:  # the warm-up run before a capture must leave the draft's input as it found it (the cache entries it
-            # writes, the replay writes again with the same values)
-            self._run(key, self._flag_step, restore=(self.p_state, self.h_prev, self.top4, self.rows))
+            # writes, the replay writes again with the same values; it runs both sides of each branch, the fill
+            # first)
+            restore = (self.p_state, self.h_prev, self.top4, self.rows) + (
+                () if self.dropped is None else (self.dropped,))
+            self._run(key, self._flag_step, restore=restore, pool=None if self.pool is None else self.pool.id)
         finally:
+            self.branch.warming = False
             self._set_exit_flags(False)
 
     # ---- one token ---------------------------------------------------------------------------------------

@@ -65,10 +65,11 @@ class GraphExitDecoder(ExitDecoder):
         self.window_mark: tuple[float, int] | None = None  # (start time, tokens then) of the fallback's window
 
     # ---- pieces ------------------------------------------------------------------------------------------
-    def _run(self, key: tuple, fn, restore: tuple[torch.Tensor, ...] = ()):
+    def _run(self, key: tuple, fn, restore: tuple[torch.Tensor, ...] = (), pool=None):
         """fn() now (eager), or its CUDA graph, captured on first use; `restore`: state a warm-up run must not
-        change (the capture needs one run outside the graph first). Each graph has its own memory pool: pieces
-        replay in varying orders, so one graph's temporaries must never lie under another's outputs."""
+        change (the capture needs one run outside the graph first). Each graph has its own memory pool (`pool`: a
+        given one): pieces replay in varying orders, so one graph's temporaries must never lie under another's
+        outputs."""
         if not self.capture:
             return fn()
         g = self.graphs.get(key)
@@ -82,7 +83,7 @@ class GraphExitDecoder(ExitDecoder):
             for t, s in zip(restore, saved):
                 t.copy_(s)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
+            with torch.cuda.graph(g, pool=pool):
                 self.outputs[key] = fn()
             self.graphs[key] = g
         g.replay()

@@ -163,6 +163,13 @@ def _exit_head(final):
               7, final=final, pdl=True, programs=528)
 
 
+def _graph_branch():
+    from kernels.exit_flag import CTL_ACTIVE
+    from kernels.graph_cond import set_branch
+
+    set_branch(5, 1 << 40, torch.zeros(int(CTL_ACTIVE) + 32, dtype=torch.int32))
+
+
 CASES = {
     "gemv_tc m1 pdl l2 early4 flag": lambda: _gemv_tc(1, pdl=True, l2=True, early4=True,
                                                       skip=torch.zeros(1, dtype=torch.int32), keep_tiles=2),
@@ -184,6 +191,7 @@ CASES = {
     "exit_probability control": lambda: _predictor(True),
     "exit_head": lambda: _exit_head(False),
     "exit_head final": lambda: _exit_head(True),
+    "graph branch setter": _graph_branch,
 }
 
 

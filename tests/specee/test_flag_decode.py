@@ -29,7 +29,7 @@ def _signed_head(model, keep):
     model.output = DenseLinear(head)
 
 
-def _decoders(art, dev, mode, narrow_draft=True, **kwargs):
+def _decoders(art, dev, mode, narrow_draft=True, branches=0, **kwargs):
     from mpq.runtime.loader import load_engine
     from mpq.specee.bundle import load_specee
     from mpq.specee.decode import ExitDecoder
@@ -41,7 +41,7 @@ def _decoders(art, dev, mode, narrow_draft=True, **kwargs):
     keep = load_specee(art, None).draft.vocab[3:8].to(dev)
     _signed_head(model, keep)
     out = []
-    for cls, extra in ((ExitDecoder, {}), (FlagExitDecoder, {"capture": dev == "cuda"})):
+    for cls, extra in ((ExitDecoder, {}), (FlagExitDecoder, {"capture": dev == "cuda", "branches": branches})):
         sp = load_specee(art, None)
         if narrow_draft:
             sp.draft.vocab = keep[:4].cpu()
@@ -50,17 +50,19 @@ def _decoders(art, dev, mode, narrow_draft=True, **kwargs):
 
 
 @pytest.mark.parametrize("mode", ["fill", "drop"])
-def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode):  # noqa: F811
+@pytest.mark.parametrize("branches", [0, 2])
+def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode, branches):  # noqa: F811
     """Every scheduled layer's predictor fires (threshold 0): tokens, exit layers, predictor calls,
     verifications, rejections and the draft's proposals equal the eager decoder's, exits accepted at several
     layers and some rejected. The KV caches they leave agree too: in fill mode every entry (the skipped layers'
     ones are the fill; the caches, which both decoders share, are poisoned before each run), in drop mode the masks
-    of what each layer skipped."""
+    of what each layer skipped. branches=2: every second layer the rest of the step is a device branch
+    (`mpq.runtime.graph_if`), whose skipped side fills or masks instead."""
     _, art, _, _ = trained
     prompt = list(b"To be, or not to be, that is")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     runs, states = [], []
-    for dec in _decoders(art, dev, mode, threshold=0.0):
+    for dec in _decoders(art, dev, mode, branches=branches, threshold=0.0):
         for layer in dec.model.layers:  # an entry a decoder leaves unwritten keeps this, not the other's value
             layer.kv_cache.kv.fill_(7.0)
         out, st, _ = dec.generate(prompt, 16)

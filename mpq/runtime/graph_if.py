@@ -1,0 +1,139 @@
+"""Data-dependent branches inside a captured CUDA graph: IF nodes, built through the CUDA driver API during a torch
+capture (torch 2.11 has no API for them).
+
+`DeviceBranch.if_else(then_fn, else_fn)` queues both functions' work as the bodies of two IF nodes. A Triton kernel
+sets their conditions from the exit flag just before them (`kernels.graph_cond`), so on replay exactly one runs and
+the other costs nothing but its node. Outside a capture (the warm-up run, or the eager CPU path) it runs the one
+branch the flag selects, or both when warming up.
+
+How a body is captured: the IF node is added to the graph being captured, the capture's dependencies are moved to
+it, and the body is captured on a fresh stream into the node's body graph (`cuStreamBeginCaptureToGraph`), with
+its temporaries in the outer graph's memory pool. Driver entry points are fetched with `cuGetProcAddress` at the
+CUDA 12.4 ABI (conditional nodes need a 12.4+ driver).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+
+from kernels.exit_flag import CTL_EXITED
+
+_IF, _NODE_CONDITIONAL, _ASSIGN_DEFAULT, _SET_DEPENDENCIES, _THREAD_LOCAL, _ACTIVE = 0, 13, 1, 1, 1, 1
+_P, _U64, _SIZE, _PTR = ctypes.POINTER, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p
+_PROTOTYPES = {
+    "cuStreamGetCaptureInfo": (_PTR, _P(ctypes.c_int), _P(_U64), _P(_PTR), _P(_P(_PTR)), _P(_PTR), _P(_SIZE)),
+    "cuGraphAddNode": (_P(_PTR), _PTR, _P(_PTR), _PTR, _SIZE, _PTR),
+    "cuStreamUpdateCaptureDependencies": (_PTR, _P(_PTR), _PTR, _SIZE, ctypes.c_uint),
+    "cuGraphConditionalHandleCreate": (_P(_U64), _PTR, _PTR, ctypes.c_uint, ctypes.c_uint),
+    "cuStreamBeginCaptureToGraph": (_PTR, _PTR, _PTR, _PTR, _SIZE, ctypes.c_int),
+    "cuStreamEndCapture": (_PTR, _P(_PTR)),
+    "cuCtxGetCurrent": (_P(_PTR),),
+}
+
+
+class _ConditionalParams(ctypes.Structure):  # CUDA_CONDITIONAL_NODE_PARAMS
+    _fields_ = [("handle", _U64), ("type", ctypes.c_int), ("size", ctypes.c_uint), ("bodies", _P(_PTR)),
+                ("ctx", _PTR)]
+
+
+class _NodeParams(ctypes.Structure):  # CUgraphNodeParams: type, reserved, a 232-byte union, reserved
+    _fields_ = [("type", ctypes.c_int), ("reserved0", ctypes.c_int * 3), ("params", ctypes.c_longlong * 29),
+                ("reserved2", ctypes.c_longlong)]
+
+
+@functools.lru_cache(maxsize=None)
+def _driver() -> dict:
+    lib = ctypes.CDLL("libcuda.so.1")
+    fns = {}
+    for name, args in _PROTOTYPES.items():
+        fn, status = _PTR(), ctypes.c_int()
+        _check(lib, lib.cuGetProcAddress_v2(name.encode(), ctypes.byref(fn), 12040, _U64(0), ctypes.byref(status)),
+               name)
+        if not fn.value:
+            raise RuntimeError(f"the CUDA driver has no {name} (conditional graph nodes need a 12.4+ driver)")
+        fns[name] = ctypes.CFUNCTYPE(ctypes.c_int, *args)(fn.value)
+    fns["lib"] = lib
+    return fns
+
+
+def _check(lib, result: int, what: str) -> None:
+    if result != 0:
+        name = ctypes.c_char_p()
+        lib.cuGetErrorName(result, ctypes.byref(name))
+        raise RuntimeError(f"{what}: CUDA driver error {result} ({(name.value or b'?').decode()})")
+
+
+def _call(name: str, *args) -> None:
+    d = _driver()
+    _check(d["lib"], d[name](*args), name)
+
+
+def _capture_graph(stream: torch.cuda.Stream):
+    status, cid, graph = ctypes.c_int(), _U64(), _PTR()
+    deps, edges, n = _P(_PTR)(), _PTR(), _SIZE()
+    _call("cuStreamGetCaptureInfo", _PTR(stream.cuda_stream), ctypes.byref(status), ctypes.byref(cid),
+          ctypes.byref(graph), ctypes.byref(deps), ctypes.byref(edges), ctypes.byref(n))
+    if status.value != _ACTIVE:
+        raise RuntimeError("DeviceBranch.if_else inside a capture needs the current stream to be capturing")
+    return graph, deps, n.value
+
+
+class DeviceBranch:
+    """See the module docstring. ctl: the control block whose exit flag picks the branch; pool: the memory pool the
+    enclosing capture allocates from (a `torch.cuda.MemPool`), where the bodies' temporaries go too."""
+
+    def __init__(self, ctl: torch.Tensor, pool=None):
+        self.ctl, self.pool = ctl, pool
+        self.warming = False  # set by the caller around the warm-up run before a capture: run both branches
+        self._streams: list[torch.cuda.Stream] = []  # body streams outlive their captures
+
+    def if_else(self, then_fn, else_fn) -> None:
+        if self.ctl.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
+            if self.warming:
+                else_fn()
+                then_fn()
+            elif int(self.ctl[int(CTL_EXITED)]) == 0:
+                then_fn()
+            else:
+                else_fn()
+            return
+        from kernels.graph_cond import set_branch
+
+        stream = torch.cuda.current_stream()
+        graph, _, _ = _capture_graph(stream)
+        ctx = _PTR()
+        _call("cuCtxGetCurrent", ctypes.byref(ctx))
+        handles = [_U64(), _U64()]
+        for h in handles:
+            _call("cuGraphConditionalHandleCreate", ctypes.byref(h), graph, ctx, 0, _ASSIGN_DEFAULT)
+        set_branch(handles[0].value, handles[1].value, self.ctl)
+        for handle, body_fn in zip(handles, (then_fn, else_fn)):
+            graph, deps, n = _capture_graph(stream)
+            cond = _ConditionalParams(handle=handle.value, type=_IF, size=1, ctx=ctx)
+            params = _NodeParams(type=_NODE_CONDITIONAL)
+            ctypes.memmove(ctypes.addressof(params.params), ctypes.addressof(cond), ctypes.sizeof(cond))
+            node = _PTR()
+            _call("cuGraphAddNode", ctypes.byref(node), graph, deps, None, n, ctypes.addressof(params))
+            ctypes.memmove(ctypes.addressof(cond), ctypes.addressof(params.params), ctypes.sizeof(cond))
+            body = _PTR(cond.bodies[0])
+            _call("cuStreamUpdateCaptureDependencies", _PTR(stream.cuda_stream), ctypes.byref(node), None, 1,
+                  _SET_DEPENDENCIES)
+            self._capture_body(body, body_fn)
+
+    def _capture_body(self, body, body_fn) -> None:
+        side = torch.cuda.Stream(self.ctl.device)
+        self._streams.append(side)
+        _call("cuStreamBeginCaptureToGraph", _PTR(side.cuda_stream), body, None, None, 0, _THREAD_LOCAL)
+        try:
+            with torch.cuda.stream(side):
+                if self.pool is not None:
+                    with torch.cuda.use_mem_pool(self.pool):
+                        body_fn()
+                else:
+                    body_fn()
+        finally:
+            out = _PTR()
+            _call("cuStreamEndCapture", _PTR(side.cuda_stream), ctypes.byref(out))
