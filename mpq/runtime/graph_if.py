@@ -89,10 +89,16 @@ class DeviceBranch:
         self.ctl, self.pool = ctl, pool
         self.warming = False  # set by the caller around the warm-up run before a capture: run both branches
         self._streams: list[torch.cuda.Stream] = []  # body streams outlive their captures
+        self._setter_loaded = False
 
     def if_else(self, then_fn, else_fn) -> None:
         if self.ctl.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
             if self.warming:
+                if self.ctl.device.type == "cuda" and not self._setter_loaded:
+                    from kernels.graph_cond import warm_up
+
+                    warm_up(self.ctl)  # a capture may not load modules
+                    self._setter_loaded = True
                 else_fn()
                 then_fn()
             elif int(self.ctl[int(CTL_EXITED)]) == 0:
