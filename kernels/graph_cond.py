@@ -59,7 +59,9 @@ def set_branch(then_handle: int, else_handle: int, ctl) -> None:
 def warm_up(ctl) -> None:
     """Compile and load the kernel for each integer type a handle may get (i32, i64, u64 by value), outside any
     capture: a capture may not load modules."""
-    for handle in (5, 1 << 40, (1 << 63) + 5):
-        kernel = _set_branch_kernel.warmup(handle, handle, ctl, grid=(1,), num_warps=1,
-                                           extern_libs={LIB_NAME: library_path()})
-        kernel._init_handles()
+    values = (5, 1 << 40, (1 << 63) + 5)
+    for then_handle in values:
+        for else_handle in values:
+            kernel = _set_branch_kernel.warmup(then_handle, else_handle, ctl, grid=(1,), num_warps=1,
+                                               extern_libs={LIB_NAME: library_path()})
+            kernel._init_handles()
