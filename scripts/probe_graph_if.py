@@ -260,6 +260,8 @@ def main(out_path, chosen):
                 scopes[-1].__enter__()
         for s in reversed(scopes):
             s.__exit__(None, None, None)
+        if pool is not None:  # and after the bodies, on the capture's own stream (the decoder's draft allocates there)
+            count.copy_(count * 1)
 
     def capture(fn, pool=None):
         torch.cuda.synchronize()
