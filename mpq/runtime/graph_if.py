@@ -89,6 +89,7 @@ class DeviceBranch:
         self.ctl, self.pool = ctl, pool
         self.warming = False  # set by the caller around the warm-up run before a capture: run both branches
         self._streams: list[torch.cuda.Stream] = []  # body streams outlive their captures
+        self._spare: list[torch.cuda.Stream] = []
         self._setter_loaded = False
 
     def if_else(self, then_fn, else_fn) -> None:
@@ -99,6 +100,8 @@ class DeviceBranch:
 
                     warm_up(self.ctl)  # a capture may not load modules
                     self._setter_loaded = True
+                if self.ctl.device.type == "cuda":  # the bodies' capture streams, made before the capture
+                    self._spare += [torch.cuda.Stream(self.ctl.device) for _ in range(2)]
                 else_fn()
                 then_fn()
             elif int(self.ctl[int(CTL_EXITED)]) == 0:
@@ -130,7 +133,7 @@ class DeviceBranch:
             self._capture_body(body, body_fn)
 
     def _capture_body(self, body, body_fn) -> None:
-        side = torch.cuda.Stream(self.ctl.device)
+        side = self._spare.pop() if self._spare else torch.cuda.Stream(self.ctl.device)
         self._streams.append(side)
         _call("cuStreamBeginCaptureToGraph", _PTR(side.cuda_stream), body, None, None, 0, _THREAD_LOCAL)
         try:
