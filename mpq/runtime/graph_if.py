@@ -31,6 +31,7 @@ _PROTOTYPES = {
     "cuStreamBeginCaptureToGraph": (_PTR, _PTR, _PTR, _PTR, _SIZE, ctypes.c_int),
     "cuStreamEndCapture": (_PTR, _P(_PTR)),
     "cuCtxGetCurrent": (_P(_PTR),),
+    "cuGraphAddChildGraphNode": (_P(_PTR), _PTR, _P(_PTR), _SIZE, _PTR),
 }
 
 
@@ -133,12 +134,26 @@ class DeviceBranch:
             self._capture_body(body, body_fn)
 
     def _capture_body(self, body, body_fn) -> None:
+        import os
+        how = os.environ.get("MPQ_IF_BODY", "pool")
         side = self._spare.pop() if self._spare else torch.cuda.Stream(self.ctl.device)
         self._streams.append(side)
+        if how == "child":  # a torch capture of its own (allocations routed by capture id), cloned into the body
+            inner = torch.cuda.CUDAGraph(keep_graph=True)
+            self._streams.append(inner)
+            with torch.cuda.stream(side):
+                inner.capture_begin(pool=None if self.pool is None else self.pool.id, capture_error_mode="thread_local")
+                try:
+                    body_fn()
+                finally:
+                    inner.capture_end()
+            node = _PTR()
+            _call("cuGraphAddChildGraphNode", ctypes.byref(node), body, None, 0, _PTR(inner.raw_cuda_graph()))
+            return
         _call("cuStreamBeginCaptureToGraph", _PTR(side.cuda_stream), body, None, None, 0, _THREAD_LOCAL)
         try:
             with torch.cuda.stream(side):
-                if self.pool is not None:
+                if self.pool is not None and how == "pool":
                     with torch.cuda.use_mem_pool(self.pool):
                         body_fn()
                 else:
