@@ -1,5 +1,5 @@
-"""Temporary (GPU, branch graph-if): can IF-node bodies built by mpq.runtime.graph_if allocate? Each way of
-capturing a body (env MPQ_IF_BODY: pool, nopool, child) x one level / nested x outer capture mode, checked by
+"""Temporary (GPU, branch graph-if): can IF-node bodies built by mpq.runtime.graph_if allocate? Bodies that
+allocate or not x one level / nested x outer capture mode x a pool of the bodies' own or none, checked by
 replaying both sides; full tracebacks on failure. JSON to argv[1]."""
 
 import json
@@ -47,7 +47,7 @@ def case(alloc: bool, nested: bool, mode: str, use_pool: bool) -> dict:
     br.warming = False
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g, pool=None if pool is None else pool.id, capture_error_mode=mode):
+    with torch.cuda.graph(g, capture_error_mode=mode):
         step()
     out = {}
     for flag in (0, 1, 0):

@@ -8,7 +8,8 @@ branch the flag selects, or both when warming up.
 
 How a body is captured: the IF node is added to the graph being captured, the capture's dependencies are moved to
 it, and the body is captured on a fresh stream into the node's body graph (`cuStreamBeginCaptureToGraph`), with
-its temporaries in the outer graph's memory pool. Driver entry points are fetched with `cuGetProcAddress` at the
+its temporaries in a memory pool of the bodies' own (every body of the graph: the outermost one routes the
+thread's allocations there, nested ones inherit it). Driver entry points are fetched with `cuGetProcAddress` at the
 CUDA 12.4 ABI (conditional nodes need a 12.4+ driver).
 """
 
@@ -31,7 +32,6 @@ _PROTOTYPES = {
     "cuStreamBeginCaptureToGraph": (_PTR, _PTR, _PTR, _PTR, _SIZE, ctypes.c_int),
     "cuStreamEndCapture": (_PTR, _P(_PTR)),
     "cuCtxGetCurrent": (_P(_PTR),),
-    "cuGraphAddChildGraphNode": (_P(_PTR), _PTR, _P(_PTR), _SIZE, _PTR),
 }
 
 
@@ -83,8 +83,11 @@ def _capture_graph(stream: torch.cuda.Stream):
 
 
 class DeviceBranch:
-    """See the module docstring. ctl: the control block whose exit flag picks the branch; pool: the memory pool the
-    enclosing capture allocates from (a `torch.cuda.MemPool`), where the bodies' temporaries go too."""
+    """See the module docstring. ctl: the control block whose exit flag picks the branch; pool: a
+    `torch.cuda.MemPool` of the bodies' own, for their temporaries. It must not be the enclosing capture's pool:
+    torch (2.11) refuses to route a thread's allocations to a pool a capture records to, and without a pool of
+    their own, body temporaries would come from the shared cache and be handed to other tensors after the
+    capture."""
 
     def __init__(self, ctl: torch.Tensor, pool=None):
         self.ctl, self.pool = ctl, pool
@@ -92,6 +95,7 @@ class DeviceBranch:
         self._streams: list[torch.cuda.Stream] = []  # body streams outlive their captures
         self._spare: list[torch.cuda.Stream] = []
         self._setter_loaded = False
+        self._depth = 0  # bodies being captured around the current one
 
     def if_else(self, then_fn, else_fn) -> None:
         if self.ctl.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
@@ -134,30 +138,19 @@ class DeviceBranch:
             self._capture_body(body, body_fn)
 
     def _capture_body(self, body, body_fn) -> None:
-        import os
-        how = os.environ.get("MPQ_IF_BODY", "pool")
         side = self._spare.pop() if self._spare else torch.cuda.Stream(self.ctl.device)
         self._streams.append(side)
-        if how == "child":  # a torch capture of its own (allocations routed by capture id), cloned into the body
-            inner = torch.cuda.CUDAGraph(keep_graph=True)
-            self._streams.append(inner)
-            with torch.cuda.stream(side):
-                inner.capture_begin(pool=None if self.pool is None else self.pool.id, capture_error_mode="thread_local")
-                try:
-                    body_fn()
-                finally:
-                    inner.capture_end()
-            node = _PTR()
-            _call("cuGraphAddChildGraphNode", ctypes.byref(node), body, None, 0, _PTR(inner.raw_cuda_graph()))
-            return
         _call("cuStreamBeginCaptureToGraph", _PTR(side.cuda_stream), body, None, None, 0, _THREAD_LOCAL)
+        outermost = self._depth == 0
+        self._depth += 1
         try:
             with torch.cuda.stream(side):
-                if self.pool is not None and how == "pool":
+                if self.pool is not None and outermost:  # torch refuses to enter one pool twice
                     with torch.cuda.use_mem_pool(self.pool):
                         body_fn()
                 else:
                     body_fn()
         finally:
+            self._depth -= 1
             out = _PTR()
             _call("cuStreamEndCapture", _PTR(side.cuda_stream), ctypes.byref(out))

@@ -227,7 +227,7 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
         graph[f"{name}_mean_layers"] = st.layers / max(st.tokens, 1)
         graph[f"{name}_graphs"] = len(dec.graphs)
         del dec
-    L = model.args.n_layers
+    L, decoded = model.args.n_layers, {}
     for name, mode, replay, branches in (("no_exit_no_predictors", "fill", [L], 0), ("no_exit_trace", "fill", [L], 0),
                                          ("trace_fill", "fill", trace, 0), ("trace_drop", "drop", trace, 0),
                                          ("no_exit_trace_branches4", "fill", [L], 4),
@@ -239,13 +239,16 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
             dec.candidates = []
         try:
             dec.generate(prompt, 4)  # captures the step
-            _, st, _ = dec.generate(prompt, graph_tokens)
+            tokens, st, _ = dec.generate(prompt, graph_tokens)
         except RuntimeError as e:  # graph IF nodes need driver support: say so, keep the other rows
             if not branches:
                 raise
             flag[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
             break
         flag[name] = st.decode_ms / max(st.tokens, 1)
+        decoded[name] = tokens
+        if branches:  # the branched step must decode what the unbranched one does
+            flag[f"{name}_same_tokens"] = tokens == decoded[name.removesuffix(f"_branches{branches}")]
         flag[f"{name}_mean_layers"] = st.layers / max(st.tokens, 1)
         flag[f"{name}_predictor_calls_per_token"] = st.predictor_calls / max(st.tokens, 1)
         del dec

@@ -85,8 +85,7 @@ class FlagExitDecoder(GraphExitDecoder):
         # exit its layers are not launched at all, only their KV fill (or drop mask); between branches, the layers
         # after an exit still launch and skip themselves on the flag
         self.boundaries = {c for c in self.candidates if branches and (c + 1) % branches == 0}
-        self.pool = torch.cuda.MemPool() if self.capture and self.boundaries else None
-        self.branch = DeviceBranch(self.ctl, self.pool)
+        self.branch = DeviceBranch(self.ctl, torch.cuda.MemPool() if self.capture and self.boundaries else None)
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _draft_next(self, token: torch.Tensor) -> None:
@@ -183,7 +182,7 @@ class FlagExitDecoder(GraphExitDecoder):
             # first)
             restore = (self.p_state, self.h_prev, self.top4, self.rows) + (
                 () if self.dropped is None else (self.dropped,))
-            self._run(key, self._flag_step, restore=restore, pool=None if self.pool is None else self.pool.id)
+            self._run(key, self._flag_step, restore=restore)
         finally:
             self.branch.warming = False
             self._set_exit_flags(False)
