@@ -22,7 +22,7 @@ import torch
 
 from kernels.exit_flag import CTL_EXITED
 
-_IF, _NODE_CONDITIONAL, _ASSIGN_DEFAULT, _SET_DEPENDENCIES, _THREAD_LOCAL, _ACTIVE = 0, 13, 1, 1, 1, 1
+_IF, _NODE_CONDITIONAL, _ASSIGN_DEFAULT, _SET_DEPENDENCIES, _THREAD_LOCAL, _ACTIVE, _NON_BLOCKING = 0, 13, 1, 1, 1, 1, 1
 _P, _U64, _SIZE, _PTR = ctypes.POINTER, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p
 _PROTOTYPES = {
     "cuStreamGetCaptureInfo": (_PTR, _P(ctypes.c_int), _P(_U64), _P(_PTR), _P(_P(_PTR)), _P(_PTR), _P(_SIZE)),
@@ -32,6 +32,7 @@ _PROTOTYPES = {
     "cuStreamBeginCaptureToGraph": (_PTR, _PTR, _PTR, _PTR, _SIZE, ctypes.c_int),
     "cuStreamEndCapture": (_PTR, _P(_PTR)),
     "cuCtxGetCurrent": (_P(_PTR),),
+    "cuStreamCreate": (_P(_PTR), ctypes.c_uint),
 }
 
 
@@ -93,7 +94,7 @@ class DeviceBranch:
         self.ctl, self.pool = ctl, pool
         self.warming = False  # set by the caller around the warm-up run before a capture: run both branches
         self._streams: list[torch.cuda.Stream] = []  # body streams outlive their captures
-        self._spare: list[torch.cuda.Stream] = []
+        self._spare: list[torch.cuda.ExternalStream] = []
         self._setter_loaded = False
         self._depth = 0  # bodies being captured around the current one
 
@@ -106,7 +107,7 @@ class DeviceBranch:
                     warm_up(self.ctl)  # a capture may not load modules
                     self._setter_loaded = True
                 if self.ctl.device.type == "cuda":  # the bodies' capture streams, made before the capture
-                    self._spare += [torch.cuda.Stream(self.ctl.device) for _ in range(2)]
+                    self._spare += [self._new_stream() for _ in range(2)]
                 else_fn()
                 then_fn()
             elif int(self.ctl[int(CTL_EXITED)]) == 0:
@@ -137,8 +138,15 @@ class DeviceBranch:
                   _SET_DEPENDENCIES)
             self._capture_body(body, body_fn)
 
+    def _new_stream(self) -> torch.cuda.ExternalStream:
+        """A stream of the driver's own: torch's streams come from a small pool it cycles through, so a nested
+        body could be handed the stream its parent is still being captured on (the driver refuses that)."""
+        stream = _PTR()
+        _call("cuStreamCreate", ctypes.byref(stream), _NON_BLOCKING)
+        return torch.cuda.ExternalStream(stream.value, device=self.ctl.device)
+
     def _capture_body(self, body, body_fn) -> None:
-        side = self._spare.pop() if self._spare else torch.cuda.Stream(self.ctl.device)
+        side = self._spare.pop() if self._spare else self._new_stream()
         self._streams.append(side)
         _call("cuStreamBeginCaptureToGraph", _PTR(side.cuda_stream), body, None, None, 0, _THREAD_LOCAL)
         outermost = self._depth == 0
