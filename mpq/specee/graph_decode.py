@@ -25,6 +25,7 @@ the predictors, the reads and the exit heads still really run.
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 
@@ -83,8 +84,13 @@ class GraphExitDecoder(ExitDecoder):
             for t, s in zip(restore, saved):
                 t.copy_(s)
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=pool):
-                self.outputs[key] = fn()
+            gc.collect()  # a memory pool that dies during the capture aborts the process (torch 2.11)
+            gc.disable()
+            try:
+                with torch.cuda.graph(g, pool=pool):
+                    self.outputs[key] = fn()
+            finally:
+                gc.enable()
             self.graphs[key] = g
         g.replay()
         return self.outputs[key]
