@@ -61,6 +61,15 @@ def _driver() -> dict:
     return fns
 
 
+def supported() -> bool:
+    """Whether this machine's CUDA driver has what IF nodes need (else callers capture without branches)."""
+    try:
+        _driver()
+    except (OSError, RuntimeError):
+        return False
+    return True
+
+
 def _check(lib, result: int, what: str) -> None:
     if result != 0:
         name = ctypes.c_char_p()

@@ -200,11 +200,12 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
     (`GraphExitDecoder`, a host decision per predicted layer): at full depth, and replaying `trace` (the predictors,
     their reads and the exit heads really run; the exit layer comes from the trace) in fill and drop mode, each
     timed on a second run after a first that captured its pieces. As one graph a token (`FlagExitDecoder`, what
-    `mpq run --gpu-exits` uses): a trace without exits and `trace`, fill and drop. Run last: it re-allocates the
+    `mpq run` uses on CUDA): a trace without exits and `trace`, fill and drop, with device branches (the default)
+    and without (*_flat). Run last: it re-allocates the
     model's caches that the captured graphs use."""
     from mpq.specee.bundle import SpecEE
     from mpq.specee.decode import ExitDecoder
-    from mpq.specee.flag_decode import FlagExitDecoder
+    from mpq.specee.flag_decode import BRANCH_EVERY, FlagExitDecoder
     from mpq.specee.graph_decode import GraphExitDecoder
 
     out = {}
@@ -228,27 +229,21 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
         graph[f"{name}_graphs"] = len(dec.graphs)
         del dec
     L, decoded = model.args.n_layers, {}
-    for name, mode, replay, branches in (("no_exit_no_predictors", "fill", [L], 0), ("no_exit_trace", "fill", [L], 0),
-                                         ("trace_fill", "fill", trace, 0), ("trace_drop", "drop", trace, 0),
-                                         ("no_exit_trace_branches4", "fill", [L], 4),
-                                         ("trace_fill_branches4", "fill", trace, 4),
-                                         ("trace_drop_branches4", "drop", trace, 4)):
+    every = BRANCH_EVERY
+    for name, mode, replay, branches in (("no_exit_no_predictors", "fill", [L], 0),
+                                         ("no_exit_trace_flat", "fill", [L], 0), ("trace_fill_flat", "fill", trace, 0),
+                                         ("trace_drop_flat", "drop", trace, 0), ("no_exit_trace", "fill", [L], every),
+                                         ("trace_fill", "fill", trace, every), ("trace_drop", "drop", trace, every)):
         dec = FlagExitDecoder(model, SpecEE(draft, preds, offline, {}), len(prompt) + graph_tokens + 1, mode=mode,
                               auto_fallback=False, trace=replay, branches=branches)
         if name == "no_exit_no_predictors":  # the step's own cost: draft, exit flags, copies; no predictor or head
             dec.candidates = []
-        try:
-            dec.generate(prompt, 4)  # captures the step
-            tokens, st, _ = dec.generate(prompt, graph_tokens)
-        except RuntimeError as e:  # graph IF nodes need driver support: say so, keep the other rows
-            if not branches:
-                raise
-            flag[f"{name}_error"] = f"{type(e).__name__}: {e}"[:500]
-            break
+        dec.generate(prompt, 4)  # captures the step
+        tokens, st, _ = dec.generate(prompt, graph_tokens)
         flag[name] = st.decode_ms / max(st.tokens, 1)
         decoded[name] = tokens
         if branches:  # the branched step must decode what the unbranched one does
-            flag[f"{name}_same_tokens"] = tokens == decoded[name.removesuffix(f"_branches{branches}")]
+            flag[f"{name}_same_tokens"] = tokens == decoded[f"{name}_flat"]
         flag[f"{name}_mean_layers"] = st.layers / max(st.tokens, 1)
         flag[f"{name}_predictor_calls_per_token"] = st.predictor_calls / max(st.tokens, 1)
         del dec
@@ -265,6 +260,7 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     from mpq.bench.e2e import LLAMA2_7B, _build, quantized_source, random_hf_model, time_engine
     from mpq.runtime.generate import cache_length
     from mpq.specee.draft import DraftHead
+    from mpq.specee.flag_decode import BRANCH_EVERY
     from mpq.specee.predictor import ExitPredictors
     from mpq.specee.schedule import auto_layers
     from mpq.versions import environment
@@ -342,7 +338,7 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     live_rows = {"live_graph_ms_per_token": g, "live_graph_speedup_vs_engine": {
         k: base / g[k] for k in ("full_depth", "trace_fill", "trace_drop")},
         "live_one_graph_ms_per_token": f, "live_one_graph_speedup_vs_engine": {
-            k: base / f[k] for k in f if not k.endswith(("_mean_layers", "_per_token", "_error"))}}
+            k: base / f[k] for k in f if not k.endswith(("_mean_layers", "_per_token", "_same_tokens"))}}
     full_machinery_ms = full["loop_draft_predictors"]
     # draft: overlapped with the whole step; predictors: with the LM-head rows of 4 fixed tokens; the wait is what
     # the first predicted layer spends waiting for the draft's tokens
@@ -368,9 +364,10 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
                       "live decoder whose step is one CUDA graph with the exit decision on the device "
                       "(mpq.specee.flag_decode), without exits and without any predictor or exit-head kernel in the "
                       "graph (no_exit_no_predictors), replaying a trace without exits (the predictors run, none fires) and "
-                      "the trace's first 64 exit layers, and the same with the rest of the step in a device branch "
-                      "every 4 layers (*_branches4: graph IF nodes, mpq.runtime.graph_if); KV filling cost is inside the fill rows (the drop rows have "
-                      "none)"}
+                      "the trace's first 64 exit layers, with the rest of the step in a device branch every "
+                      f"{BRANCH_EVERY} layers (graph IF nodes, mpq.runtime.graph_if; *_same_tokens: it decodes what the "
+                      "*_flat rows, without branches, decode); KV filling cost is inside the fill rows (the drop rows "
+                      "have none)"}
     if json_out is not None:
         Path(json_out).parent.mkdir(parents=True, exist_ok=True)
         Path(json_out).write_text(json.dumps(result, indent=1) + "\n")
