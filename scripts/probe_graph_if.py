@@ -8,7 +8,10 @@ What it answers: does each step work on this driver/torch; do PDL-launched Trito
 a Triton kernel set the condition; can bodies allocate (into the graph's pool); what an IF level costs at full
 depth; what an exit saves against flag-skipped kernels. Writes JSON to argv[1]; argv[2], optional: the variants
 to run, comma-separated (plain_nvrtc, pdl_nvrtc, pdl_triton, pdl_triton_alloc), one process each is safest:
-  for v in plain_nvrtc pdl_nvrtc pdl_triton pdl_triton_alloc; do python3 scripts/probe_graph_if.py $OUT/$v.json $v; done"""
+  for v in plain_nvrtc pdl_nvrtc pdl_triton pdl_triton_alloc; do python3 scripts/probe_graph_if.py $OUT/$v.json $v; done
+Run on an H100 at f6173cb: benchmarks/results/graph-if-nodes-h100-2026-11-27.json. Everything but the allocating
+variant worked; that one routes the bodies to the capture's own pool, which torch 2.11 refuses (the decoder's
+bodies have a pool of their own: mpq/runtime/graph_if.py)."""
 
 import ctypes
 import glob

@@ -102,7 +102,7 @@ class DeviceBranch:
     def __init__(self, ctl: torch.Tensor, pool=None):
         self.ctl, self.pool = ctl, pool
         self.warming = False  # set by the caller around the warm-up run before a capture: run both branches
-        self._streams: list[torch.cuda.Stream] = []  # body streams outlive their captures
+        self._streams: list[torch.cuda.ExternalStream] = []  # body streams outlive their captures
         self._spare: list[torch.cuda.ExternalStream] = []
         self._setter_loaded = False
         self._depth = 0  # bodies being captured around the current one
