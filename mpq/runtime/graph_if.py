@@ -11,6 +11,10 @@ it, and the body is captured on a fresh stream into the node's body graph (`cuSt
 its temporaries in a memory pool of the bodies' own (every body of the graph: the outermost one routes the
 thread's allocations there, nested ones inherit it). Driver entry points are fetched with `cuGetProcAddress` at the
 CUDA 12.4 ABI (conditional nodes need a 12.4+ driver).
+
+A body must not fork onto a stream that is still joined to the enclosing capture. torch's side streams come from a
+small pool, so the caller runs forking work in turn inside a branched capture (`flag_decode` does so for split
+linears: on SmolLM2 such a fork crashed the driver at instantiation). Body streams here come from the driver.
 """
 
 from __future__ import annotations
