@@ -66,17 +66,26 @@ def _decoders(art, dev, mode, narrow_draft=True, branches=0, split=False, **kwar
 
 @pytest.mark.parametrize("mode, branches, split", [("fill", 0, False), ("drop", 0, False), ("fill", 2, False),
                                                    ("drop", 2, False), ("fill", 2, True)])
-def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode, branches, split):  # noqa: F811
+def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode, branches, split, monkeypatch):  # noqa: F811
     """Every scheduled layer's predictor fires (threshold 0): tokens, exit layers, predictor calls,
     verifications, rejections and the draft's proposals equal the eager decoder's, exits accepted at several
     layers and some rejected. The KV caches they leave agree too: in fill mode every entry (the skipped layers'
     ones are the fill; the caches, which both decoders share, are poisoned before each run), in drop mode the masks
     of what each layer skipped. branches=2: every second layer the rest of the step is a device branch
     (`mpq.runtime.graph_if`), whose skipped side fills or masks instead. split: k/v/q and gate/up as split
-    linears, whose side streams crashed the driver's instantiation of a branched graph on SmolLM2 (GPU)."""
+    linears, whose side streams crashed the driver's instantiation of a branched graph on SmolLM2 (GPU): the
+    branched step runs their parts in turn, and they fork again afterwards."""
+    from mpq.runtime.model import SplitLinears
+    from mpq.specee.flag_decode import FlagExitDecoder
+
     _, art, _, _ = trained
     prompt = list(b"To be, or not to be, that is")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
+    forks = []  # (decoder's step running, the split linear's parallel setting) at each call
+    split_forward = SplitLinears.forward
+    monkeypatch.setattr(SplitLinears, "forward", lambda self, x: (forks.append(self.parallel), split_forward(self, x))[1])
+    flag_step = FlagExitDecoder._flag_step
+    monkeypatch.setattr(FlagExitDecoder, "_flag_step", lambda self: (forks.append("step"), flag_step(self))[1])
     runs, states = [], []
     for dec in _decoders(art, dev, mode, branches=branches, split=split, threshold=0.0):
         for layer in dec.model.layers:  # an entry a decoder leaves unwritten keeps this, not the other's value
@@ -93,6 +102,10 @@ def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode, branches, spli
         assert torch.equal(states[0], states[1]) and bool(torch.isinf(states[0]).any())
     _, exits, calls, verifications, rejections, _ = runs[0]
     assert verifications == calls > rejections > 0 and len([k for k in exits if k < 5]) > 1
+    if split:  # inside the branched step every split linear ran its parts in turn; afterwards they fork again
+        in_step = forks[forks.index("step") + 1:]
+        assert in_step and not any(f is True for f in in_step)
+        assert all(layer.kvq.parallel and layer.gate_up.parallel for layer in dec.model.layers)
 
 
 def test_flag_decoder_follows_its_draft_and_fed_tokens(trained):  # noqa: F811
