@@ -95,7 +95,6 @@ class FlagExitDecoder(GraphExitDecoder):
             branches = 0  # a driver older than CUDA 12.4: every layer launches, skipped ones return at once
         self.boundaries = {c for c in self.candidates if branches and (c + 1) % branches == 0}
         self.branch = DeviceBranch(self.ctl, torch.cuda.MemPool() if self.capture and self.boundaries else None)
-        self._parallel: dict[SplitLinears, bool] = {}  # split linears' own setting while the step runs them in turn
 
     # ---- the step ----------------------------------------------------------------------------------------
     def _draft_next(self, token: torch.Tensor) -> None:
@@ -113,17 +112,15 @@ class FlagExitDecoder(GraphExitDecoder):
     def _set_exit_flags(self, on: bool) -> None:
         """Hand the exit flag to every quantized linear of the layers (None: off). In fill mode the k and v rows of
         the k/v/q projection stay computed on skipped layers: they are the KV fill. With device branches, linears
-        split into parts run them in turn while on: their side streams come from torch's small pool, so a body could
-        fork onto a stream that an earlier layer left joined to the enclosing capture (the driver crashed at
-        instantiation on SmolLM2, whose k/v/q parts have different layouts)."""
+        split into parts run them in turn while on (and overlap again after): their side streams come from torch's
+        small pool, so a body could fork onto a stream that an earlier layer left joined to the enclosing capture
+        (the driver crashed at instantiation on SmolLM2, whose k/v/q parts have different layouts)."""
         a = self.model.args
         kv_rows = 2 * a.n_kv_heads * a.head_dim if self.mode == "fill" else 0
+        if self.boundaries:
+            self.model.parallel_linears(not on)
         for layer in self.model.layers:
             for module, keep_rows in ((layer.kvq, kv_rows), (layer.o, 0), (layer.gate_up, 0), (layer.down, 0)):
-                if isinstance(module, SplitLinears) and self.boundaries:
-                    if on:
-                        self._parallel[module] = module.parallel
-                    module.parallel = False if on else self._parallel.pop(module, module.parallel)
                 offset = 0
                 for part in (module.parts if isinstance(module, SplitLinears) else [module]):
                     rows = part.out_features if isinstance(part, QuantLinear) else part.weight.shape[0]
