@@ -32,7 +32,8 @@ def _signed_head(model, keep):
 
 def _split_model(art, dev):
     """The artifact's engine with its stackable quantized linears kept apart: k/v/q and gate/up become split linears,
-    which on CUDA fork their parts onto side streams (as SmolLM2's do, whose parts differ in layout)."""
+    which on CUDA fork their parts onto side streams (as SmolLM2's do, whose parts differ in layout). On CUDA all of
+    them share two side streams, as SmolLM2's 52 sets share torch's pool of 32."""
     from mpq.artifact import load_artifact
     from mpq.runtime.loader import build_model, engine_dtype
     from mpq.runtime.model import SplitLinears, WeightSource
@@ -41,6 +42,11 @@ def _split_model(art, dev):
     d = torch.device(dev)
     model = build_model(a.config, WeightSource(a.floats, a.linears, device=d, dtype=engine_dtype(d), stack=False))
     assert all(isinstance(layer.kvq, SplitLinears) for layer in model.layers)
+    if d.type == "cuda":
+        shared = [torch.cuda.Stream(d) for _ in range(2)]
+        for module in model.modules():
+            if isinstance(module, SplitLinears):
+                module._streams = shared[:len(module.parts) - 1]
     return model
 
 
@@ -73,8 +79,8 @@ def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode, branches, spli
     ones are the fill; the caches, which both decoders share, are poisoned before each run), in drop mode the masks
     of what each layer skipped. branches=2: every second layer the rest of the step is a device branch
     (`mpq.runtime.graph_if`), whose skipped side fills or masks instead. split: k/v/q and gate/up as split
-    linears, whose side streams crashed the driver's instantiation of a branched graph on SmolLM2 (GPU): the
-    branched step runs their parts in turn, and they fork again afterwards."""
+    linears sharing side streams, which crashed the driver's instantiation of a branched graph on SmolLM2 (GPU):
+    the branched step runs their parts in turn, and they fork again afterwards."""
     from mpq.runtime.model import SplitLinears
     from mpq.specee.flag_decode import FlagExitDecoder
 
