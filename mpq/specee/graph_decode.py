@@ -66,11 +66,10 @@ class GraphExitDecoder(ExitDecoder):
         self.window_mark: tuple[float, int] | None = None  # (start time, tokens then) of the fallback's window
 
     # ---- pieces ------------------------------------------------------------------------------------------
-    def _run(self, key: tuple, fn, restore: tuple[torch.Tensor, ...] = (), pool=None):
+    def _run(self, key: tuple, fn, restore: tuple[torch.Tensor, ...] = ()):
         """fn() now (eager), or its CUDA graph, captured on first use; `restore`: state a warm-up run must not
-        change (the capture needs one run outside the graph first). Each graph has its own memory pool (`pool`: a
-        given one): pieces replay in varying orders, so one graph's temporaries must never lie under another's
-        outputs."""
+        change (the capture needs one run outside the graph first). Each graph has its own memory pool: pieces
+        replay in varying orders, so one graph's temporaries must never lie under another's outputs."""
         if not self.capture:
             return fn()
         g = self.graphs.get(key)
@@ -85,12 +84,14 @@ class GraphExitDecoder(ExitDecoder):
                 t.copy_(s)
             g = torch.cuda.CUDAGraph()
             gc.collect()  # a memory pool that dies during the capture aborts the process (torch 2.11)
+            collecting = gc.isenabled()
             gc.disable()
             try:
-                with torch.cuda.graph(g, pool=pool):
+                with torch.cuda.graph(g):
                     self.outputs[key] = fn()
             finally:
-                gc.enable()
+                if collecting:
+                    gc.enable()
             self.graphs[key] = g
         g.replay()
         return self.outputs[key]
