@@ -3,8 +3,8 @@ kernels on the device, decodes as the eager `ExitDecoder` does. On the CPU the s
 Triton interpreter (the suite sets TRITON_INTERPRET=1); on CUDA it is captured and replayed."""
 
 import os
-from pathlib import Path
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -87,7 +87,7 @@ def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode, branches, spli
     _, art, _, _ = trained
     prompt = list(b"To be, or not to be, that is")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    forks = []  # (decoder's step running, the split linear's parallel setting) at each call
+    forks = []  # "step" where a flag step starts, then each split linear call's parallel setting
     split_forward = SplitLinears.forward
     monkeypatch.setattr(SplitLinears, "forward", lambda self, x: (forks.append(self.parallel), split_forward(self, x))[1])
     flag_step = FlagExitDecoder._flag_step
