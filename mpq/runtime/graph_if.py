@@ -25,6 +25,7 @@ import functools
 import torch
 
 from kernels.exit_flag import CTL_EXITED
+from mpq.errors import MpqError
 
 _IF, _NODE_CONDITIONAL, _ASSIGN_DEFAULT, _SET_DEPENDENCIES, _THREAD_LOCAL, _ACTIVE, _NON_BLOCKING = 0, 13, 1, 1, 1, 1, 1
 _P, _U64, _SIZE, _PTR = ctypes.POINTER, ctypes.c_uint64, ctypes.c_size_t, ctypes.c_void_p
@@ -59,7 +60,7 @@ def _driver() -> dict:
         _check(lib, lib.cuGetProcAddress_v2(name.encode(), ctypes.byref(fn), 12040, _U64(0), ctypes.byref(status)),
                name)
         if not fn.value:
-            raise RuntimeError(f"the CUDA driver has no {name} (conditional graph nodes need a 12.4+ driver)")
+            raise MpqError(f"the CUDA driver has no {name} (conditional graph nodes need a 12.4+ driver)")
         fns[name] = ctypes.CFUNCTYPE(ctypes.c_int, *args)(fn.value)
     fns["lib"] = lib
     return fns
@@ -69,7 +70,7 @@ def supported() -> bool:
     """Whether this machine's CUDA driver has what IF nodes need (else callers capture without branches)."""
     try:
         _driver()
-    except (OSError, RuntimeError):
+    except (OSError, MpqError):
         return False
     return True
 
@@ -78,7 +79,7 @@ def _check(lib, result: int, what: str) -> None:
     if result != 0:
         name = ctypes.c_char_p()
         lib.cuGetErrorName(result, ctypes.byref(name))
-        raise RuntimeError(f"{what}: CUDA driver error {result} ({(name.value or b'?').decode()})")
+        raise MpqError(f"{what}: CUDA driver error {result} ({(name.value or b'?').decode()})")
 
 
 def _call(name: str, *args) -> None:
