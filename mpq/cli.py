@@ -179,16 +179,13 @@ def run(
     raw: bool = typer.Option(False, help="skip the chat template"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     no_exit: bool = typer.Option(False, "--no-exit", help="ignore the artifact's SpecEE predictors (full depth)"),
-    gpu_exits: bool = typer.Option(False, "--gpu-exits", help="on CUDA, decode with exits: one CUDA graph a token "
-                                   "with device branches, faster than the engine's step on the 7B shape but not yet "
-                                   "run on a real model's GPU decode since its last fix (docs/specee.md)"),
 ):
     """Generate text with the decode engine (one CUDA graph per decode step on the GPU), streamed, with timings."""
     from mpq.runtime.run import RunOptions, run as run_prompt
 
     result = run_prompt(RunOptions(model=model, prompt=prompt, prompt_file=prompt_file, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed, raw=raw, device=device,
-                                   stream=not json_out, no_exit=no_exit, gpu_exits=gpu_exits))
+                                   stream=not json_out, no_exit=no_exit))
     if json_out:
         print_json_last(result)
 
@@ -237,7 +234,7 @@ def bench_e2e(json_out: Optional[Path] = typer.Option(None, "--json", help="writ
         typer.echo(f"live exit decoder from graph pieces: {g['full_depth']:.3f} ms/token at full depth; replaying the "
                    f"trace {g['trace_fill']:.3f} (fill), {g['trace_drop']:.3f} (drop)")
         f = r["live_one_graph_ms_per_token"]
-        typer.echo(f"live exit decoder as one graph a token (what `mpq run --gpu-exits` uses): {f['no_exit_trace']:.3f} "
+        typer.echo(f"live exit decoder as one graph a token (what `mpq run` uses on CUDA): {f['no_exit_trace']:.3f} "
                    f"ms/token without exits; replaying the trace {f['trace_fill']:.3f} (fill), {f['trace_drop']:.3f} "
                    f"(drop); without device branches {f['trace_fill_flat']:.3f} (fill), {f['trace_drop_flat']:.3f} "
                    f"(drop); the engine's one-graph step {r['ms_per_token_no_exit']:.3f}")

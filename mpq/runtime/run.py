@@ -27,7 +27,6 @@ class RunOptions:
     device: str = "auto"
     stream: bool = True  # print text to stdout as it is generated
     no_exit: bool = False  # ignore SpecEE predictors in the artifact (full depth)
-    gpu_exits: bool = False  # on CUDA, decode with exits (mpq.specee.flag_decode); else the engine's step decodes
 
 
 def read_prompt(opts: RunOptions) -> str:
@@ -99,8 +98,7 @@ def run(opts: RunOptions) -> dict:
     if not opts.no_exit:  # an artifact with SpecEE predictors decodes with exits
         from mpq.specee.decode import run_with_exits
 
-        exit_run = run_with_exits(engine, opts.model, prompt, opts.max_new_tokens, sampling, eos_ids(engine), stream,
-                                  gpu_exits=opts.gpu_exits)
+        exit_run = run_with_exits(engine, opts.model, prompt, opts.max_new_tokens, sampling, eos_ids(engine), stream)
     if exit_run is not None and exit_run[0] is not None:
         result = exit_run[0]
     else:

@@ -200,7 +200,7 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
     (`GraphExitDecoder`, a host decision per predicted layer): at full depth, and replaying `trace` (the predictors,
     their reads and the exit heads really run; the exit layer comes from the trace) in fill and drop mode, each
     timed on a second run after a first that captured its pieces. As one graph a token (`FlagExitDecoder`, what
-    `mpq run --gpu-exits` uses): a trace without exits and `trace`, fill and drop, with device branches (the default)
+    `mpq run` uses on CUDA): a trace without exits and `trace`, fill and drop, with device branches (the default)
     and without (*_flat). Run last: it re-allocates the
     model's caches that the captured graphs use."""
     from mpq.specee.bundle import SpecEE

@@ -350,15 +350,15 @@ class ExitDecoder:
 
 
 def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sampling, eos: set[int], on_tokens,
-                   mode: str = "fill", gpu_exits: bool = False):
+                   mode: str = "fill"):
     """`mpq run` with exits: (Generation, stats dict), or None where the artifact has no predictors, or (None,
     {"used": False, "reason": ...}) where it has them but leaves decoding to the engine, which it also says on
     stderr. Exits are defined for greedy decoding, so sampling leaves decoding to the engine. On CUDA the live exit
     decoder is one CUDA graph per token with the exit decision on the device and device branches
     (`FlagExitDecoder`): on the H100's 7B shape, replaying the measured exit trace (21.7 of 32 layers), it took 1.92
     (fill) / 1.80 (drop) ms/token against the engine's one-graph step at 2.06 (flag-branches-h100-2026-11-27.json).
-    It is still opt-in (`gpu_exits`): on the real SmolLM2 artifact its capture crashed the driver until the fix of
-    d4b5446, which has not run on a GPU yet."""
+    Where exits do not pay (SmolLM2 on the GPU: its step is 0.8 ms, launches more than weights), the decoder falls
+    back to the full-depth graph within its first window and says so."""
     import sys
     from pathlib import Path
 
@@ -368,14 +368,9 @@ def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sa
 
     if engine.kind != "artifact" or not has_specee(Path(spec)):
         return None
-    reason = None
     cuda = engine.model.device.type == "cuda"
     if sampling.temperature > 0:
         reason = "exit-aware decoding is greedy-only; sampling at full depth"
-    elif cuda and not gpu_exits:
-        reason = ("on the GPU, exit-aware decoding is opt-in (--gpu-exits: one CUDA graph a token with device "
-                  "branches, not yet verified on this model class); decoding at full depth in the engine's graph")
-    if reason is not None:
         print(f"note: {reason}", file=sys.stderr)
         return None, {"used": False, "reason": reason}
     cls = FlagExitDecoder if cuda else ExitDecoder

@@ -113,9 +113,9 @@ def test_drop_mode_masks_the_skipped_positions(float_model):
     torch.testing.assert_close(a, b)
 
 
-def test_run_leaves_gpu_decoding_to_the_graph_unless_asked(monkeypatch, capsys):
-    """On CUDA the live exit decoder is opt-in, so `mpq run` decodes at full depth in the engine's graph and says
-    so; --gpu-exits reaches the exit decoder, as greedy decoding on the CPU does; sampling stays at full depth."""
+def test_run_decodes_with_exits_when_greedy(monkeypatch, capsys):
+    """`mpq run` on an artifact with predictors reaches the exit decoder on CUDA (one graph a token) and on the
+    CPU when greedy; sampling decodes at full depth in the engine and says why."""
     from types import SimpleNamespace
 
     import mpq.specee.bundle as bundle
@@ -131,14 +131,11 @@ def test_run_leaves_gpu_decoding_to_the_graph_unless_asked(monkeypatch, capsys):
 
     monkeypatch.setattr(bundle, "load_specee", fake_load)
     engine = SimpleNamespace(kind="artifact", model=SimpleNamespace(device=torch.device("cuda")), config={})
-    gen, info = run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None)
-    assert gen is None and info["used"] is False and "--gpu-exits" in info["reason"]
-    assert "--gpu-exits" in capsys.readouterr().err and not reached
-    gen, info = run_with_exits(engine, "art", [1, 2], 4, Sampling(0.7, 1.0), set(), None, gpu_exits=True)
+    gen, info = run_with_exits(engine, "art", [1, 2], 4, Sampling(0.7, 1.0), set(), None)
     assert gen is None and "greedy-only" in info["reason"] and not reached
-    with pytest.raises(RuntimeError, match="exit decoder reached"):
-        run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None, gpu_exits=True)
-    engine.model.device = torch.device("cpu")
-    with pytest.raises(RuntimeError, match="exit decoder reached"):
-        run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None)
+    assert "greedy-only" in capsys.readouterr().err
+    for dev in ("cuda", "cpu"):
+        engine.model.device = torch.device(dev)
+        with pytest.raises(RuntimeError, match="exit decoder reached"):
+            run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None)
     assert len(reached) == 2
