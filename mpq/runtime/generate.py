@@ -168,10 +168,46 @@ class Generator:
         self.token.copy_(first.view(1, 1))
         self.pos.fill_(S)
         timer.mark()
+        out, done, eos = self._decode(S, S, [], max_new_tokens - 1, eos_ids, on_tokens, chunk)
+        timer.mark()
+        return Generation(out, S, timer.ms(0, 1), timer.ms(1, 2), done, eos)
+
+    @torch.inference_mode()
+    def resume(self, prompt_len: int, tokens: list[int], max_new_tokens: int, eos_ids: Iterable[int] = (),
+               on_tokens: Callable[[list[int]], None] | None = None, chunk: int = 8) -> Generation:
+        """Greedy decoding on from where another decoder of this model stopped, in the caches it filled (SpecEE's
+        exit decoder hands over here when exits do not pay): they hold positions [0, prompt_len + len(tokens) -
+        1); `tokens` are the new tokens so far, all passed to on_tokens but the last, which is fed next. Returns
+        every new token; decode_steps and decode_ms count this call's steps only. The caches stay the other
+        decoder's: the next `generate` allocates its own again."""
+        S, P, eos_ids = prompt_len, prompt_len + len(tokens) - 1, set(eos_ids)
+        cache = self.model.layers[0].kv_cache
+        if not tokens or S + max_new_tokens > min(self.max_seq_len, cache.kv.shape[3]) or len(tokens) > max_new_tokens:
+            raise MpqError(f"cannot resume {len(tokens)} of {max_new_tokens} new tokens after {S} in these caches")
+        if cache is not self.cache or self.sampling != Sampling():
+            self.cache, self.sampling, self.graph = cache, Sampling(), None
+        self.out[S:P + 1].copy_(torch.tensor(tokens))
+        self.token.fill_(tokens[-1])
+        self.pos.fill_(P)
+        if self.use_graph and self.graph is None:
+            self._capture()
+        timer = _Timer(self.device.type == "cuda")
+        timer.mark()
+        out, done, eos = self._decode(S, P, tokens[:-1], S + max_new_tokens - 1 - P, eos_ids, on_tokens, chunk)
+        timer.mark()
+        self.cache, self.graph = None, None
+        return Generation(out, S, 0.0, timer.ms(0, 1), done, eos)
+
+    def _decode(self, prompt_len: int, start: int, emitted: list[int], steps: int, eos_ids: set[int],
+                on_tokens: Callable[[list[int]], None] | None, chunk: int) -> tuple[list[int], int, bool]:
+        """Replay `steps` decode steps from position `start` (the one self.pos holds), reading tokens back every `chunk` steps where
+        someone watches (EOS, streaming), else once at the end. `emitted`: the new tokens already passed on; the
+        output buffer holds every new token from position prompt_len. Returns (new tokens, steps run, EOS seen)."""
+        S = prompt_len
         watch = bool(eos_ids) or on_tokens is not None
-        out, done, steps, eos = [], 0, max_new_tokens - 1, False
+        out, done, eos = list(emitted), 0, False
         while True:
-            ready = S + 1 + done  # positions [S, ready) hold generated tokens
+            ready = start + 1 + done  # positions [S, ready) hold new tokens
             if watch or done == steps:
                 new = self.out[S + len(out):ready].tolist()
                 for i, t in enumerate(new):
@@ -186,5 +222,4 @@ class Generator:
             k = min(chunk, steps - done) if watch else steps - done
             self.decode_n_tokens(k)
             done += k
-        timer.mark()
-        return Generation(out, S, timer.ms(0, 1), timer.ms(1, 2), done, eos)
+        return out, done, eos

@@ -98,7 +98,7 @@ def run(opts: RunOptions) -> dict:
     if not opts.no_exit:  # an artifact with SpecEE predictors decodes with exits
         from mpq.specee.decode import run_with_exits
 
-        exit_run = run_with_exits(engine, opts.model, prompt, opts.max_new_tokens, sampling, eos_ids(engine), stream)
+        exit_run = run_with_exits(engine, opts.model, prompt, opts.max_new_tokens, sampling, eos_ids(engine), stream, gen)
     if exit_run is not None and exit_run[0] is not None:
         result = exit_run[0]
     else:

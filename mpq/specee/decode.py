@@ -51,6 +51,7 @@ class ExitStats:
     rejections: int = 0
     ms: dict = field(default_factory=lambda: {p: 0.0 for p in (*PARTS, "layers", "verify_accepted", "head")})
     fallback: str | None = None
+    handed_over: bool = False  # at the fallback, the rest was left to the engine's decode loop
     prefill_ms: float = 0.0
     decode_ms: float = 0.0  # wall time of the decode steps
     proposals: list = field(default_factory=list)  # the draft's top-4 (a set) at each decode step with exits on
@@ -311,10 +312,14 @@ class ExitDecoder:
     @torch.inference_mode()
     def generate(self, prompt: list[int], max_new_tokens: int, force: list[int] | None = None,
                  eos_ids: set[int] = frozenset(), targets: list[int] | None = None,
-                 on_token=None) -> tuple[list[int], ExitStats, list[float]]:
+                 on_token=None, hand_over: bool = False) -> tuple[list[int], ExitStats, list[float]]:
         """Greedy continuation of prompt. With `force`, the fed tokens are force[k] (teacher forcing) while the
-        returned tokens are the decoder's own predictions. With `targets`, also returns -log p(target) per step."""
+        returned tokens are the decoder's own predictions. With `targets`, also returns -log p(target) per step.
+        `hand_over`: at the fallback, stop and return the tokens so far plus the next one, not yet passed to
+        on_token (stats.handed_over), for the engine's own decode loop to go on from (`Generator.resume`)."""
         S = len(prompt)
+        if hand_over and (force is not None or targets is not None or self.mode != "fill"):
+            raise MpqError("only free-running greedy decoding in fill mode can hand over to the engine")
         if S + max_new_tokens > self.max_seq_len:
             raise MpqError(f"prompt ({S}) + {max_new_tokens} new tokens exceed the cache of {self.max_seq_len}")
         self.stats = ExitStats(self.L)
@@ -345,15 +350,22 @@ class ExitDecoder:
             self.stats.exits[n] += 1
             if exits and self._check_fallback():
                 exits = False
+                if hand_over:
+                    out.append(self._greedy(logits))
+                    self.stats.handed_over = True
+                    break
         self.stats.decode_ms = 1000 * (time.perf_counter() - t1)
         return out, self.stats, nll
 
 
 def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sampling, eos: set[int], on_tokens,
-                   mode: str = "fill"):
+                   generator):
     """`mpq run` with exits: (Generation, stats dict), or None where the artifact has no predictors, or (None,
     {"used": False, "reason": ...}) where it has them but leaves decoding to the engine, which it also says on
-    stderr. Exits are defined for greedy decoding, so sampling leaves decoding to the engine. On CUDA the live exit
+    stderr. Exits are defined for greedy decoding, so sampling leaves decoding to the engine. Where the decoder
+    falls back, the engine's `generator` decodes the rest in the same caches (its one graph a step replayed in
+    chunks, no host turnaround per token; the exit decoder's own full-depth step was 16% slower on SmolLM2 on the
+    H100), and the stats count those tokens at full depth. On CUDA the live exit
     decoder is one CUDA graph per token with the exit decision on the device and device branches
     (`FlagExitDecoder`): on the H100's 7B shape, replaying the measured exit trace (21.7 of 32 layers), it took 1.92
     (fill) / 1.80 (drop) ms/token against the engine's one-graph step at 2.06 (flag-branches-h100-2026-11-27.json).
@@ -374,9 +386,16 @@ def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sa
         print(f"note: {reason}", file=sys.stderr)
         return None, {"used": False, "reason": reason}
     cls = FlagExitDecoder if cuda else ExitDecoder
-    dec = cls(engine.model, load_specee(Path(spec), engine.config), len(prompt) + max_new_tokens + 1, mode=mode)
-    out, st, _ = dec.generate(prompt, max_new_tokens, eos_ids=eos, on_token=on_tokens)
+    dec = cls(engine.model, load_specee(Path(spec), engine.config), len(prompt) + max_new_tokens + 1)
+    out, st, _ = dec.generate(prompt, max_new_tokens, eos_ids=eos, on_token=on_tokens, hand_over=True)
     if st.fallback:
         print(f"note: {st.fallback}", file=sys.stderr)
+    if st.handed_over:
+        rest = generator.resume(len(prompt), out, max_new_tokens, eos, on_tokens)
+        out = rest.tokens
+        st.tokens += rest.decode_steps
+        st.layers += rest.decode_steps * st.num_layers
+        st.exits[st.num_layers] += rest.decode_steps
+        st.decode_ms += rest.decode_ms
     gen = Generation(out, len(prompt), st.prefill_ms, st.decode_ms, st.tokens, stopped_on_eos=bool(out) and out[-1] in eos)
     return gen, {"used": True, **st.to_dict()}

@@ -131,11 +131,11 @@ def test_run_decodes_with_exits_when_greedy(monkeypatch, capsys):
 
     monkeypatch.setattr(bundle, "load_specee", fake_load)
     engine = SimpleNamespace(kind="artifact", model=SimpleNamespace(device=torch.device("cuda")), config={})
-    gen, info = run_with_exits(engine, "art", [1, 2], 4, Sampling(0.7, 1.0), set(), None)
+    gen, info = run_with_exits(engine, "art", [1, 2], 4, Sampling(0.7, 1.0), set(), None, None)
     assert gen is None and "greedy-only" in info["reason"] and not reached
     assert "greedy-only" in capsys.readouterr().err
     for dev in ("cuda", "cpu"):
         engine.model.device = torch.device(dev)
         with pytest.raises(RuntimeError, match="exit decoder reached"):
-            run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None)
+            run_with_exits(engine, "art", [1, 2], 4, Sampling(0.0, 1.0), set(), None, None)
     assert len(reached) == 2

@@ -87,11 +87,12 @@ def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode, branches, spli
     _, art, _, _ = trained
     prompt = list(b"To be, or not to be, that is")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    forks = []  # "step" where a flag step starts, then each split linear call's parallel setting
+    forks = []  # each split linear call's parallel setting, flag steps between "step" and "end"
     split_forward = SplitLinears.forward
     monkeypatch.setattr(SplitLinears, "forward", lambda self, x: (forks.append(self.parallel), split_forward(self, x))[1])
     flag_step = FlagExitDecoder._flag_step
-    monkeypatch.setattr(FlagExitDecoder, "_flag_step", lambda self: (forks.append("step"), flag_step(self))[1])
+    monkeypatch.setattr(FlagExitDecoder, "_flag_step",
+                        lambda self: (forks.append("step"), flag_step(self), forks.append("end"))[1])
     runs, states = [], []
     for dec in _decoders(art, dev, mode, branches=branches, split=split, threshold=0.0):
         for layer in dec.model.layers:  # an entry a decoder leaves unwritten keeps this, not the other's value
@@ -109,9 +110,64 @@ def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode, branches, spli
     _, exits, calls, verifications, rejections, _ = runs[0]
     assert verifications == calls > rejections > 0 and len([k for k in exits if k < 5]) > 1
     if split:  # inside the branched step every split linear ran its parts in turn; afterwards they fork again
-        in_step = forks[forks.index("step") + 1:]
-        assert in_step and not any(f is True for f in in_step)
+        in_step, inside = [], False
+        for f in forks:
+            if f in ("step", "end"):
+                inside = f == "step"
+            elif inside:
+                in_step.append(f)
+        assert in_step and not any(in_step)
         assert all(layer.kvq.parallel and layer.gate_up.parallel for layer in dec.model.layers)
+
+
+def test_run_hands_the_rest_to_the_engine_at_the_fallback(trained, monkeypatch):  # noqa: F811
+    """Where exits stop paying, `mpq run` leaves the rest to the engine's decode loop (`Generator.resume`, its graph
+    on CUDA) in the caches the exit decoder filled: the tokens equal the exit decoder's going on at full depth by
+    itself, the engine's loop decodes every step after the fallback, each token is streamed once, in order, and the
+    stats count the rest at full depth. Exits are accepted before the fallback, so the caches hold KV fill."""
+    from functools import partialmethod
+
+    import mpq.specee.bundle as bundle
+    from mpq.runtime.generate import Generator, Sampling
+    from mpq.runtime.loader import load_engine
+    from mpq.specee.decode import ExitDecoder, run_with_exits
+    from mpq.specee.flag_decode import FlagExitDecoder
+
+    _, art, _, _ = trained
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    engine = load_engine(str(art), dev)
+    load = bundle.load_specee
+    keep = load(art, None).draft.vocab[3:8].to(dev)
+    _signed_head(engine.model, keep)
+
+    def narrow_draft(path, config=None):
+        sp = load(path, config)
+        sp.draft.vocab = keep[:4].cpu()
+        return sp
+
+    prompt, n, at = list(b"To be, or not to be, that is"), 24, 14
+    cls = FlagExitDecoder if dev == "cuda" else ExitDecoder  # the decoder run_with_exits picks
+
+    def forced_fallback(self):
+        if self.stats.tokens != at:
+            return False
+        self.stats.fallback = "forced"
+        return True
+
+    monkeypatch.setattr(bundle, "load_specee", narrow_draft)
+    monkeypatch.setattr(cls, "_check_fallback", forced_fallback)
+    monkeypatch.setattr(cls, "__init__", partialmethod(cls.__init__, threshold=0.0))
+    ref, ref_st, _ = cls(engine.model, narrow_draft(art), len(prompt) + n + 1).generate(prompt, n)
+    assert ref_st.fallback == "forced" and len([k for k in ref_st.exits if k < engine.model.args.n_layers]) > 1
+    engine_steps, streamed = [], []
+    decode_n_tokens = Generator.decode_n_tokens
+    monkeypatch.setattr(Generator, "decode_n_tokens", lambda self, k: (engine_steps.append(k), decode_n_tokens(self, k)))
+    gen, info = run_with_exits(engine, str(art), prompt, n, Sampling(), set(), streamed.extend,
+                               Generator(engine.model, len(prompt) + n))
+    assert gen.tokens == ref == streamed and gen.decode_steps == ref_st.tokens == n - 1
+    assert sum(engine_steps) == n - 1 - at
+    assert info["fallback"] == "forced" and info["tokens"] == ref_st.tokens
+    assert info["mean_layers"] == ref_st.mean_layers and info["exit_histogram"] == ref_st.to_dict()["exit_histogram"]
 
 
 def test_flag_decoder_follows_its_draft_and_fed_tokens(trained):  # noqa: F811
