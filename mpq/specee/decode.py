@@ -330,12 +330,14 @@ class ExitDecoder:
         t0 = time.perf_counter()
         logits, hn = self._prefill(prompt)
         h_prev = hn[-1]
+        tok = self._greedy(logits)  # the first token is the prefill's, as the engine's Generator times it
         t1 = time.perf_counter()
         self.stats.prefill_ms = 1000 * (t1 - t0)
         out, nll = [], []
         exits = self.exits_on
         for k in range(max_new_tokens):
-            tok = self._greedy(logits)
+            if k:
+                tok = self._greedy(logits)
             out.append(tok)
             if on_token is not None:
                 on_token([tok])
