@@ -67,3 +67,19 @@ def test_too_long_a_request_is_refused(pair):
         gen.generate(list(range(20)), 13)
     with pytest.raises(MpqError, match="sampling"):
         Sampling(temperature=-1.0)
+
+
+def test_resume_goes_on_in_the_caches_as_one_generation(pair):
+    """`Generator.resume` (where SpecEE's fallback hands over) decodes on in the caches as they are: 9 tokens, then
+    the rest, equal one generation of 30; it streams only what was not passed on yet, and refuses a length the
+    caches do not hold."""
+    _, model = pair
+    gen = Generator(model, 96)
+    prompt = list(range(40, 60))
+    full = gen.generate(prompt, 30).tokens
+    head = gen.generate(prompt, 9).tokens
+    seen = []
+    got = gen.resume(len(prompt), head, 30, on_tokens=seen.extend, chunk=4)
+    assert got.tokens == full and seen == full[8:] and got.decode_steps == 21
+    with pytest.raises(MpqError, match="cannot resume"):
+        gen.resume(len(prompt), head, 200)
