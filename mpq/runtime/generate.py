@@ -200,9 +200,10 @@ class Generator:
 
     def _decode(self, prompt_len: int, start: int, emitted: list[int], steps: int, eos_ids: set[int],
                 on_tokens: Callable[[list[int]], None] | None, chunk: int) -> tuple[list[int], int, bool]:
-        """Replay `steps` decode steps from position `start` (the one self.pos holds), reading tokens back every `chunk` steps where
-        someone watches (EOS, streaming), else once at the end. `emitted`: the new tokens already passed on; the
-        output buffer holds every new token from position prompt_len. Returns (new tokens, steps run, EOS seen)."""
+        """Replay `steps` decode steps from position `start` (the one self.pos holds), reading tokens back every
+        `chunk` steps where someone watches (EOS, streaming), else once at the end. `emitted`: the new tokens
+        already passed on; the output buffer holds every new token from position prompt_len. Returns (new tokens,
+        steps run, EOS seen)."""
         S = prompt_len
         watch = bool(eos_ids) or on_tokens is not None
         out, done, eos = list(emitted), 0, False
