@@ -115,13 +115,13 @@ class DeviceBranch:
     def if_else(self, then_fn, else_fn) -> None:
         if self.ctl.device.type != "cuda" or not torch.cuda.is_current_stream_capturing():
             if self.warming:
-                if self.ctl.device.type == "cuda" and not self._setter_loaded:
-                    from kernels.graph_cond import warm_up
+                if self.ctl.device.type == "cuda":
+                    if not self._setter_loaded:
+                        from kernels.graph_cond import warm_up
 
-                    warm_up(self.ctl)  # a capture may not load modules
-                    self._setter_loaded = True
-                if self.ctl.device.type == "cuda":  # the bodies' capture streams, made before the capture
-                    self._spare += [self._new_stream() for _ in range(2)]
+                        warm_up(self.ctl)  # a capture may not load modules
+                        self._setter_loaded = True
+                    self._spare += [self._new_stream() for _ in range(2)]  # the bodies' streams, made before capture
                 else_fn()
                 then_fn()
             elif int(self.ctl[int(CTL_EXITED)]) == 0:

@@ -56,6 +56,12 @@ class ExitStats:
     decode_ms: float = 0.0  # wall time of the decode steps
     proposals: list = field(default_factory=list)  # the draft's top-4 (a set) at each decode step with exits on
 
+    def record(self, executed: int, steps: int = 1) -> None:
+        """Count `steps` decoded tokens that each ran `executed` layers."""
+        self.tokens += steps
+        self.layers += executed * steps
+        self.exits[executed] += steps
+
     @property
     def mean_layers(self) -> float:
         return self.layers / self.tokens if self.tokens else float("nan")
@@ -347,9 +353,7 @@ class ExitDecoder:
                 break
             fed = tok if force is None else force[k]
             logits, h_prev, n = self.step(fed, S + k, h_prev, exits)
-            self.stats.tokens += 1
-            self.stats.layers += n
-            self.stats.exits[n] += 1
+            self.stats.record(n)
             if exits and self._check_fallback():
                 exits = False
                 if hand_over:
@@ -395,9 +399,7 @@ def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sa
     if st.handed_over:
         rest = generator.resume(len(prompt), out, max_new_tokens, eos, on_tokens)
         out = rest.tokens
-        st.tokens += rest.decode_steps
-        st.layers += rest.decode_steps * st.num_layers
-        st.exits[st.num_layers] += rest.decode_steps
+        st.record(st.num_layers, rest.decode_steps)
         st.decode_ms += rest.decode_ms
     gen = Generation(out, len(prompt), st.prefill_ms, st.decode_ms, st.tokens, stopped_on_eos=bool(out) and out[-1] in eos)
     return gen, {"used": True, **st.to_dict()}

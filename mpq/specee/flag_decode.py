@@ -194,8 +194,7 @@ class FlagExitDecoder(GraphExitDecoder):
         try:  # the warm-up run before a capture must leave the draft's input as it found it (the cache entries it
             # writes, the replay writes again with the same values; it runs both sides of each branch, the fill
             # first)
-            restore = (self.p_state, self.h_prev, self.top4, self.rows) + (
-                () if self.dropped is None else (self.dropped,))
+            restore = self._draft_inputs() + (() if self.dropped is None else (self.dropped,))
             self._run(key, self._flag_step, restore=restore)
         finally:
             self.branch.warming = False
@@ -264,11 +263,16 @@ class FlagExitDecoder(GraphExitDecoder):
         ctl[:] = 0
         ctl[CTL_FORCED] = -1
         self.host_pos_np[0] = position
-        saved = [t.clone() for t in (self.p_state, self.h_prev, self.top4, self.rows)]
+        saved = [t.clone() for t in self._draft_inputs()]
         self._replay()
         self.token.fill_(0)
         self.pos.fill_(position)
         self._full_depth()
-        for t, s in zip((self.p_state, self.h_prev, self.top4, self.rows), saved):
+        for t, s in zip(self._draft_inputs(), saved):
             t.copy_(s)
         torch.cuda.synchronize()
+
+    def _draft_inputs(self) -> tuple[torch.Tensor, ...]:
+        """What the step reads from the step before (the predictor state, the normed hidden state, the draft's
+        tokens and their LM-head rows): a run outside decoding must leave it as it found it."""
+        return self.p_state, self.h_prev, self.top4, self.rows
