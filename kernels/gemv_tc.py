@@ -536,35 +536,32 @@ def _quad(v0, v1, v2, v3):
     return tl.join(tl.join(v0, v1), tl.join(v2, v3))
 
 
-@triton.jit
-def _first_loads(q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, tile, sp, valid,
-                 n2, n4, g, t, OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, SINGLE: tl.constexpr):
-    """The first loop step's loads of both streams of share sp of a row tile (none where not valid)."""
-    start2, end2 = _share(n2, sp, SPLIT, U)
-    start4, end4 = _share(n4, sp, SPLIT, 1)
-    pre2 = _load_iter(q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, tile * n2, start2,
-                      tl.where(valid, end2, start2), g, t, 2, OUTLIERS, U, SINGLE)
-    pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4,
-                      tl.where(valid, end4, start4), g, t, 4, 0, 1, SINGLE)
-    return pre2, pre4
-
-
-@triton.jit
-def _tile_share(x_ptr, xw_ptr, xp_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, keep_tiles,
-                q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr, q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
-                M, N, n2, n4, stride_xm, stride_ym, tile, sp, pre2, pre4, g, t, lane,
-                OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
-                L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
-                PDL: tl.constexpr, XF: tl.constexpr, TAGGED: tl.constexpr, GEN_EARLY: tl.constexpr,
-                SKIP: tl.constexpr):
-    """Share sp of one row tile: both streams, then the split-K epilogue. pre2, pre4: the streams' first loads,
-    issued by the caller, or None. Where the exit flag skips the tile, nothing is written."""
+@triton.jit(do_not_specialize=["M", "n2", "n4", "keep_tiles"])
+def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, keep_tiles,
+                    q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
+                    q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
+                    M, N, n2, n4, stride_xm, stride_ym,
+                    OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
+                    L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
+                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, TAGGED: tl.constexpr,
+                    GEN_EARLY: tl.constexpr, SKIP: tl.constexpr):
+    tile = tl.program_id(0)
+    sp = tl.program_id(1)
+    lane = tl.arange(0, 32)
+    g = lane // 4
+    t = lane % 4
     if L2 and FAST:  # weights only: before the PDL wait too
         _prefetch_share(q2_ptr, s2_ptr, ov_ptr, oi_ptr, tile, n2, sp, lane, 2, OUTLIERS, SPLIT, U)
         _prefetch_share(q4_ptr, s4_ptr, ov_ptr, oi_ptr, tile, n4, sp, lane, 4, 0, SPLIT, 1)
+    xp_ptr = xw_ptr + (n2 + n4) * (BLOCKS * 512)  # XF, M > 1: x_fragments' pair words follow the fragments
+    pre4 = None
+    if EARLY4:  # the 4-bit stream's first slot in flight while the 2-bit stream runs (and before the PDL wait)
+        start4, end4 = _share(n4, sp, SPLIT, 1)
+        pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4, end4, g, t, 4, 0, 1,
+                          SINGLE)
     p2, o2, o2b, gen, skipped = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                                         gen_ptr + tile if TAGGED and GEN_EARLY else None, tile, n2, sp, g, t, M,
-                                        stride_xm, pre2, skip_ptr if SKIP else None, keep_tiles, 2, OUTLIERS, SPLIT,
+                                        stride_xm, None, skip_ptr if SKIP else None, keep_tiles, 2, OUTLIERS, SPLIT,
                                         U, PF, BLOCKS, SINGLE, FAST, PDL, XF)
     if SKIP:  # the exit flag is set (read in the 2-bit stream, after the PDL wait): no work, y left as it is
         if skipped:
@@ -606,59 +603,10 @@ def _tile_share(x_ptr, xw_ptr, xp_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr
                      SPLIT)
 
 
-@triton.jit(do_not_specialize=["M", "n2", "n4", "keep_tiles"])
-def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, keep_tiles,
-                    q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
-                    q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
-                    M, N, n2, n4, stride_xm, stride_ym,
-                    OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
-                    L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
-                    PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, TAGGED: tl.constexpr,
-                    GEN_EARLY: tl.constexpr, SKIP: tl.constexpr, PERSIST: tl.constexpr):
-    """One program per (row tile, split share), grid (T, SPLIT); or with PERSIST a persistent grid: program p
-    takes the shares p, p + P, p + 2P, .. (share i = row tile i // SPLIT, split share i % SPLIT) and issues the
-    next share's first loads before this share's epilogue, so that its loads are in flight while it waits."""
-    lane = tl.arange(0, 32)
-    g = lane // 4
-    t = lane % 4
-    xp_ptr = xw_ptr + (n2 + n4) * (BLOCKS * 512)  # XF, M > 1: x_fragments' pair words follow the fragments
-    if PERSIST:
-        n_items = (N // ROWS) * SPLIT
-        step = tl.num_programs(0)
-        item = tl.program_id(0)
-        pre2, pre4 = _first_loads(q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr,
-                                  item // SPLIT, item % SPLIT, item < n_items, n2, n4, g, t, OUTLIERS, SPLIT, U,
-                                  SINGLE)
-        for item in range(tl.program_id(0), n_items, step):
-            cur2 = pre2
-            cur4 = pre4
-            nxt = item + step
-            pre2, pre4 = _first_loads(q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr, q4_ptr, s4_ptr, z4_ptr,
-                                      idx4_ptr, nxt // SPLIT, nxt % SPLIT, nxt < n_items, n2, n4, g, t, OUTLIERS,
-                                      SPLIT, U, SINGLE)
-            _tile_share(x_ptr, xw_ptr, xp_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, keep_tiles,
-                        q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr, q4_ptr, s4_ptr, z4_ptr, ss4_ptr,
-                        idx4_ptr, M, N, n2, n4, stride_xm, stride_ym, item // SPLIT, item % SPLIT, cur2, cur4, g,
-                        t, lane, OUTLIERS, SPLIT, U, PF, L2, BLOCKS, SINGLE, FAST, PDL, XF, TAGGED, GEN_EARLY,
-                        False)
-    else:
-        tile = tl.program_id(0)
-        sp = tl.program_id(1)
-        pre4 = None
-        if EARLY4:  # the 4-bit stream's first slot in flight while the 2-bit stream runs (and before the PDL wait)
-            start4, end4 = _share(n4, sp, SPLIT, 1)
-            pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4, end4, g, t, 4, 0,
-                              1, SINGLE)
-        _tile_share(x_ptr, xw_ptr, xp_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, keep_tiles,
-                    q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr, q4_ptr, s4_ptr, z4_ptr, ss4_ptr,
-                    idx4_ptr, M, N, n2, n4, stride_xm, stride_ym, tile, sp, None, pre4, g, t, lane,
-                    OUTLIERS, SPLIT, U, PF, L2, BLOCKS, SINGLE, FAST, PDL, XF, TAGGED, GEN_EARLY, SKIP)
-
-
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
             early4: bool = False, gens: torch.Tensor | None = None, gen_early: bool = False, fast: bool,
-            pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0, persist: int = 1):
+            pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
@@ -669,23 +617,19 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     split-K epilogue without a fence (`kernels.splitk`); `gen_early`: that epilogue's generation word read right
     after the PDL wait rather than at the end (kernels-notes, version 19: +6.5% on split 4, -2..4% on split 16);
     `pdl`: launched as a programmatic dependent (sm_90+); `skip`, `keep_tiles`: the exit flag
-    (`kernels.exit_flag`): skipped row tiles leave y unwritten; `persist` > 1: a persistent grid whose programs take
-    that many (row tile, split share) pairs each, the next one's first loads in flight during this one's epilogue
-    (not with `skip`, which then runs the one-share grid)."""
+    (`kernels.exit_flag`): skipped row tiles leave y unwritten."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
     xfrag = xfrag and fast
     tagged = gens is not None and split > 1
     assert not tagged or (ws.dtype == torch.int64 and ws.numel() >= split * M * N and gens.numel() >= T)
     xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
-    persist = persist if skip is None else 1
-    grid = (triton.cdiv(T * split, persist),) if persist > 1 else (T, split)
-    _gemv_tc_kernel[grid](
+    _gemv_tc_kernel[(T, split)](
         x, xw, y, ws, counters, gens if tagged else counters, counters if skip is None else skip, keep_tiles,
         q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
         FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, TAGGED=tagged, GEN_EARLY=gen_early, SKIP=skip is not None,
-        PERSIST=persist > 1, num_warps=1, **({"launch_pdl": True} if pdl else {}),
+        num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y

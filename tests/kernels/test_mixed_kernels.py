@@ -115,32 +115,6 @@ def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4):
 
 
 @pytest.mark.parametrize("layer", [TC_LAYERS[0], TC_LAYERS[1]])
-@pytest.mark.parametrize("m, split, persist, tagged", [(1, 3, 2, True), (1, 2, 4, False), (3, 3, 2, False),
-                                                       (1, 1, 2, False)])
-def test_gemv_tc_persistent_grid(make_packed, layer, m, split, persist, tagged):
-    """The persistent grid: each program takes `persist` (row tile, split share) pairs, more than the tiles
-    divide evenly into (a short last program), with the next pair's loads in flight during an epilogue. Twice in a
-    row on one scratch, each call right and the split-K state left as the next call needs it."""
-    n = layer[0]
-    packed, _, _, tensors = setup(make_packed, layer, m, torch.float16, seed=90 + m + split + persist)
-    t = packed.row_tiles
-    assert (t * split) % persist, "the layer must leave the last program short"
-    gens = torch.zeros(t, dtype=torch.int32, device=DEVICE) if tagged else None
-    ws = (torch.zeros(split * m * n, dtype=torch.int64, device=DEVICE) if tagged
-          else torch.full((split, m, n), float("nan"), device=DEVICE))
-    counters = torch.zeros(16 * t * m, dtype=torch.int32, device=DEVICE)
-    for fast in [False] if INTERPRET else [False, True]:
-        for seed in range(2):
-            x = torch.randn(m, layer[1], generator=torch.Generator().manual_seed(seed)).half()
-            ref = x.double() @ packed.dequantize(torch.float64).t()
-            y = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
-            gemv_tc(x.to(DEVICE), y, ws, counters, *tensors, outliers=packed.outliers, split=split, gens=gens,
-                    fast=fast, pdl=fast, persist=persist, early4=True)
-            check(y, ref, torch.float16)
-    assert not counters.any()
-
-
-@pytest.mark.parametrize("layer", [TC_LAYERS[0], TC_LAYERS[1]])
 @pytest.mark.parametrize("m, split, gen_early", [(1, 2, False), (1, 3, True), (3, 2, False), (3, 2, True)])
 def test_gemv_tc_fenceless_split_epilogue(make_packed, layer, m, split, gen_early):
     """The split-K epilogue without a fence: partials tagged with the tile's generation in a workspace that keeps
