@@ -489,9 +489,6 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
                          SINGLE)
     else:
         nxt = pre
-    if PF == 2:  # two steps in flight
-        nxt2 = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, start + U, end, g, t, BITS, OUTLIERS,
-                          U, SINGLE)
     if PDL:  # weights are in flight; x is the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
         tl.extra.cuda.gdc_wait()
@@ -504,11 +501,7 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
         end = tl.where(skipped, start, end)
     for s in range(start, end, U):
         cur = nxt
-        if PF == 2:
-            nxt = nxt2
-            nxt2 = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + 2 * U, end, g, t, BITS,
-                              OUTLIERS, U, SINGLE)
-        elif PF:
+        if PF:
             nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                              OUTLIERS, U, SINGLE)
         acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M,
