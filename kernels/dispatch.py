@@ -51,6 +51,7 @@ class KernelConfig:
     l2: bool = False  # TC: each program first asks L2 for all its weights
     xfrag: bool = False  # TC: B from a fragment-ordered copy of x (one small kernel first; 16-byte loads)
     gen_early: bool = False  # TC, split-K at M = 1: the fenceless epilogue's generation read at the start, not the end
+    unrolled: bool = False  # TC: a program's loop unrolled, all of its loads issued before any arithmetic
 
 
 def heuristic_config(m: int, n: int, k: int, group_size: int, sm_count: int, tensor_cores: bool = True) -> KernelConfig:
@@ -223,7 +224,7 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     if cfg.kind == "tc":
         return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
                        prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens,
-                       gen_early=cfg.gen_early, fast=tc_fast,
+                       gen_early=cfg.gen_early, fast=tc_fast, unrolled=cfg.unrolled,
                        pdl=tc_fast and pdl_enabled(x.device), skip=skip, keep_tiles=keep_tiles)
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,

@@ -466,17 +466,32 @@ def _prefetch_share(q_ptr, s_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, lane, BITS:
 
 
 @triton.jit
+def _all_loads(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, g, t, BITS: tl.constexpr,
+               OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, SINGLE: tl.constexpr,
+               STEPS: tl.constexpr):
+    """Every loop step's loads of a program's share of one stream (STEPS steps of U slots; those past the share
+    masked), as one tuple."""
+    start, end = _share(n_slots, sp, SPLIT, U)
+    loads = ()
+    for i in tl.static_range(STEPS):
+        loads = loads + (_load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile * n_slots, start + i * U, end,
+                                    g, t, BITS, OUTLIERS, U, SINGLE),)
+    return loads
+
+
+@triton.jit
 def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, gen_ptr, tile, n_slots, sp, g,
             t, M, stride_xm, pre, skip_ptr, keep_tiles, BITS: tl.constexpr, OUTLIERS: tl.constexpr,
             SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr,
-            FAST: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr):
+            FAST: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr, STEPS: tl.constexpr = -1):
     """This program's share of one stream: 8 scaled sums (C of up to two activation blocks) and the outlier sums
     of block 0 (4) and block 1 (4), fp32 [32] each. With PF the next U slots' loads are issued before this U's
     arithmetic; with PDL the first loads are issued before the wait for the previous kernel; `pre`, unless None:
     the first step's loads, issued by the caller. gen_ptr, unless None: the fenceless epilogue's generation word,
     read right after the wait (its latency then hides behind the stream) and returned; else 0 is returned.
     skip_ptr, unless None: the exit flag (`kernels.exit_flag`), read after the wait; a skipped tile runs no
-    iteration, and the last value returned says so."""
+    iteration, and the last value returned says so. STEPS >= 0: the share's steps unrolled, every step's loads
+    issued first (`pre`, unless None: all of them, from `_all_loads`)."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0
     start, end = _share(n_slots, sp, SPLIT, U)
     first = tile * n_slots
@@ -484,7 +499,10 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
     acc = (z, z, z, z, z, z, z, z)
     acc_o = (z, z, z, z)
     acc_o2 = (z, z, z, z)
-    if pre is None:
+    if STEPS >= 0:
+        nxt = pre if pre is not None else _all_loads(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp,
+                                                     g, t, BITS, OUTLIERS, SPLIT, U, SINGLE, STEPS)
+    elif pre is None:
         nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, start, end, g, t, BITS, OUTLIERS, U,
                          SINGLE)
     else:
@@ -499,23 +517,35 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
     if skip_ptr is not None:
         skipped = skipped_tile(skip_ptr, tile, keep_tiles)
         end = tl.where(skipped, start, end)
-    for s in range(start, end, U):
-        cur = nxt
-        if PF:
-            nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
-                             OUTLIERS, U, SINGLE)
-        acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M,
-                                 stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
-        if OUTLIERS > 0 and BLOCKS == 2:
-            c0, c1 = cur
-            acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS,
-                                                False, XP))
-            if U == 2:
-                acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8,
-                                                    OUTLIERS, False, XP))
-        if not PF:
-            nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
-                             OUTLIERS, U, SINGLE)
+    if STEPS >= 0:  # a skipped tile's sums are computed and dropped
+        for i in tl.static_range(STEPS):
+            acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, nxt[i], g, t, M,
+                                     stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
+            if OUTLIERS > 0 and BLOCKS == 2:
+                c0, c1 = nxt[i]
+                acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS,
+                                                    False, XP))
+                if U == 2:
+                    acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8,
+                                                        OUTLIERS, False, XP))
+    else:
+        for s in range(start, end, U):
+            cur = nxt
+            if PF:
+                nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
+                                 OUTLIERS, U, SINGLE)
+            acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M,
+                                     stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
+            if OUTLIERS > 0 and BLOCKS == 2:
+                c0, c1 = cur
+                acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS,
+                                                    False, XP))
+                if U == 2:
+                    acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8,
+                                                        OUTLIERS, False, XP))
+            if not PF:
+                nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
+                                 OUTLIERS, U, SINGLE)
     return acc, acc_o, acc_o2, gen, skipped
 
 
@@ -544,7 +574,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
                     OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
                     PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, TAGGED: tl.constexpr,
-                    GEN_EARLY: tl.constexpr, SKIP: tl.constexpr):
+                    GEN_EARLY: tl.constexpr, SKIP: tl.constexpr, STEPS2: tl.constexpr, STEPS4: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -555,20 +585,23 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
         _prefetch_share(q4_ptr, s4_ptr, ov_ptr, oi_ptr, tile, n4, sp, lane, 4, 0, SPLIT, 1)
     xp_ptr = xw_ptr + (n2 + n4) * (BLOCKS * 512)  # XF, M > 1: x_fragments' pair words follow the fragments
     pre4 = None
-    if EARLY4:  # the 4-bit stream's first slot in flight while the 2-bit stream runs (and before the PDL wait)
+    if STEPS4 >= 0:  # unrolled: every 4-bit load in flight before the 2-bit stream's
+        pre4 = _all_loads(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile, n4, sp, g, t, 4, 0, SPLIT, 1, SINGLE,
+                          STEPS4)
+    elif EARLY4:  # the 4-bit stream's first slot in flight while the 2-bit stream runs (and before the PDL wait)
         start4, end4 = _share(n4, sp, SPLIT, 1)
         pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4, end4, g, t, 4, 0, 1,
                           SINGLE)
     p2, o2, o2b, gen, skipped = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                                         gen_ptr + tile if TAGGED and GEN_EARLY else None, tile, n2, sp, g, t, M,
                                         stride_xm, None, skip_ptr if SKIP else None, keep_tiles, 2, OUTLIERS, SPLIT,
-                                        U, PF, BLOCKS, SINGLE, FAST, PDL, XF)
+                                        U, PF, BLOCKS, SINGLE, FAST, PDL, XF, STEPS2)
     if SKIP:  # the exit flag is set (read in the 2-bit stream, after the PDL wait): no work, y left as it is
         if skipped:
             return
     p4, _, _, _, _ = _stream(x_ptr, xw_ptr, xp_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, None, tile, n4,
                              sp, g, t, M, stride_xm, pre4, None, 0, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False,
-                             XF)
+                             XF, STEPS4)
     rg = tile * ROWS + g
     s2g = tl.load(ss2_ptr + rg).to(tl.float32)
     s2h = tl.load(ss2_ptr + rg + 8).to(tl.float32)
@@ -606,7 +639,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
             early4: bool = False, gens: torch.Tensor | None = None, gen_early: bool = False, fast: bool,
-            pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0):
+            pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0, unrolled: bool = False):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
@@ -617,7 +650,8 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     split-K epilogue without a fence (`kernels.splitk`); `gen_early`: that epilogue's generation word read right
     after the PDL wait rather than at the end (kernels-notes, version 19: +6.5% on split 4, -2..4% on split 16);
     `pdl`: launched as a programmatic dependent (sm_90+); `skip`, `keep_tiles`: the exit flag
-    (`kernels.exit_flag`): skipped row tiles leave y unwritten."""
+    (`kernels.exit_flag`): skipped row tiles leave y unwritten; `unrolled`: each program's loop unrolled, every
+    load of both streams issued before any arithmetic (one compiled kernel per slot count of a share)."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
     xfrag = xfrag and fast
@@ -630,6 +664,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
         FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, TAGGED=tagged, GEN_EARLY=gen_early, SKIP=skip is not None,
-        num_warps=1, **({"launch_pdl": True} if pdl else {}),
+        STEPS2=triton.cdiv(triton.cdiv(q2.shape[1], split), unroll) if unrolled else -1,
+        STEPS4=triton.cdiv(q4.shape[1], split) if unrolled else -1, num_warps=1, **({"launch_pdl": True} if pdl else {}),
     )
     return y

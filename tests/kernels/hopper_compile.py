@@ -175,6 +175,8 @@ CASES = {
                                                       skip=torch.zeros(1, dtype=torch.int32), keep_tiles=2),
     "gemv_tc m1 fenceless split": lambda: _gemv_tc(1, split=4, gens=True, gen_early=True, pdl=True),
     "gemv_tc m3 unroll2": lambda: _gemv_tc(3, unroll=2, prefetch=False),
+    "gemv_tc m1 unrolled fenceless": lambda: _gemv_tc(1, split=4, gens=True, gen_early=True, pdl=True, unrolled=True,
+                                                      unroll=2, skip=torch.zeros(1, dtype=torch.int32)),
     "gemv_tc m16 fragments": lambda: _gemv_tc_xfrag(16),
     "x_fragments": _x_fragments,
     "gemv_h2 pairs1 early4 flag": lambda: _gemv_h2(1, early4=True, pdl=True, skip=torch.zeros(1, dtype=torch.int32)),

@@ -95,10 +95,11 @@ TC_LAYERS = [
 
 
 @pytest.mark.parametrize("layer", TC_LAYERS)
-@pytest.mark.parametrize("m, split, unroll, prefetch, early4", [(1, 1, 1, True, False), (1, 2, 2, False, True),
-                                                                (3, 3, 2, True, True), (8, 1, 1, False, False),
-                                                                (11, 2, 1, True, True), (16, 1, 2, True, False)])
-def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4):
+@pytest.mark.parametrize("m, split, unroll, prefetch, early4, unrolled",
+                         [(1, 1, 1, True, False, False), (1, 2, 2, False, True, False), (3, 3, 2, True, True, False),
+                          (8, 1, 1, False, False, False), (11, 2, 1, True, True, False), (16, 1, 2, True, False, False),
+                          (1, 2, 1, True, False, True), (1, 3, 2, True, False, True), (11, 2, 2, True, False, True)])
+def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4, unrolled):
     """The tensor-core GEMV: its mma path on CUDA (also as a PDL launch with L2 prefetch, and reading x's
     fragment-ordered copy), its plain fp32 path everywhere."""
     packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=50 + m + split)
@@ -109,7 +110,7 @@ def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4):
         y = torch.full((m, layer[0]), float("nan"), dtype=torch.float16, device=DEVICE)
         ws, counters = scratch(m, layer[0], split, packed.row_tiles)
         gemv_tc(x, y, ws, counters, *tensors, outliers=packed.outliers, split=split, unroll=unroll,
-                prefetch=prefetch, l2=pdl, xfrag=xfrag, early4=early4, fast=fast, pdl=pdl)
+                prefetch=prefetch, l2=pdl, xfrag=xfrag, early4=early4, fast=fast, pdl=pdl, unrolled=unrolled)
         check(y, ref, torch.float16)
         assert not counters.any()
 
