@@ -33,7 +33,8 @@ from mpq.bench import kernels as bench  # noqa: E402
 def variants(c: dispatch.KernelConfig) -> list[tuple[str, dispatch.KernelConfig]]:
     out = [("committed", c)]
     if c.kind != "tc":
-        return out
+        return out + [(f"unrolled tc split {sp}", dispatch.KernelConfig("tc", split=sp, unroll=2, unrolled=True))
+                      for sp in (4, 8)]
     p2 = dataclasses.replace(c, unrolled=True)
     out += [("unrolled", p2), ("unrolled, unroll flipped", dataclasses.replace(p2, unroll=3 - c.unroll))]
     out += [(f"unrolled, split {sp}", dataclasses.replace(p2, split=sp)) for sp in (c.split // 2, 2 * c.split)
