@@ -24,7 +24,7 @@ def flag(on: bool) -> torch.Tensor:
     return torch.tensor([int(on)], dtype=torch.int32, device=DEVICE)
 
 
-KERNELS = ["gemv", "tc", "gemv2"] + ([] if INTERPRET else ["gemv2_fast", "tc_fast"])
+KERNELS = ["gemv", "tc", "tc_unrolled", "gemv2"] + ([] if INTERPRET else ["gemv2_fast", "tc_fast", "tc_unrolled_fast"])
 
 
 def run_kernel(name, x, y, counters, tensors, skip, keep):
@@ -41,7 +41,7 @@ def run_kernel(name, x, y, counters, tensors, skip, keep):
                 fast=name.endswith("fast"), pdl=name.endswith("fast"), skip=skip, keep_tiles=keep)
     else:
         gemv_tc(x, y, ws, counters, *tensors, outliers=1, split=2, fast=name.endswith("fast"),
-                pdl=name.endswith("fast"), skip=skip, keep_tiles=keep)
+                pdl=name.endswith("fast"), skip=skip, keep_tiles=keep, unrolled="unrolled" in name)
 
 
 @pytest.mark.parametrize("name", KERNELS)
