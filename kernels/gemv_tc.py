@@ -408,11 +408,11 @@ def _add4(acc, part):
 
 
 @triton.jit
-def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, g, t, M, stride_xm, BITS: tl.constexpr,
-                OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
+def _accumulate(acc, acc_o, acc_o2, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, g, t, M, stride_xm,
+                BITS: tl.constexpr, OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
                 SINGLE: tl.constexpr, XF: tl.constexpr):
-    """One loop step's U slots added into the stream's sums (acc: C of both activation blocks; acc_o: block 0's
-    outliers)."""
+    """One loop step's U slots added into the stream's sums (acc: C of both activation blocks; acc_o, acc_o2: the
+    outliers of blocks 0 and 1)."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0  # x_fragments' pair words a column (outliers)
     a, b = it
     acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
@@ -424,7 +424,13 @@ def _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, g,
         if OUTLIERS > 0:
             acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, b, g, t, M, stride_xm, 0, OUTLIERS,
                                                       SINGLE, XP))
-    return acc, acc_o
+    if OUTLIERS > 0 and BLOCKS == 2:
+        acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, a, g, t, M, stride_xm, 8, OUTLIERS, False,
+                                            XP))
+        if U == 2:
+            acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, b, g, t, M, stride_xm, 8, OUTLIERS,
+                                                False, XP))
+    return acc, acc_o, acc_o2
 
 
 @triton.jit
@@ -492,7 +498,6 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
     skip_ptr, unless None: the exit flag (`kernels.exit_flag`), read after the wait; a skipped tile runs no
     iteration, and the last value returned says so. STEPS >= 0: the share's steps unrolled, every step's loads
     issued first (`pre`, unless None: all of them, from `_all_loads`)."""
-    XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0
     start, end = _share(n_slots, sp, SPLIT, U)
     first = tile * n_slots
     z = tl.zeros([32], tl.float32)
@@ -519,30 +524,16 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
         end = tl.where(skipped, start, end)
     if STEPS >= 0:  # a skipped tile's sums are computed and dropped
         for i in tl.static_range(STEPS):
-            acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, nxt[i], g, t, M,
-                                     stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
-            if OUTLIERS > 0 and BLOCKS == 2:
-                c0, c1 = nxt[i]
-                acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS,
-                                                    False, XP))
-                if U == 2:
-                    acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8,
-                                                        OUTLIERS, False, XP))
+            acc, acc_o, acc_o2 = _accumulate(acc, acc_o, acc_o2, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, nxt[i],
+                                             g, t, M, stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
     else:
         for s in range(start, end, U):
             cur = nxt
             if PF:
                 nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                                  OUTLIERS, U, SINGLE)
-            acc, acc_o = _accumulate(acc, acc_o, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g, t, M,
-                                     stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
-            if OUTLIERS > 0 and BLOCKS == 2:
-                c0, c1 = cur
-                acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c0, g, t, M, stride_xm, 8, OUTLIERS,
-                                                    False, XP))
-                if U == 2:
-                    acc_o2 = _add4(acc_o2, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, c1, g, t, M, stride_xm, 8,
-                                                        OUTLIERS, False, XP))
+            acc, acc_o, acc_o2 = _accumulate(acc, acc_o, acc_o2, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g,
+                                             t, M, stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
             if not PF:
                 nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
                                  OUTLIERS, U, SINGLE)
@@ -665,6 +656,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
         FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, TAGGED=tagged, GEN_EARLY=gen_early, SKIP=skip is not None,
         STEPS2=triton.cdiv(triton.cdiv(q2.shape[1], split), unroll) if unrolled else -1,
-        STEPS4=triton.cdiv(q4.shape[1], split) if unrolled else -1, num_warps=1, **({"launch_pdl": True} if pdl else {}),
+        STEPS4=triton.cdiv(q4.shape[1], split) if unrolled else -1, num_warps=1,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return y
