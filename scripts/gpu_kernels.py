@@ -97,9 +97,11 @@ STACKED_SHAPES = ((12288, 4096), (22016, 4096), (8192, 4096))
 
 TC_CANDIDATES = [KernelConfig("tc", split=sp, unroll=u, l2=l2, xfrag=xf) for sp in (4, 8, 16) for u in (1, 2)
                  for l2 in (True, False) for xf in (True, False)]
-# M = 1: x's fragment copy or not, the 4-bit stream's first slot early or not
-TC_CANDIDATES_M1 = [KernelConfig("tc", split=sp, unroll=u, xfrag=xf, early4=e4) for sp in (4, 8, 16)
-                    for u in (1, 2) for xf in (True, False) for e4 in (True, False)]
+# M = 1: x's fragment copy or not, the 4-bit stream's first slot early or not; and unrolled (every load first:
+# won on the small shapes, kernels-notes version 20)
+TC_CANDIDATES_M1 = ([KernelConfig("tc", split=sp, unroll=u, xfrag=xf, early4=e4) for sp in (4, 8, 16)
+                     for u in (1, 2) for xf in (True, False) for e4 in (True, False)]
+                    + [KernelConfig("tc", split=sp, unroll=u, unrolled=True) for sp in (2, 4, 8) for u in (1, 2)])
 
 
 def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CANDIDATES) -> None:
