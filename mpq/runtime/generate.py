@@ -120,7 +120,7 @@ class Generator:
         """Warm up on a side stream (compiles, autotunes, creates handles), then capture `_step` once.
 
         Warm-up steps advance the token/position buffers, so they are restored; the KV entries they wrote
-        are overwritten by the next prefill."""
+        are overwritten by the next prefill, or (`resume`) written again, with the same values, by the first step."""
         saved = self.token.clone(), self.pos.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
