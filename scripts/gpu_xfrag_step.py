@@ -94,9 +94,9 @@ def main() -> None:
         WRITE[0] = write
         HANDOFF.clear()
         dispatch._device_facts = _facts(sm_count, {**table, **patch})
-        logits = first_layer_output(model)
-        ref = logits if ref is None else ref
-        errors[name] = float((logits - ref).norm() / ref.norm())
+        out = first_layer_output(model)
+        ref = out if ref is None else ref
+        errors[name] = float((out - ref).norm() / ref.norm())
         print(f"{name:45s} layer-0 rel. error {errors[name]:.1e}", flush=True)
         assert errors[name] < 2e-2, name
     for _ in range(2):
