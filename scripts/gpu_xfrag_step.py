@@ -42,10 +42,19 @@ def silu(*args, **kw):
     return y
 
 
-def gemv(x, *args, **kw):
+CHECKS: list | None = None  # while a list: each GEMV that reads a handed-in copy is also run plainly, compared
+
+
+def gemv(x, y, *args, **kw):
     frag = HANDOFF.pop("frag", None) if HANDOFF.get("ptr") == x.data_ptr() else None
     HANDOFF.pop("ptr", None) if frag is not None else None
-    return _gemv(x, *args, **{**kw, "x_frag": frag})
+    out = _gemv(x, y, *args, **{**kw, "x_frag": frag})
+    if CHECKS is not None and frag is not None and kw.get("xfrag"):
+        plain = _gemv(x, torch.empty_like(y), *args, **{**kw, "xfrag": False})
+        both = out.isfinite() & plain.isfinite()
+        assert torch.equal(out.isfinite(), plain.isfinite())
+        CHECKS.append(float((out[both].float() - plain[both].float()).norm() / plain[both].float().norm()))
+    return out
 
 
 def variants(table: dict) -> dict:
@@ -66,17 +75,13 @@ def variants(table: dict) -> dict:
     return v
 
 
-def first_layer_output(model) -> torch.Tensor:
-    """The residual after decoder layer 0 for one token at position 0 (the step's small ops and M = 1 GEMVs,
-    eager): every GEMV the variants change runs there. (The random layers' logits overflow to NaN.)"""
+def first_layer(model) -> None:
+    """Decoder layer 0 for one token at position 0, eager: every GEMV the variants change runs there."""
     model.setup_caches(64)
     pos = torch.zeros(1, dtype=torch.long, device="cuda")
     x = torch.nn.functional.embedding(torch.tensor([[7]], device="cuda"), model.embed)
-    x, delta = model.blocks(x, None, 0, 1, pos, model.rope_cos[pos], model.rope_sin[pos],
-                            model.causal[pos].view(1, 1, 1, -1), model.ops)
-    out = (x + delta).float()
-    assert out.isfinite().all()
-    return out
+    model.blocks(x, None, 0, 1, pos, model.rope_cos[pos], model.rope_sin[pos], model.causal[pos].view(1, 1, 1, -1),
+                 model.ops)
 
 
 def main() -> None:
@@ -89,16 +94,18 @@ def main() -> None:
     _room_for_any_split(model)
     cases = variants(table)
     times = {name: [] for name in cases}
-    errors, ref = {}, None
-    for name, (write, patch) in cases.items():  # each variant's layer-0 output against the committed table's
+    global CHECKS
+    errors = {}
+    for name, (write, patch) in cases.items():  # each GEMV fed a producer's copy against the same GEMV fed plain x
         WRITE[0] = write
         HANDOFF.clear()
+        CHECKS = []
         dispatch._device_facts = _facts(sm_count, {**table, **patch})
-        out = first_layer_output(model)
-        ref = out if ref is None else ref
-        errors[name] = float((out - ref).norm() / ref.norm())
-        print(f"{name:45s} layer-0 rel. error {errors[name]:.1e}", flush=True)
-        assert errors[name] < 2e-2, name
+        first_layer(model)
+        errors[name] = CHECKS
+        print(f"{name:45s} GEMVs on handed-in copies: {len(CHECKS)}, rel. errors {CHECKS}", flush=True)
+        assert all(e < 1e-2 for e in CHECKS) and len(CHECKS) == len(patch), name
+    CHECKS = None
     for _ in range(2):
         for name, (write, patch) in cases.items():
             WRITE[0] = write
@@ -107,7 +114,7 @@ def main() -> None:
             times[name].append(step_ms(model))
             print(f"{name:45s} {times[name][-1]:.4f} ms/token", flush=True)
     res = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT"),
-           "layer0_rel_error": errors, "ms_per_token": times, "mean": {k: statistics.mean(v) for k, v in times.items()},
+           "handed_in_vs_plain_rel_error": errors, "ms_per_token": times, "mean": {k: statistics.mean(v) for k, v in times.items()},
            "variants": {k: {"producers_write_fragments": w, "rows": {str(kk): dataclasses.asdict(c)
                                                                       for kk, c in p.items()}}
                         for k, (w, p) in cases.items()}}
