@@ -178,7 +178,7 @@ def _say_slow_path(reason: str) -> None:
 
 def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_size: int, outliers: int,
                  counters: torch.Tensor, config: KernelConfig | None = None, skip: torch.Tensor | None = None,
-                 keep_tiles: int = 0, x_frag: torch.Tensor | None = None) -> torch.Tensor:
+                 keep_tiles: int = 0) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T for W in format v1; `tensors` in TENSOR_ORDER; counters int32, zero, >= 16 * N / 16
     (`counter_words` for a linear's own scratch: its M = 1 tensor-core GEMV then runs the split-K epilogue without a
     fence, and keeps state between calls there).
@@ -186,8 +186,6 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     x must be contiguous fp16/bf16 (fp32 also works off the tensor-core path); y has x's dtype.
     skip (int32 [1], on x's device), keep_tiles: the exit flag of the one-graph exit decoder (`kernels.exit_flag`);
     the decode GEMVs only (M <= 16): row tiles at or past keep_tiles are left unwritten while it is set.
-    x_frag: at M = 1, x in the tensor-core GEMV's fragment order, written by x's producer (`kernels.step_ops`), for
-    a configuration that reads it (`xfrag`); ignored by the others.
     """
     m, n = x.shape[0], tensors[3].shape[0]
     cfg = config or choose_config(m, n, x.shape[1], group_size, x.device, outliers)
@@ -227,8 +225,7 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
         return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
                        prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens,
                        gen_early=cfg.gen_early, fast=tc_fast, unrolled=cfg.unrolled,
-                       pdl=tc_fast and pdl_enabled(x.device), skip=skip, keep_tiles=keep_tiles,
-                       x_frag=x_frag if m == 1 else None)
+                       pdl=tc_fast and pdl_enabled(x.device), skip=skip, keep_tiles=keep_tiles)
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                        rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,

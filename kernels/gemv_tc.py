@@ -172,17 +172,6 @@ def _x_fragments_kernel(xw_ptr, xf_ptr, M, stride_xw, n_frag, total, SINGLE: tl.
         tl.store(xf_ptr + o, lo | (hi << 16), mask=ok)
 
 
-@triton.jit
-def single_fragment_offset(col):
-    """Where column col of one activation row (M = 1) lies in x_fragments' output, in fp16 halves: the inverse of
-    its word map (x word w = 8 (f // 2) + 4 (f % 2) + t of a group goes to word 16 (f // 4) + 4 t + f % 4), so that
-    the kernel producing x can write the fragment order itself, with no x_fragments launch."""
-    e = col % GROUP
-    w = e // 2
-    f = 2 * (w // 8) + (w % 8) // 4
-    return (col - e) + 2 * (16 * (f // 4) + 4 * (w % 4) + f % 4) + e % 2
-
-
 def x_fragments(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     """x [M, K] fp16 (M <= 16, K a multiple of 128, rows of whole words) in the tensor-core GEMV's fragment order,
     as int32 words (M > 1: then the pair words of its outliers)."""
@@ -641,8 +630,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
             early4: bool = False, gens: torch.Tensor | None = None, gen_early: bool = False, fast: bool,
-            pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0, unrolled: bool = False,
-            x_frag: torch.Tensor | None = None):
+            pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0, unrolled: bool = False):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
@@ -654,19 +642,13 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     after the PDL wait rather than at the end (kernels-notes, version 19: +6.5% on split 4, -2..4% on split 16);
     `pdl`: launched as a programmatic dependent (sm_90+); `skip`, `keep_tiles`: the exit flag
     (`kernels.exit_flag`): skipped row tiles leave y unwritten; `unrolled`: each program's loop unrolled, every
-    load of both streams issued before any arithmetic (one compiled kernel per slot count of a share); `x_frag`
-    (with `xfrag`, M = 1): x in fragment order as written by x's producer (`single_fragment_offset`), used instead
-    of an x_fragments launch."""
+    load of both streams issued before any arithmetic (one compiled kernel per slot count of a share)."""
     M, N, T = x.shape[0], y.shape[1], q2.shape[0]
     assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
     xfrag = xfrag and fast
     tagged = gens is not None and split > 1
     assert not tagged or (ws.dtype == torch.int64 and ws.numel() >= split * M * N and gens.numel() >= T)
-    if xfrag and x_frag is not None:
-        assert M == 1 and x_frag.numel() * x_frag.element_size() == 2 * x.shape[1]
-        xw = x_frag.view(torch.int32)
-    else:
-        xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
+    xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
     _gemv_tc_kernel[(T, split)](
         x, xw, y, ws, counters, gens if tagged else counters, counters if skip is None else skip, keep_tiles,
         q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,

@@ -13,13 +13,11 @@ import triton
 import triton.language as tl
 
 from kernels.exit_flag import exited
-from kernels.gemv_tc import GROUP_SIZE, single_fragment_offset
 
 
 @triton.jit
-def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, x_out_ptr, h_ptr, hf_ptr, skip_ptr, N, eps,
-                         BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr, SKIP: tl.constexpr,
-                         FRAG: tl.constexpr):
+def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, x_out_ptr, h_ptr, skip_ptr, N, eps,
+                         BLOCK: tl.constexpr, HAS_DELTA: tl.constexpr, PDL: tl.constexpr, SKIP: tl.constexpr):
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK)
     ok = offs < N
@@ -37,15 +35,12 @@ def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, x_out_ptr, h_ptr, hf_ptr, skip_ptr
     xf = x.to(tl.float32)
     r = tl.rsqrt(tl.sum(xf * xf, axis=0) / N + eps)
     h = (xf * r).to(x.dtype)  # normalised in fp32, cast back, then scaled (the product is exact in fp32)
-    h = (w.to(tl.float32) * h.to(tl.float32)).to(h_ptr.dtype.element_ty)
-    tl.store(h_ptr + row * N + offs, h, mask=ok)
-    if FRAG:  # one row (M = 1): also in the tensor-core GEMV's fragment order
-        tl.store(hf_ptr + single_fragment_offset(offs), h, mask=ok)
+    tl.store(h_ptr + row * N + offs, (w.to(tl.float32) * h.to(tl.float32)).to(h_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, yf_ptr, skip_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr,
-                     PDL: tl.constexpr, SKIP: tl.constexpr, FRAG: tl.constexpr):
+def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, skip_ptr, N, stride_g, stride_u, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                     SKIP: tl.constexpr):
     row = tl.program_id(1)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -59,10 +54,7 @@ def _silu_mul_kernel(g_ptr, u_ptr, y_ptr, yf_ptr, skip_ptr, N, stride_g, stride_
     u = tl.load(u_ptr + row * stride_u + offs, mask=ok, other=0.0)
     gf = g.to(tl.float32)
     act = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)  # silu in fp32, rounded, then the product in the input dtype
-    y = (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype)
-    tl.store(y_ptr + row * N + offs, y, mask=ok)
-    if FRAG:  # one row (M = 1): also in the tensor-core GEMV's fragment order
-        tl.store(yf_ptr + single_fragment_offset(offs), y, mask=ok)
+    tl.store(y_ptr + row * N + offs, (act.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=ok)
 
 
 def norm_num_warps(block: int) -> int:
@@ -71,50 +63,38 @@ def norm_num_warps(block: int) -> int:
     return max(1, min(16, block // 256))
 
 
-def _fragment_copy(y: torch.Tensor, fragments: bool) -> torch.Tensor | None:
-    """Room for y's fragment-ordered copy (`kernels.gemv_tc.single_fragment_offset`) where one was asked for and
-    the tensor-core GEMV can read one: a single fp16 row of whole groups."""
-    n = y.shape[-1]
-    if fragments and y.numel() == n and n % GROUP_SIZE == 0 and y.dtype == torch.float16:
-        return torch.empty(n, dtype=y.dtype, device=y.device)
-    return None
-
-
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float, *,
-                 pdl: bool = False, skip: torch.Tensor | None = None, fragments: bool = False) -> tuple:
+                 pdl: bool = False, skip: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(x + delta, RMSNorm(x + delta) * weight) for x [..., N] (delta None: no add, x returned as is), weight [N];
     the normalised rows in the dtype the eager product gives (x's, or the weight's if wider). New output tensors,
     so that the call can sit in a captured CUDA graph. skip: the exit flag (`kernels.exit_flag`); while it is set
-    delta counts as zero (the residual passes through a skipped layer unchanged). fragments: a third output, the
-    normalised row in the tensor-core GEMV's fragment order (None unless one fp16 row of whole groups)."""
+    delta counts as zero (the residual passes through a skipped layer unchanged)."""
     N = x.shape[-1]
     x = x.contiguous()
     x_out = torch.empty_like(x) if delta is not None else x
     h = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
-    hf = _fragment_copy(h, fragments)
     block = triton.next_power_of_2(N)
     _add_rms_norm_kernel[(x.numel() // N,)](
-        x, x if delta is None else delta.contiguous(), weight, x_out, h, h if hf is None else hf,
-        x if skip is None else skip, N, eps, BLOCK=block, HAS_DELTA=delta is not None, PDL=pdl, SKIP=skip is not None,
-        FRAG=hf is not None, num_warps=norm_num_warps(block), **({"launch_pdl": True} if pdl else {}),
+        x, x if delta is None else delta.contiguous(), weight, x_out, h, x if skip is None else skip, N, eps,
+        BLOCK=block, HAS_DELTA=delta is not None, PDL=pdl, SKIP=skip is not None, num_warps=norm_num_warps(block),
+        **({"launch_pdl": True} if pdl else {}),
     )
-    return (x_out, h, hf) if fragments else (x_out, h)
+    return x_out, h
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, pdl: bool = False, skip: torch.Tensor | None = None,
-             fragments: bool = False):
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, pdl: bool = False,
+             skip: torch.Tensor | None = None) -> torch.Tensor:
     """silu(gate) * up for gate, up [..., N] whose rows are contiguous (e.g. the two halves of a stacked gate/up
-    output); returns a new contiguous tensor (left unwritten while the exit flag `skip` is set). fragments: returns
-    (product, its fragment-ordered copy or None), as `add_rms_norm`."""
+    output); returns a new contiguous tensor (left unwritten while the exit flag `skip` is set)."""
     N = gate.shape[-1]
     g, u = gate.reshape(-1, N), up.reshape(-1, N)
     if g.stride(-1) != 1 or u.stride(-1) != 1 or gate.shape != up.shape:
         raise ValueError("silu_mul: equal shapes with contiguous rows")
     y = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
-    yf = _fragment_copy(y, fragments)
     block = 1024
     _silu_mul_kernel[(triton.cdiv(N, block), g.shape[0])](
-        g, u, y, y if yf is None else yf, g if skip is None else skip, N, g.stride(0), u.stride(0), BLOCK=block,
-        PDL=pdl, SKIP=skip is not None, FRAG=yf is not None, num_warps=4, **({"launch_pdl": True} if pdl else {}),
+        g, u, y, g if skip is None else skip, N, g.stride(0), u.stride(0), BLOCK=block, PDL=pdl,
+        SKIP=skip is not None, num_warps=4,
+        **({"launch_pdl": True} if pdl else {}),
     )
-    return (y, yf) if fragments else y
+    return y

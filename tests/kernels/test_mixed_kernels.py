@@ -18,7 +18,7 @@ from kernels.dispatch import TENSOR_ORDER  # noqa: E402
 from kernels.gemm_mixed import dequantize_mixed, gemm_mixed  # noqa: E402
 from kernels.gemv_h2 import gemv_h2  # noqa: E402
 from kernels.gemv_mixed import gemv_mixed  # noqa: E402
-from kernels.gemv_tc import gemv_tc, x_fragments  # noqa: E402
+from kernels.gemv_tc import gemv_tc  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not INTERPRET and not torch.cuda.is_available():
@@ -101,19 +101,16 @@ TC_LAYERS = [
                           (1, 2, 1, True, False, True), (1, 3, 2, True, False, True), (11, 2, 2, True, False, True)])
 def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4, unrolled):
     """The tensor-core GEMV: its mma path on CUDA (also as a PDL launch with L2 prefetch, and reading x's
-    fragment-ordered copy, made by its own launch or, at M = 1, handed in as x's producer writes it), its plain
-    fp32 path everywhere."""
+    fragment-ordered copy), its plain fp32 path everywhere."""
     packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=50 + m + split)
-    runs = [(False, False, False, False)]
+    runs = [(False, False, False)]
     if not INTERPRET:
-        runs += [(True, False, False, False), (True, True, False, False), (True, False, True, False),
-                 (True, True, True, False), (True, True, True, m == 1)]
-    for fast, pdl, xfrag, handed_in in runs:
+        runs += [(True, False, False), (True, True, False), (True, False, True), (True, True, True)]
+    for fast, pdl, xfrag in runs:
         y = torch.full((m, layer[0]), float("nan"), dtype=torch.float16, device=DEVICE)
         ws, counters = scratch(m, layer[0], split, packed.row_tiles)
         gemv_tc(x, y, ws, counters, *tensors, outliers=packed.outliers, split=split, unroll=unroll,
-                prefetch=prefetch, l2=pdl, xfrag=xfrag, early4=early4, fast=fast, pdl=pdl, unrolled=unrolled,
-                x_frag=x_fragments(x).view(torch.float16) if handed_in else None)
+                prefetch=prefetch, l2=pdl, xfrag=xfrag, early4=early4, fast=fast, pdl=pdl, unrolled=unrolled)
         check(y, ref, torch.float16)
         assert not counters.any()
 
@@ -177,7 +174,7 @@ def test_x_fragments_put_each_lanes_b_words_in_four_chunks(m, k):
     """x_fragments against the mma B fragment spelled out: lane (g, t) of activation block n, chunk i, word j holds
     fragment word f = 4i + j, i.e. k-block b = f // 2 at k = 16b + 2t (+ 8 for odd f) of activation row 8n + g
     (every lane row 0 at M = 1; zero past M). M > 1: then x transposed, zero-padded to 8 or 16 rows."""
-    from kernels.gemv_tc import fragment_words
+    from kernels.gemv_tc import fragment_words, x_fragments
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m + k)).to(torch.float16)
     words = x.view(torch.int32)  # word c holds columns 2c, 2c + 1
     blocks = 1 if m <= 8 else 2

@@ -70,24 +70,3 @@ def test_silu_mul_on_the_halves_of_a_stacked_output(dtype, rows, n, pdl):
     got = silu_mul(gate, up, pdl=pdl)
     assert got.is_contiguous()
     assert_nearly_equal(got, eager.silu_mul(gate, up))
-
-
-@pytest.mark.parametrize("rows, n", [(1, 128), (1, 4096), (1, 11008), (2, 256), (1, 100)])
-def test_fragment_copies_are_what_x_fragments_makes(rows, n):
-    """Asked for it, the norm and the SwiGLU product also write their one fp16 row in the tensor-core GEMV's
-    fragment order: word for word x_fragments' output of the plain row, which they return unchanged. Several rows,
-    or a row that is not whole groups: no copy (None)."""
-    from kernels.gemv_tc import x_fragments
-
-    gen = torch.Generator().manual_seed(n + rows)
-    x = (torch.randn(rows, 1, n, generator=gen) * 2).half().to(DEVICE)
-    w = (torch.rand(n, generator=gen) + 0.5).half().to(DEVICE)
-    _, h, hf = add_rms_norm(x, x.flip(-1).contiguous(), w, 1e-5, fragments=True)
-    _, h_plain = add_rms_norm(x, x.flip(-1).contiguous(), w, 1e-5)
-    y, yf = silu_mul(x, x.flip(-1).contiguous(), fragments=True)
-    assert torch.equal(h, h_plain) and torch.equal(y, silu_mul(x, x.flip(-1).contiguous()))
-    if rows > 1 or n % 128:
-        assert hf is None and yf is None
-        return
-    for plain, frag in ((h, hf), (y, yf)):
-        assert torch.equal(frag.view(torch.int32), x_fragments(plain.view(1, n)))
