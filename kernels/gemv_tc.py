@@ -557,20 +557,39 @@ def _quad(v0, v1, v2, v3):
     return tl.join(tl.join(v0, v1), tl.join(v2, v3))
 
 
-@triton.jit(do_not_specialize=["M", "n2", "n4", "keep_tiles"])
+@triton.jit(do_not_specialize=["M", "n2", "n4", "keep_tiles", "t1", "t2", "n2b", "n4b", "n2c", "n4c"])
 def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, keep_tiles,
                     q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                     q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
-                    M, N, n2, n4, stride_xm, stride_ym,
+                    M, N, n2, n4, stride_xm, stride_ym, t1, t2, n2b, n4b, n2c, n4c,
                     OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr,
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
                     PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, TAGGED: tl.constexpr,
-                    GEN_EARLY: tl.constexpr, SKIP: tl.constexpr, STEPS2: tl.constexpr, STEPS4: tl.constexpr):
+                    GEN_EARLY: tl.constexpr, SKIP: tl.constexpr, STEPS2: tl.constexpr, STEPS4: tl.constexpr,
+                    RAGGED: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
     g = lane // 4
     t = lane % 4
+    if RAGGED:  # up to three parts with their own slot counts (tiles [0, t1), [t1, t2), [t2, T)): each stream's
+        # pointers shift by d slots, so that slot tile * n + s of the part's count n lands in its own tensors
+        in_b = tile >= t1
+        in_c = tile >= t2
+        d2 = tl.where(in_c, t1 * n2 + (t2 - t1) * n2b - t2 * n2c, tl.where(in_b, t1 * (n2 - n2b), 0))
+        d4 = tl.where(in_c, t1 * n4 + (t2 - t1) * n4b - t2 * n4c, tl.where(in_b, t1 * (n4 - n4b), 0))
+        n2 = tl.where(in_c, n2c, tl.where(in_b, n2b, n2))
+        n4 = tl.where(in_c, n4c, tl.where(in_b, n4b, n4))
+        q2_ptr += d2 * (ROWS * GROUP // 32)  # int64 words of a 2-bit slot
+        s2_ptr += d2 * ROWS
+        z2_ptr += d2 * (ROWS // 4)
+        idx2_ptr += d2
+        ov_ptr += d2 * (ROWS * OUTLIERS)
+        oi_ptr += d2 * (ROWS * OUTLIERS)
+        q4_ptr += d4 * (ROWS * GROUP // 16)  # int64 words of a 4-bit slot
+        s4_ptr += d4 * ROWS
+        z4_ptr += d4 * (ROWS // 2)
+        idx4_ptr += d4
     if L2 and FAST:  # weights only: before the PDL wait too
         _prefetch_share(q2_ptr, s2_ptr, ov_ptr, oi_ptr, tile, n2, sp, lane, 2, OUTLIERS, SPLIT, U)
         _prefetch_share(q4_ptr, s4_ptr, ov_ptr, oi_ptr, tile, n4, sp, lane, 4, 0, SPLIT, 1)
@@ -630,7 +649,8 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
             early4: bool = False, gens: torch.Tensor | None = None, gen_early: bool = False, fast: bool,
-            pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0, unrolled: bool = False):
+            pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0, unrolled: bool = False,
+            parts: tuple[tuple[int, int, int], ...] | None = None):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
@@ -642,9 +662,22 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     after the PDL wait rather than at the end (kernels-notes, version 19: +6.5% on split 4, -2..4% on split 16);
     `pdl`: launched as a programmatic dependent (sm_90+); `skip`, `keep_tiles`: the exit flag
     (`kernels.exit_flag`): skipped row tiles leave y unwritten; `unrolled`: each program's loop unrolled, every
-    load of both streams issued before any arithmetic (one compiled kernel per slot count of a share)."""
-    M, N, T = x.shape[0], y.shape[1], q2.shape[0]
-    assert 1 <= M <= MAX_M and q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32 and unroll in (1, 2)
+    load of both streams issued before any arithmetic (one compiled kernel per slot count of a share); `parts`:
+    a ragged stack (`ragged_layout`), ((row tiles, n2, n4) of each of up to three parts), whose tensors are the
+    parts' flattened and concatenated (not `unrolled`)."""
+    M, N = x.shape[0], y.shape[1]
+    assert 1 <= M <= MAX_M and unroll in (1, 2)
+    if parts is None:
+        assert q2.shape[2] == TILE_ROWS and q2.shape[3] == GROUP_SIZE * 2 // 32
+        T, n2, n4 = q2.shape[0], q2.shape[1], q4.shape[1]
+        part_args = (T, T, n2, n4, n2, n4)
+    else:
+        assert 2 <= len(parts) <= 3 and not unrolled
+        full = tuple(parts) + (parts[-1],) * (3 - len(parts))
+        T, n2, n4 = sum(p[0] for p in parts), parts[0][1], parts[0][2]
+        assert q2.numel() == sum(p[0] * p[1] for p in parts) * TILE_ROWS * GROUP_SIZE // 16
+        part_args = (full[0][0], full[0][0] + full[1][0] if len(parts) == 3 else T, full[1][1], full[1][2],
+                     full[2][1], full[2][2])
     xfrag = xfrag and fast
     tagged = gens is not None and split > 1
     assert not tagged or (ws.dtype == torch.int64 and ws.numel() >= split * M * N and gens.numel() >= T)
@@ -652,11 +685,11 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     _gemv_tc_kernel[(T, split)](
         x, xw, y, ws, counters, gens if tagged else counters, counters if skip is None else skip, keep_tiles,
         q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
-        q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0), y.stride(0),
+        q4.view(torch.int64), s4, z4, ss4, idx4, M, N, n2, n4, x.stride(0), y.stride(0), *part_args,
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
         FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, TAGGED=tagged, GEN_EARLY=gen_early, SKIP=skip is not None,
-        STEPS2=triton.cdiv(triton.cdiv(q2.shape[1], split), unroll) if unrolled else -1,
-        STEPS4=triton.cdiv(q4.shape[1], split) if unrolled else -1, num_warps=1,
+        STEPS2=triton.cdiv(triton.cdiv(n2, split), unroll) if unrolled else -1,
+        STEPS4=triton.cdiv(n4, split) if unrolled else -1, RAGGED=parts is not None, num_warps=1,
         **({"launch_pdl": True} if pdl else {}),
     )
     return y

@@ -12,6 +12,7 @@ programs do equal work); n2 = G - n4. Outliers: exactly `k` fp16 additive correc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
@@ -213,6 +214,35 @@ class PackedLinear:
         bias = stack_biases([p.bias for p in parts], [p.out_features for p in parts], head.ss2)
         return cls(sum(p.out_features for p in parts), head.in_features, head.group_size, head.tile_rows, head.n4,
                    head.outliers, **{n: torch.cat([getattr(p, n) for p in parts]) for n in TENSOR_NAMES}, bias=bias)
+
+    def ragged_key(self) -> tuple:
+        """What linears must share to run as one ragged stack (`ragged_rows`): everything but n4."""
+        return (self.in_features, self.group_size, self.tile_rows, self.outliers)
+
+    @staticmethod
+    def ragged_rows(parts: list["PackedLinear"]) -> tuple[dict[str, torch.Tensor], tuple[tuple[int, int, int], ...]]:
+        """Linears with one `ragged_key` but different n4, as one set of tensors for one decode GEMV launch
+        (`kernels.gemv_tc`, `parts`): each tensor the parts' flattened and concatenated (ss2/ss4 stay rows), and
+        (row tiles, n2, n4) of each part. Not a format-v1 layout (row tiles differ in slot counts): runtime only."""
+        if len({p.ragged_key() for p in parts}) != 1:
+            raise ValueError("only linears with the same input width, group size, tile rows and outliers stack ragged")
+        flat = {n: torch.cat([getattr(p, n).reshape(-1) for p in parts]) for n in TENSOR_NAMES}
+        return flat, tuple((p.row_tiles, p.n2, p.n4) for p in parts)
+
+    @staticmethod
+    def ragged_views(flat: dict[str, torch.Tensor], geometry: list[dict]) -> list["PackedLinear"]:
+        """The parts of a ragged stack back as PackedLinears, over views of its tensors (no copy); geometry: each
+        part's `meta()`."""
+        parts, start = [], dict.fromkeys(TENSOR_NAMES, 0)
+        for meta in geometry:
+            geo = {k: meta[k] for k in ("out_features", "in_features", "group_size", "tile_rows", "n4", "outliers")}
+            views = {}
+            for name, (_, shape) in expected_shapes(**geo).items():
+                size = math.prod(shape)
+                views[name] = flat[name][start[name]:start[name] + size].view(shape)
+                start[name] += size
+            parts.append(PackedLinear(**geo, **views))
+        return parts
 
     def leading_rows(self, rows: int) -> "PackedLinear":
         """The linear of the first `rows` output rows (a multiple of tile_rows), as views of this one's tensors."""

@@ -115,6 +115,49 @@ def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4, unrolle
         assert not counters.any()
 
 
+# ragged stacks: (rows, 4-bit tiles per row tile) of each part, all of K = 384 and g = 128; outliers per 2-bit group
+RAGGED = [([(48, 1), (32, 0), (64, 2)], 1), ([(32, 3), (48, 1)], 0), ([(16, 0), (16, 3)], 2)]
+
+
+@pytest.mark.parametrize("ragged", RAGGED)
+@pytest.mark.parametrize("m, split, unroll, early4", [(1, 1, 1, False), (1, 2, 2, True), (3, 3, 1, False),
+                                                     (11, 2, 2, True)])
+def test_gemv_tc_ragged_stack(make_packed, ragged, m, split, unroll, early4):
+    """Linears that differ only in n4, as one launch over their concatenated tensors (`PackedLinear.ragged_rows`):
+    equal to x times the parts' dequantized weights stacked, on the mma path (CUDA) and the plain fp32 path."""
+    from mpq.quant.format import PackedLinear
+
+    shapes, ko = ragged
+    parts = [make_packed(n, 384, 128, n4, ko, seed=90 + i) for i, (n, n4) in enumerate(shapes)]
+    flat, geometry = PackedLinear.ragged_rows(parts)
+    assert geometry == tuple((n // 16, 3 - n4, n4) for n, n4 in shapes)
+    x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).half()
+    ref = x.double() @ torch.cat([p.dequantize(torch.float64) for p in parts]).t()
+    tensors = tuple(flat[name].to(DEVICE) for name in TENSOR_ORDER)
+    n = sum(n for n, _ in shapes)
+    for fast in (False,) if INTERPRET else (False, True):
+        y = torch.full((m, n), float("nan"), dtype=torch.float16, device=DEVICE)
+        ws, counters = scratch(m, n, split, n // 16)
+        gemv_tc(x.to(DEVICE), y, ws, counters, *tensors, outliers=ko, split=split, unroll=unroll, early4=early4,
+                fast=fast, pdl=fast, l2=fast, parts=geometry)
+        check(y, ref, torch.float16)
+        assert not counters.any()
+
+
+def test_ragged_views_are_the_parts(make_packed):
+    """The parts of a ragged stack come back, as views of its tensors, equal to what went in."""
+    from mpq.quant.format import TENSOR_NAMES, PackedLinear
+
+    parts = [make_packed(n, 384, 128, n4, 1, seed=i) for i, (n, n4) in enumerate([(48, 1), (32, 0), (64, 2)])]
+    flat, _ = PackedLinear.ragged_rows(parts)
+    back = PackedLinear.ragged_views(flat, [p.meta() for p in parts])
+    for a, b in zip(parts, back):
+        assert a.meta() == b.meta()
+        for name in TENSOR_NAMES:
+            assert torch.equal(getattr(a, name), getattr(b, name))
+            assert getattr(b, name).untyped_storage().data_ptr() == flat[name].untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("layer", [TC_LAYERS[0], TC_LAYERS[1]])
 @pytest.mark.parametrize("m, split, gen_early", [(1, 2, False), (1, 3, True), (3, 2, False), (3, 2, True)])
 def test_gemv_tc_fenceless_split_epilogue(make_packed, layer, m, split, gen_early):
