@@ -108,13 +108,20 @@ def _device_facts(device: torch.device) -> tuple[int, dict]:
     return props.multi_processor_count, table
 
 
-def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device, outliers: int = 1) -> KernelConfig:
+def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device, outliers: int = 1,
+                  ragged: bool = False) -> KernelConfig:
     """The table's row for this shape and for layers with (or without) outliers, else its row for any layer, else
-    the heuristic. The two kinds of layer compile to different kernels whose best configurations differ."""
+    the heuristic. The two kinds of layer compile to different kernels whose best configurations differ. ragged: for
+    a ragged stack (`gemv_tc`'s `parts`), which only the tensor-core GEMV runs, looped: a row of another kind gives
+    way to the heuristic's tensor-core row."""
     sm_count, table = _device_facts(device)
     shape = (m_bucket(m), n, k, group_size)
-    return (table.get((*shape, outliers > 0)) or table.get((*shape, None))
-            or heuristic_config(m, n, k, group_size, sm_count))
+    cfg = (table.get((*shape, outliers > 0)) or table.get((*shape, None))
+           or heuristic_config(m, n, k, group_size, sm_count))
+    if ragged:
+        cfg = cfg if cfg.kind == "tc" else heuristic_config(m, n, k, group_size, sm_count)
+        cfg = dataclasses.replace(cfg, unrolled=False)
+    return cfg
 
 
 def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig, outliers: int | None = None) -> dict:
@@ -139,10 +146,11 @@ def scratch_words(n: int, tile_rows: int, split: int) -> int:
     return _tagged_layout(tiles, 2 * split * n)[2] if split > 1 else COUNTERS_PER_ROW_TILE * tiles
 
 
-def counter_words(n: int, k: int, group_size: int, tile_rows: int, outliers: int, device: torch.device) -> int:
-    """int32 words of split-K scratch a linear should own: the counters, and where its M = 1 row runs the
-    tensor-core GEMV with split-K, that kernel's fenceless epilogue state after them."""
-    cfg = choose_config(1, n, k, group_size, device, outliers)
+def counter_words(n: int, k: int, group_size: int, tile_rows: int, outliers: int, device: torch.device,
+                  ragged: bool = False) -> int:
+    """int32 words of split-K scratch a linear (or a ragged stack) should own: the counters, and where its M = 1 row
+    runs the tensor-core GEMV with split-K, that kernel's fenceless epilogue state after them."""
+    cfg = choose_config(1, n, k, group_size, device, outliers, ragged)
     tc_split = cfg.kind == "tc" and tile_rows == TC_ROWS and group_size == TC_GROUP
     return scratch_words(n, tile_rows, cfg.split if tc_split else 1)
 
@@ -161,12 +169,23 @@ def _tc_layout(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: i
     return x.shape[0] <= TC_MAX_M and tensors[0].shape[2] == TC_ROWS and group_size == TC_GROUP
 
 
-def _tc_fast(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: int) -> bool:
+def _tc_fast(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: int, tile_rows: int | None = None) -> bool:
     """The tensor-core GEMV runs: its layout, fp16 x in whole 4-byte words, 8-byte aligned format tensors (it reads
-    zeros as 32/64-bit words), a CUDA device with mma.sync (sm_80+), not the interpreter."""
-    return (_tc_layout(x, tensors, group_size) and x.dtype == torch.float16 and x.device.type == "cuda"
+    zeros as 32/64-bit words), a CUDA device with mma.sync (sm_80+), not the interpreter. tile_rows: given for a
+    ragged stack, whose tensors are flat."""
+    layout = (_tc_layout(x, tensors, group_size) if tile_rows is None
+              else x.shape[0] <= TC_MAX_M and tile_rows == TC_ROWS and group_size == TC_GROUP)
+    return (layout and x.dtype == torch.float16 and x.device.type == "cuda"
             and not INTERPRET and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
             and not any(t.data_ptr() % 8 for t in tensors) and _props(x.device).major >= 8)
+
+
+def ragged_runs(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: int, tile_rows: int) -> bool:
+    """Whether a ragged stack runs as one launch for this x (the tensor-core GEMV, or its plain path under the
+    interpreter); else its caller runs the parts one by one."""
+    if INTERPRET:
+        return x.shape[0] <= TC_MAX_M and tile_rows == TC_ROWS and group_size == TC_GROUP
+    return _tc_fast(x.contiguous(), tensors, group_size, tile_rows)
 
 
 @functools.lru_cache(maxsize=None)
@@ -178,7 +197,7 @@ def _say_slow_path(reason: str) -> None:
 
 def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_size: int, outliers: int,
                  counters: torch.Tensor, config: KernelConfig | None = None, skip: torch.Tensor | None = None,
-                 keep_tiles: int = 0) -> torch.Tensor:
+                 keep_tiles: int = 0, parts: tuple[tuple[int, int, int], ...] | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T for W in format v1; `tensors` in TENSOR_ORDER; counters int32, zero, >= 16 * N / 16
     (`counter_words` for a linear's own scratch: its M = 1 tensor-core GEMV then runs the split-K epilogue without a
     fence, and keeps state between calls there).
@@ -186,12 +205,15 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     x must be contiguous fp16/bf16 (fp32 also works off the tensor-core path); y has x's dtype.
     skip (int32 [1], on x's device), keep_tiles: the exit flag of the one-graph exit decoder (`kernels.exit_flag`);
     the decode GEMVs only (M <= 16): row tiles at or past keep_tiles are left unwritten while it is set.
+    parts: a ragged stack (`gemv_tc`), where `ragged_runs` holds: one tensor-core GEMV launch.
     """
     m, n = x.shape[0], tensors[3].shape[0]
-    cfg = config or choose_config(m, n, x.shape[1], group_size, x.device, outliers)
+    cfg = config or choose_config(m, n, x.shape[1], group_size, x.device, outliers, ragged=parts is not None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
+    if parts is not None:
+        return _ragged_matmul(x, y, tensors, cfg, group_size, outliers, counters, skip, keep_tiles, parts)
     if skip is not None and cfg.kind not in ("tc", "gemv2", "gemv"):
         raise ValueError(f"the exit flag is read by the decode GEMVs only, not by the {cfg.kind} kernel (M = {m})")
     if cfg.kind == "prefill":
@@ -236,3 +258,24 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
                           rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps, skip=skip, keep_tiles=keep_tiles)
     return gemm_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                       block_m=cfg.block_m, split=cfg.split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _ragged_matmul(x, y, tensors, cfg, group_size, outliers, counters, skip, keep_tiles, parts):
+    """mixed_matmul of a ragged stack: the tensor-core GEMV over all parts at once."""
+    tiles = sum(p[0] for p in parts)
+    if cfg.kind != "tc" or cfg.unrolled or not ragged_runs(x, tensors, group_size, y.shape[1] // tiles):
+        raise ValueError(f"a ragged stack runs only on the looped tensor-core GEMV (M = {x.shape[0]}, {cfg})")
+    if counters.numel() < COUNTERS_PER_ROW_TILE * tiles:
+        raise ValueError(f"counters too small: need {COUNTERS_PER_ROW_TILE} int32 per row tile")
+    tagged = None
+    if cfg.split > 1 and x.shape[0] == 1:
+        tagged = _tagged_scratch(counters, tiles, 1, y.shape[1], cfg.split)
+    if tagged is not None:
+        gens, ws = tagged
+    else:
+        gens, ws = None, torch.empty(cfg.split, *y.shape, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
+    fast = not INTERPRET
+    return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
+                   prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens,
+                   gen_early=cfg.gen_early, fast=fast, pdl=fast and pdl_enabled(x.device), skip=skip,
+                   keep_tiles=keep_tiles, parts=parts)

@@ -24,10 +24,11 @@ from torch import nn
 from kernels import step_ops
 from kernels.decode_attention import decode_attention
 from kernels.dispatch import pdl_enabled
+from kernels.gemv_tc import GROUP_SIZE as TC_GROUP, TILE_ROWS as TC_ROWS
 from mpq.errors import ArtifactError, MpqError
 from mpq.models import SUPPORTED_ARCHITECTURES
 from mpq.quant.format import PackedLinear, stack_biases
-from mpq.runtime.quant_linear import QuantLinear, StackedQuantLinear
+from mpq.runtime.quant_linear import QuantLinear, RaggedQuantLinear, StackedQuantLinear
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -235,7 +236,13 @@ class WeightSource:
         return self.tensor(f"{fqn}.bias") if f"{fqn}.bias" in self.floats else None
 
     def _stackable(self, a: str, b: str) -> bool:
-        return a in self.packed and b in self.packed and self.packed[a].stack_key() == self.packed[b].stack_key()
+        """Whether b joins a's stack: one layout (`PackedLinear.stack_key`), or one up to n4 (a ragged stack) where
+        the tensor-core GEMV can run it (16-row tiles, g = 128)."""
+        if not (self.stack and a in self.packed and b in self.packed):
+            return False
+        pa, pb = self.packed[a], self.packed[b]
+        return pa.stack_key() == pb.stack_key() or (pa.ragged_key() == pb.ragged_key()
+                                                    and (pa.group_size, pa.tile_rows) == (TC_GROUP, TC_ROWS))
 
     def linear(self, fqn: str) -> nn.Module:
         if fqn in self.packed:
@@ -244,18 +251,25 @@ class WeightSource:
 
     def linears(self, fqns: list[str]) -> nn.Module:
         """One module for linears that read the same input; it returns their outputs in the order of `fqns`.
-        Consecutive quantized ones with one layout (`PackedLinear.stack_key`) stack into one linear (one launch)."""
+        Consecutive quantized ones with one layout (`PackedLinear.stack_key`) stack into one linear, and those that
+        differ only in n4 into a ragged stack: one launch either way."""
         if any(f in self.packed for f in fqns):
             runs: list[list[str]] = []
             for f in fqns:
-                if runs and self.stack and self._stackable(runs[-1][-1], f):
+                if runs and self._stackable(runs[-1][-1], f):
                     runs[-1].append(f)
                 else:
                     runs.append([f])
-            parts = [StackedQuantLinear.of([self.packed[f].to(self.device) for f in run]) if len(run) > 1
+            parts = [self._stack([self.packed[f].to(self.device) for f in run]) if len(run) > 1
                      else self.linear(run[0]) for run in runs]
             return parts[0] if len(parts) == 1 else SplitLinears(parts)
         return FusedLinear([self.tensor(f"{f}.weight") for f in fqns], [self._bias(f) for f in fqns])
+
+    @staticmethod
+    def _stack(parts: list[PackedLinear]) -> StackedQuantLinear:
+        if len({p.stack_key() for p in parts}) == 1:
+            return StackedQuantLinear.of(parts)
+        return RaggedQuantLinear(parts)
 
 
 # ---- the decoder ---------------------------------------------------------------------------------------

@@ -3,23 +3,26 @@ plain-PyTorch reference path (dequantize, then matmul) elsewhere."""
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import torch
 from torch import nn
 
-from mpq.quant.format import TENSOR_NAMES, PackedLinear
+from mpq.quant.format import TENSOR_NAMES, PackedLinear, stack_biases
 
 KERNEL_TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
 SPLIT_COUNTERS_PER_ROW_TILE = 16  # split-K scratch of the kernels (kernels.dispatch.COUNTERS_PER_ROW_TILE)
 
 
-def _scratch_words(packed: PackedLinear) -> int:
+def _scratch_words(packed: PackedLinear, ragged: bool = False) -> int:
     """The kernels' split-K scratch for this linear (on CUDA also the state of the fenceless epilogue that its
-    M = 1 kernel may use: `kernels.dispatch.counter_words`)."""
+    M = 1 kernel may use: `kernels.dispatch.counter_words`); ragged: for a ragged stack of this geometry."""
     if packed.q2.is_cuda:
         from kernels.dispatch import counter_words
 
         return counter_words(packed.out_features, packed.in_features, packed.group_size, packed.tile_rows,
-                             packed.outliers, packed.q2.device)
+                             packed.outliers, packed.q2.device, ragged)
     return SPLIT_COUNTERS_PER_ROW_TILE * packed.row_tiles
 
 
@@ -88,3 +91,69 @@ class StackedQuantLinear(QuantLinear):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return super().forward(x).split(self.splits, dim=-1)
+
+
+class RaggedQuantLinear(StackedQuantLinear):
+    """Quantized linears that read one input and differ only in their 4-bit tile count (`PackedLinear.ragged_key`),
+    as one decode GEMV launch over their concatenated tensors (`PackedLinear.ragged_rows`), where the tensor-core
+    GEMV takes x (`kernels.dispatch.ragged_runs`: CUDA, fp16, M <= 16); elsewhere the parts run one by one, over
+    views of the same tensors. Returns the parts' outputs."""
+
+    def __init__(self, parts: list[PackedLinear]):
+        nn.Module.__init__(self)
+        flat, self.part_slots = PackedLinear.ragged_rows(parts)
+        self.part_geometry = [{k: v for k, v in p.meta().items() if k != "bias"} for p in parts]
+        head = parts[0]
+        self.geometry = {**self.part_geometry[0], "out_features": sum(p.out_features for p in parts), "n4": None}
+        self.splits = [p.out_features for p in parts]
+        for name in TENSOR_NAMES:
+            self.register_buffer(name, flat[name])
+        self.register_buffer("bias", stack_biases([p.bias for p in parts], self.splits, head.ss2))
+        whole = dataclasses.replace(head, out_features=self.out_features)  # the geometry the scratch is sized by
+        self.register_buffer("split_counters", torch.zeros(_scratch_words(whole, ragged=True), dtype=torch.int32,
+                                                           device=head.q2.device), persistent=False)
+        self._dense = None
+        self.exit_flag = None
+
+    def parts(self) -> list[PackedLinear]:
+        """The parts, over views of this module's tensors (bias included)."""
+        parts = PackedLinear.ragged_views({n: getattr(self, n) for n in TENSOR_NAMES}, self.part_geometry)
+        if self.bias is not None:
+            for p, start in zip(parts, itertools.accumulate([0] + self.splits)):
+                p.bias = self.bias[start:start + p.out_features]
+        return parts
+
+    def packed(self) -> PackedLinear:
+        raise TypeError("a ragged stack is not one format-v1 linear; see parts()")
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        if self._dense is None or self._dense.dtype != dtype or self._dense.device != self.q2.device:
+            self._dense = torch.cat([p.dequantize(dtype) for p in self.parts()])
+        return self._dense
+
+    def leading(self, n: int) -> StackedQuantLinear:
+        parts = self.parts()[:n]
+        return RaggedQuantLinear(parts) if n > 1 else QuantLinear(parts[0])
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if not x.is_cuda:
+            return super().forward(x)
+        from kernels.dispatch import ragged_runs
+        from mpq.runtime import ops
+
+        flag, keep = self.exit_flag or (None, 0)
+        tensors = tuple(getattr(self, n) for n in KERNEL_TENSOR_ORDER)
+        g, rows = self.geometry["group_size"], self.geometry["tile_rows"]
+        if ragged_runs(x.reshape(-1, x.shape[-1]), tensors, g, rows):
+            y = ops.mixed_linear(x, *tensors, self.split_counters, g, self.geometry["outliers"], flag, keep,
+                                 [v for slots in self.part_slots for v in slots])
+        else:  # one by one; the counters alone (no fenceless epilogue state: that is laid out for the whole stack)
+            outs = []
+            for p in self.parts():
+                counters = self.split_counters[:SPLIT_COUNTERS_PER_ROW_TILE * p.row_tiles]
+                outs.append(ops.mixed_linear(x, *(getattr(p, n) for n in KERNEL_TENSOR_ORDER), counters, g,
+                                             p.outliers, flag, keep))
+                keep = max(keep - p.row_tiles, 0)
+            y = torch.cat(outs, dim=-1)
+        y = y if self.bias is None else y + self.bias.to(y.dtype)
+        return y.split(self.splits, dim=-1)

@@ -144,6 +144,28 @@ def test_gemv_tc_ragged_stack(make_packed, ragged, m, split, unroll, early4):
         assert not counters.any()
 
 
+@pytest.mark.parametrize("m", [1, 16])
+def test_mixed_matmul_runs_a_ragged_stack_in_one_call(make_packed, m):
+    """The dispatcher runs a ragged stack on the tensor-core GEMV (M <= 16), with the linear's own scratch sized for
+    it (`counter_words(..., ragged=True)`); an M it cannot take is refused, not run wrong."""
+    from kernels.dispatch import counter_words
+    from mpq.quant.format import PackedLinear
+
+    parts = [make_packed(n, 384, 128, n4, 1, seed=70 + n) for n, n4 in [(48, 1), (32, 0), (64, 2)]]
+    flat, geometry = PackedLinear.ragged_rows(parts)
+    tensors = tuple(flat[name].to(DEVICE) for name in TENSOR_ORDER)
+    x = torch.randn(m, 384, generator=torch.Generator().manual_seed(m)).half()
+    ref = x.double() @ torch.cat([p.dequantize(torch.float64) for p in parts]).t()
+    words = counter_words(144, 384, 128, 16, 1, torch.device(DEVICE), ragged=True)
+    scratch = torch.zeros(words, dtype=torch.int32, device=DEVICE)
+    for _ in range(2):
+        check(mixed_matmul(x.to(DEVICE), tensors, group_size=128, outliers=1, counters=scratch, parts=geometry), ref,
+              torch.float16)
+    with pytest.raises(ValueError, match="ragged"):
+        mixed_matmul(torch.zeros(17, 384, dtype=torch.float16, device=DEVICE), tensors, group_size=128, outliers=1,
+                     counters=scratch, parts=geometry)
+
+
 def test_ragged_views_are_the_parts(make_packed):
     """The parts of a ragged stack come back, as views of its tensors, equal to what went in."""
     from mpq.quant.format import TENSOR_NAMES, PackedLinear

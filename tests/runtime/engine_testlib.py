@@ -43,8 +43,10 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def rtn_pack(w: torch.Tensor, group_size: int = 32, outliers: int = 1, bias: torch.Tensor | None = None, seed: int = 0) -> PackedLinear:
-    """The data-free quantizer (round to nearest on clipped grids) with half the tiles of each row tile at 4 bits."""
+def rtn_pack(w: torch.Tensor, group_size: int = 32, outliers: int = 1, bias: torch.Tensor | None = None, seed: int = 0,
+             n4: int | None = None) -> PackedLinear:
+    """The data-free quantizer (round to nearest on clipped grids) with n4 (default: half) of the tiles of each row
+    tile at 4 bits."""
     from mpq.quant.quantizer import LinearSpec, quantize_linear
 
     N, K = w.shape
@@ -52,7 +54,7 @@ def rtn_pack(w: torch.Tensor, group_size: int = 32, outliers: int = 1, bias: tor
     gen = torch.Generator().manual_seed(seed)
     is4 = torch.zeros(T, G, dtype=torch.bool)
     for t in range(T):
-        is4[t, torch.randperm(G, generator=gen)[: G // 2]] = True
+        is4[t, torch.randperm(G, generator=gen)[: G // 2 if n4 is None else n4]] = True
     return quantize_linear(w.float(), None, LinearSpec(is4, outliers, group_size, 16), bias=bias).packed
 
 
