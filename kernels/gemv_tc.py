@@ -19,6 +19,10 @@ With `xfrag`, B comes from a fragment-ordered copy of x (`x_fragments`, one smal
 lane's 16 words of a group lie in four 16-byte chunks, and a warp's loads of one chunk are 512 contiguous bytes. The
 plain layout needs 16 four-byte loads a slot, and at M > 1 each touches 8 activation rows.
 
+A ragged stack (`parts`) runs linears that share an input and differ only in n4 as one launch over their
+concatenated tensors: each program shifts its streams' pointers by its part's offset, so the slot arithmetic stays
+the one above (`mpq.runtime.quant_linear.RaggedQuantLinear`).
+
 FAST=False computes the same per-lane values in fp32 from whole group rows, without inline PTX, so that the
 interpreter checks everything around the fragments (slot ranges, split-K, scales, outliers, output mapping).
 """

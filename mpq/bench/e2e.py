@@ -105,14 +105,21 @@ def _build(config: dict, source: WeightSource) -> tuple[Transformer, float]:
 
 
 def stacked_sets(model: Transformer) -> dict[str, str]:
-    """How many layers run each shared-input set as one stacked GEMV (the allocation decides)."""
-    from mpq.runtime.quant_linear import StackedQuantLinear
+    """How many layers run each shared-input set as one GEMV launch (the allocation decides), and how many of those
+    as a ragged stack (parts that differ in n4)."""
+    from mpq.runtime.quant_linear import RaggedQuantLinear, StackedQuantLinear
 
     n = len(model.layers)
-    kvq = sum(isinstance(b.kvq, StackedQuantLinear) for b in model.layers)
-    kv = sum(isinstance(b.kvq.leading(2), StackedQuantLinear) for b in model.layers if hasattr(b.kvq, "leading"))
-    gate_up = sum(isinstance(b.gate_up, StackedQuantLinear) for b in model.layers)
-    return {"k/v/q": f"{kvq} of {n}", "k/v": f"{kv} of {n}", "gate/up": f"{gate_up} of {n}"}
+
+    def count(modules) -> str:
+        modules = list(modules)
+        one = sum(isinstance(m, StackedQuantLinear) for m in modules)
+        ragged = sum(isinstance(m, RaggedQuantLinear) for m in modules)
+        return f"{one} of {n}" + (f" ({ragged} ragged)" if ragged else "")
+
+    return {"k/v/q": count(b.kvq for b in model.layers),
+            "k/v": count(b.kvq.leading(2) for b in model.layers if hasattr(b.kvq, "leading")),
+            "gate/up": count(b.gate_up for b in model.layers)}
 
 
 def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens: int = 256, recipe=None) -> dict:

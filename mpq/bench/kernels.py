@@ -26,11 +26,13 @@ def realistic_n4(n: int, k: int, group_size: int = GROUP_SIZE) -> int:
     return min(range(k // group_size + 1), key=lambda n4: abs(bits_per_weight(n, k, group_size, 16, n4, 1) - TARGET_BITS))
 
 
-def random_layer(n: int, k: int, outliers: int, device, group_size: int = GROUP_SIZE, seed: int = 0) -> PackedLinear:
-    """A layer with random bits in every field (valid tile map, in-range offsets), built directly on the device."""
+def random_layer(n: int, k: int, outliers: int, device, group_size: int = GROUP_SIZE, seed: int = 0,
+                 n4: int | None = None) -> PackedLinear:
+    """A layer with random bits in every field (valid tile map, in-range offsets), built directly on the device;
+    n4: 4-bit tiles per row tile (default: the real mix's, `realistic_n4`)."""
     gen = torch.Generator(device=device).manual_seed(seed)
     rt, g = n // 16, k // group_size
-    n4 = realistic_n4(n, k, group_size)
+    n4 = realistic_n4(n, k, group_size) if n4 is None else n4
     order = torch.rand(rt, g, generator=gen, device=device).argsort(dim=1).to(torch.int16)
     r16 = lambda lo, hi, *shape, dt: torch.randint(lo, hi, shape, generator=gen, device=device, dtype=dt)  # noqa: E731
     return PackedLinear(
