@@ -12,6 +12,7 @@ programs do equal work); n2 = G - n4. Outliers: exactly `k` fp16 additive correc
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
 
@@ -218,6 +219,15 @@ class PackedLinear:
     def ragged_key(self) -> tuple:
         """What linears must share to run as one ragged stack (`ragged_rows`): everything but n4."""
         return (self.in_features, self.group_size, self.tile_rows, self.outliers)
+
+    def with_outliers(self, k: int) -> "PackedLinear":
+        """The same weights with k >= `outliers` outliers per 2-bit group row: the added ones are 0 at offset 0, so
+        the reference path and every kernel compute the same values (runtime: to stack with linears that have k)."""
+        if not self.outliers <= k <= MAX_OUTLIERS_PER_GROUP:
+            raise ValueError(f"outliers {self.outliers} -> {k}")
+        pad = (0, k - self.outliers)
+        return dataclasses.replace(self, outliers=k, ov=torch.nn.functional.pad(self.ov, pad),
+                                   oi=torch.nn.functional.pad(self.oi, pad))
 
     @staticmethod
     def ragged_rows(parts: list["PackedLinear"]) -> tuple[dict[str, torch.Tensor], tuple[tuple[int, int, int], ...]]:

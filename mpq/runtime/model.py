@@ -219,6 +219,9 @@ def _flat(outputs: list) -> tuple[torch.Tensor, ...]:
     return tuple(y for out in outputs for y in (out if isinstance(out, tuple) else (out,)))
 
 
+RAGGED_PAD_MAX = 0.05  # zero outliers a ragged stack may add to give its parts one count, as a share of its bytes
+
+
 class WeightSource:
     """Tensors by HF name (float) and PackedLinears by HF module name, delivered on one device and dtype."""
 
@@ -236,13 +239,19 @@ class WeightSource:
         return self.tensor(f"{fqn}.bias") if f"{fqn}.bias" in self.floats else None
 
     def _stackable(self, a: str, b: str) -> bool:
-        """Whether b joins a's stack: one layout (`PackedLinear.stack_key`), or one up to n4 (a ragged stack) where
-        the tensor-core GEMV can run it (16-row tiles, g = 128)."""
+        """Whether b joins a's stack: one layout (`PackedLinear.stack_key`), or, where the tensor-core GEMV can run
+        a ragged stack (16-row tiles, g = 128), one up to n4 and the outlier count, if giving the pair one outlier
+        count (`_stack`) adds at most RAGGED_PAD_MAX of its bytes."""
         if not (self.stack and a in self.packed and b in self.packed):
             return False
         pa, pb = self.packed[a], self.packed[b]
-        return pa.stack_key() == pb.stack_key() or (pa.ragged_key() == pb.ragged_key()
-                                                    and (pa.group_size, pa.tile_rows) == (TC_GROUP, TC_ROWS))
+        if pa.stack_key() == pb.stack_key():
+            return True
+        if pa.ragged_key()[:3] != pb.ragged_key()[:3] or (pa.group_size, pa.tile_rows) != (TC_GROUP, TC_ROWS):
+            return False
+        k = max(pa.outliers, pb.outliers)
+        pad = sum(p.with_outliers(k).stored_bytes() - p.stored_bytes() for p in (pa, pb))
+        return pad <= RAGGED_PAD_MAX * (pa.stored_bytes() + pb.stored_bytes())
 
     def linear(self, fqn: str) -> nn.Module:
         if fqn in self.packed:
@@ -269,7 +278,8 @@ class WeightSource:
     def _stack(parts: list[PackedLinear]) -> StackedQuantLinear:
         if len({p.stack_key() for p in parts}) == 1:
             return StackedQuantLinear.of(parts)
-        return RaggedQuantLinear(parts)
+        k = max(p.outliers for p in parts)  # zero outliers added where a part has fewer: the same values
+        return RaggedQuantLinear([p.with_outliers(k) for p in parts])
 
 
 # ---- the decoder ---------------------------------------------------------------------------------------

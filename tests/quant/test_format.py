@@ -110,6 +110,18 @@ def test_stacked_rows_dequantize_to_the_parts_in_turn_and_lead_as_views():
         stacked.leading_rows(40)  # not a whole number of row tiles
 
 
+def test_more_outliers_of_value_zero_change_nothing():
+    """with_outliers (for ragged stacks): a valid linear with k outlier slots per 2-bit group row that dequantizes to
+    exactly the same weight; fewer than it has is refused."""
+    packed = random_packed(k=1, seed=3)[0]
+    more = packed.with_outliers(3)
+    assert more.outliers == 3 and more.ov.shape[-1] == 3 and not more.ov[..., 1:].any()
+    PackedLinear.from_tensors(more.meta(), more.tensors())
+    assert torch.equal(more.dequantize(), packed.dequantize())
+    with pytest.raises(ValueError):
+        more.with_outliers(2)
+
+
 def test_linears_with_different_layouts_do_not_stack():
     with pytest.raises(ValueError):
         PackedLinear.stack_rows([random_packed(N=32, n4=1)[0], random_packed(N=32, n4=2)[0]])

@@ -140,24 +140,26 @@ def test_stacked_and_split_quantized_linears_give_the_same_logits(tmp_path, byte
 
 
 def test_linears_differing_only_in_n4_form_a_ragged_stack():
-    """Quantized linears with one input that differ only in their 4-bit tile count (16-row tiles, g = 128) become one
-    ragged stack: on the reference path its outputs equal the parts' own, bias included; its leading parts are a
-    ragged stack again (or the one linear); a part with another outlier count stays beside it, and stack=False
-    keeps all apart."""
+    """Quantized linears with one input that differ in their 4-bit tile count (16-row tiles, g = 128) become one
+    ragged stack, also with another outlier count where zero outliers for the others add little (q here, one
+    outlier short): on the reference path its outputs equal the parts' own, bias included; its leading parts are a
+    ragged stack again (or the one linear); a part whose count would cost many zero outliers stays beside it, and
+    stack=False keeps all apart."""
     from mpq.runtime.quant_linear import QuantLinear, RaggedQuantLinear
 
     gen = torch.Generator().manual_seed(9)
-    shapes = {"k": (32, 1, 1), "v": (48, 0, 1), "q": (64, 2, 1), "o": (16, 1, 2)}  # rows, n4, outliers
+    shapes = {"k": (32, 1, 1), "v": (48, 0, 1), "q": (64, 2, 0), "o": (16, 1, 4)}  # rows, n4, outliers
     packed = {f: rtn_pack(torch.randn(n, 384, generator=gen), 128, outliers=ko, n4=n4, seed=i,
                           bias=torch.randn(n, generator=gen) if f == "v" else None)
               for i, (f, (n, n4, ko)) in enumerate(shapes.items())}
-    assert [packed[f].n4 for f in shapes] == [1, 0, 2, 1]
+    assert [(packed[f].n4, packed[f].outliers) for f in shapes] == [(1, 1), (0, 1), (2, 0), (1, 4)]
     src = WeightSource({}, packed, device=torch.device("cpu"), dtype=torch.float32)
     h = torch.randn(2, 3, 384, generator=gen)
     want = {f: torch.nn.functional.linear(h, p.dequantize(), None if p.bias is None else p.bias.float())
             for f, p in packed.items()}
     ragged = src.linears(["k", "v", "q"])
     assert isinstance(ragged, RaggedQuantLinear) and ragged.part_slots == ((2, 2, 1), (3, 3, 0), (4, 1, 2))
+    assert ragged.geometry["outliers"] == 1
     with torch.no_grad():
         for got, f in zip(ragged(h), "kvq"):
             assert rel_err(got, want[f]) < 1e-6
