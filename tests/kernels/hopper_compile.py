@@ -63,6 +63,21 @@ def _gemv_tc(m, **kw):
             **kw)
 
 
+def _gemv_tc_ragged(m):
+    from conftest import random_packed
+    from kernels.dispatch import TENSOR_ORDER
+    from kernels.gemv_tc import gemv_tc
+    from mpq.quant.format import PackedLinear
+
+    flat, geometry = PackedLinear.ragged_rows([random_packed(n, 512, 128, n4, 1) for n, n4 in [(32, 1), (16, 0),
+                                                                                               (16, 3)]])
+    x, y, ws = torch.randn(m, 512).half(), torch.empty(m, 64, dtype=torch.half), torch.zeros(2 * m * 64,
+                                                                                            dtype=torch.int64)
+    cnt = torch.zeros(64, dtype=torch.int32)
+    gemv_tc(x, y, ws, cnt, *(flat[n] for n in TENSOR_ORDER), outliers=1, split=2, gens=cnt, fast=True, pdl=True,
+            l2=True, early4=True, parts=geometry)
+
+
 def _gemv_tc_xfrag(m):
     import kernels.gemv_tc as tc
 
@@ -178,6 +193,7 @@ CASES = {
     "gemv_tc m1 unrolled fenceless": lambda: _gemv_tc(1, split=4, gens=True, gen_early=True, pdl=True, unrolled=True,
                                                       unroll=2, skip=torch.zeros(1, dtype=torch.int32)),
     "gemv_tc m16 fragments": lambda: _gemv_tc_xfrag(16),
+    "gemv_tc m1 ragged stack": lambda: _gemv_tc_ragged(1),
     "x_fragments": _x_fragments,
     "gemv_h2 pairs1 early4 flag": lambda: _gemv_h2(1, early4=True, pdl=True, skip=torch.zeros(1, dtype=torch.int32)),
     "gemv_h2 pairs2": lambda: _gemv_h2(2),
