@@ -115,7 +115,7 @@ class RaggedQuantLinear(StackedQuantLinear):
         self._dense = None
         self.exit_flag = None
 
-    def parts(self) -> list[PackedLinear]:
+    def packed_parts(self) -> list[PackedLinear]:
         """The parts, over views of this module's tensors (bias included)."""
         parts = PackedLinear.ragged_views({n: getattr(self, n) for n in TENSOR_NAMES}, self.part_geometry)
         if self.bias is not None:
@@ -124,15 +124,15 @@ class RaggedQuantLinear(StackedQuantLinear):
         return parts
 
     def packed(self) -> PackedLinear:
-        raise TypeError("a ragged stack is not one format-v1 linear; see parts()")
+        raise TypeError("a ragged stack is not one format-v1 linear; see packed_parts()")
 
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self._dense is None or self._dense.dtype != dtype or self._dense.device != self.q2.device:
-            self._dense = torch.cat([p.dequantize(dtype) for p in self.parts()])
+            self._dense = torch.cat([p.dequantize(dtype) for p in self.packed_parts()])
         return self._dense
 
     def leading(self, n: int) -> StackedQuantLinear:
-        parts = self.parts()[:n]
+        parts = self.packed_parts()[:n]
         return RaggedQuantLinear(parts) if n > 1 else QuantLinear(parts[0])
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -149,7 +149,7 @@ class RaggedQuantLinear(StackedQuantLinear):
                                  [v for slots in self.part_slots for v in slots])
         else:  # one by one; the counters alone (no fenceless epilogue state: that is laid out for the whole stack)
             outs = []
-            for p in self.parts():
+            for p in self.packed_parts():
                 counters = self.split_counters[:SPLIT_COUNTERS_PER_ROW_TILE * p.row_tiles]
                 outs.append(ops.mixed_linear(x, *(getattr(p, n) for n in KERNEL_TENSOR_ORDER), counters, g,
                                              p.outliers, flag, keep))
