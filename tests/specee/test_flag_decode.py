@@ -32,8 +32,7 @@ def _signed_head(model, keep):
 
 def _split_model(art, dev):
     """The artifact's engine with its stackable quantized linears kept apart: k/v/q and gate/up become split linears,
-    which on CUDA fork their parts onto side streams (as SmolLM2's do, whose parts differ in layout). On CUDA all of
-    them share two side streams, as SmolLM2's 52 sets share torch's pool of 32."""
+    which on CUDA fork their parts onto side streams of their own (as SmolLM2's do, whose parts differ in layout)."""
     from mpq.artifact import load_artifact
     from mpq.runtime.loader import build_model, engine_dtype
     from mpq.runtime.model import SplitLinears, WeightSource
@@ -42,11 +41,6 @@ def _split_model(art, dev):
     d = torch.device(dev)
     model = build_model(a.config, WeightSource(a.floats, a.linears, device=d, dtype=engine_dtype(d), stack=False))
     assert all(isinstance(layer.kvq, SplitLinears) for layer in model.layers)
-    if d.type == "cuda":
-        shared = [torch.cuda.Stream(d) for _ in range(2)]
-        for module in model.modules():
-            if isinstance(module, SplitLinears):
-                module._streams = shared[:len(module.parts) - 1]
     return model
 
 
