@@ -13,8 +13,9 @@ thread's allocations there, nested ones inherit it). Driver entry points are fet
 CUDA 12.4 ABI (conditional nodes need a 12.4+ driver).
 
 A body must not fork onto a stream that is still joined to the enclosing capture. torch's side streams come from a
-small pool, so the caller runs forking work in turn inside a branched capture (`flag_decode` does so for split
-linears: on SmolLM2 such a fork crashed the driver at instantiation). Body streams here come from the driver.
+small pool it cycles through (on SmolLM2, whose 52 split linears outnumber it, such a fork crashed the driver at
+instantiation), so body streams and the split linears' side streams come from the driver (`driver_stream`): each
+forking module owns its streams, and a module runs once in a step.
 """
 
 from __future__ import annotations
@@ -97,6 +98,22 @@ def _capture_graph(stream: torch.cuda.Stream):
     return graph, deps, n.value
 
 
+def driver_stream(device: torch.device) -> torch.cuda.ExternalStream:
+    """A non-blocking stream of the driver's own, never handed to anyone else (never destroyed: streams are made
+    once per module, before any capture). torch's streams come from a small pool it cycles through, so a nested body
+    could be handed a stream its parent is still being captured on, which the driver refuses."""
+    stream = _PTR()
+    with torch.cuda.device(device):  # the stream belongs to the current context
+        _call("cuStreamCreate", ctypes.byref(stream), _NON_BLOCKING)
+    return torch.cuda.ExternalStream(stream.value, device=device)
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """A side stream a module may fork onto, also inside device branches: the driver's own where IF nodes are
+    supported (the only captures with bodies), else one of torch's."""
+    return driver_stream(device) if supported() else torch.cuda.Stream(device)
+
+
 class DeviceBranch:
     """See the module docstring. ctl: the control block whose exit flag picks the branch; pool: a
     `torch.cuda.MemPool` of the bodies' own, for their temporaries. It must not be the enclosing capture's pool:
@@ -121,7 +138,8 @@ class DeviceBranch:
 
                         warm_up(self.ctl)  # a capture may not load modules
                         self._setter_loaded = True
-                    self._spare += [self._new_stream() for _ in range(2)]  # the bodies' streams, made before capture
+                    # the bodies' streams, made before capture
+                    self._spare += [driver_stream(self.ctl.device) for _ in range(2)]
                 else_fn()
                 then_fn()
             elif int(self.ctl[int(CTL_EXITED)]) == 0:
@@ -152,15 +170,8 @@ class DeviceBranch:
                   _SET_DEPENDENCIES)
             self._capture_body(body, body_fn)
 
-    def _new_stream(self) -> torch.cuda.ExternalStream:
-        """A stream of the driver's own: torch's streams come from a small pool it cycles through, so a nested
-        body could be handed the stream its parent is still being captured on (the driver refuses that)."""
-        stream = _PTR()
-        _call("cuStreamCreate", ctypes.byref(stream), _NON_BLOCKING)
-        return torch.cuda.ExternalStream(stream.value, device=self.ctl.device)
-
     def _capture_body(self, body, body_fn) -> None:
-        side = self._spare.pop() if self._spare else self._new_stream()
+        side = self._spare.pop() if self._spare else driver_stream(self.ctl.device)
         self._streams.append(side)
         _call("cuStreamBeginCaptureToGraph", _PTR(side.cuda_stream), body, None, None, 0, _THREAD_LOCAL)
         outermost = self._depth == 0

@@ -172,7 +172,8 @@ class SplitLinears(nn.Module):
     """Linears sharing one input that cannot all be stacked into one (a float-pinned part, or quantized parts with
     different layouts); a part may itself be a stack. On CUDA each part after the first runs on a side stream
     forked from and joined back into the current one, so the small decode GEMVs overlap; a captured CUDA graph
-    keeps the fork/join as parallel branches. `parallel = False` runs them in turn."""
+    keeps the fork/join as parallel branches. The side streams are this module's own (`graph_if.side_stream`), so
+    that it can fork inside a device branch too. `parallel = False` runs them in turn."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
@@ -201,7 +202,9 @@ class SplitLinears(nn.Module):
         if not (self.parallel and x.is_cuda and len(self.parts) > 1):
             return _flat([p(x) for p in self.parts])
         if not self._streams:  # created on the first (warm-up) call, never inside a capture
-            self._streams = [torch.cuda.Stream(x.device) for _ in self.parts[1:]]
+            from mpq.runtime.graph_if import side_stream
+
+            self._streams = [side_stream(x.device) for _ in self.parts[1:]]
         main = torch.cuda.current_stream(x.device)
         outs = []
         for part, side in zip(self.parts[1:], self._streams):

@@ -111,14 +111,9 @@ class FlagExitDecoder(GraphExitDecoder):
 
     def _set_exit_flags(self, on: bool) -> None:
         """Hand the exit flag to every quantized linear of the layers (None: off). In fill mode the k and v rows of
-        the k/v/q projection stay computed on skipped layers: they are the KV fill. With device branches, linears
-        split into parts run them in turn while on (and overlap again after): their side streams come from torch's
-        small pool, so a body could fork onto a stream that an earlier layer left joined to the enclosing capture
-        (the driver crashed at instantiation on SmolLM2, whose k/v/q parts have different layouts)."""
+        the k/v/q projection stay computed on skipped layers: they are the KV fill."""
         a = self.model.args
         kv_rows = 2 * a.n_kv_heads * a.head_dim if self.mode == "fill" else 0
-        if self.boundaries:
-            self.model.parallel_linears(not on)
         for layer in self.model.layers:
             for module, keep_rows in ((layer.kvq, kv_rows), (layer.o, 0), (layer.gate_up, 0), (layer.down, 0)):
                 offset = 0

@@ -32,8 +32,7 @@ def _signed_head(model, keep):
 
 def _split_model(art, dev):
     """The artifact's engine with its stackable quantized linears kept apart: k/v/q and gate/up become split linears,
-    which on CUDA fork their parts onto side streams (as SmolLM2's do, whose parts differ in layout). On CUDA all of
-    them share two side streams, as SmolLM2's 52 sets share torch's pool of 32."""
+    which on CUDA fork their parts onto side streams of their own (as SmolLM2's do, whose parts differ in layout)."""
     from mpq.artifact import load_artifact
     from mpq.runtime.loader import build_model, engine_dtype
     from mpq.runtime.model import SplitLinears, WeightSource
@@ -42,11 +41,6 @@ def _split_model(art, dev):
     d = torch.device(dev)
     model = build_model(a.config, WeightSource(a.floats, a.linears, device=d, dtype=engine_dtype(d), stack=False))
     assert all(isinstance(layer.kvq, SplitLinears) for layer in model.layers)
-    if d.type == "cuda":
-        shared = [torch.cuda.Stream(d) for _ in range(2)]
-        for module in model.modules():
-            if isinstance(module, SplitLinears):
-                module._streams = shared[:len(module.parts) - 1]
     return model
 
 
@@ -79,8 +73,8 @@ def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode, branches, spli
     ones are the fill; the caches, which both decoders share, are poisoned before each run), in drop mode the masks
     of what each layer skipped. branches=2: every second layer the rest of the step is a device branch
     (`mpq.runtime.graph_if`), whose skipped side fills or masks instead. split: k/v/q and gate/up as split
-    linears sharing side streams, which crashed the driver's instantiation of a branched graph on SmolLM2 (GPU):
-    the branched step runs their parts in turn, and they fork again afterwards."""
+    linears, which fork inside the branched step too, each onto side streams of its own (forks onto torch's pooled
+    streams crashed the driver's instantiation of a branched graph on SmolLM2, GPU)."""
     from mpq.runtime.model import SplitLinears
     from mpq.specee.flag_decode import FlagExitDecoder
 
@@ -109,15 +103,18 @@ def test_flag_decoder_decodes_as_the_eager_decoder(trained, mode, branches, spli
         assert torch.equal(states[0], states[1]) and bool(torch.isinf(states[0]).any())
     _, exits, calls, verifications, rejections, _ = runs[0]
     assert verifications == calls > rejections > 0 and len([k for k in exits if k < 5]) > 1
-    if split:  # inside the branched step every split linear ran its parts in turn; afterwards they fork again
+    if split:  # inside the branched step every split linear forks (on CUDA: onto streams no other module uses)
         in_step, inside = [], False
         for f in forks:
             if f in ("step", "end"):
                 inside = f == "step"
             elif inside:
                 in_step.append(f)
-        assert in_step and not any(in_step)
-        assert all(layer.kvq.parallel and layer.gate_up.parallel for layer in dec.model.layers)
+        assert in_step and all(in_step)
+        if dev == "cuda":  # the driver's streams, not torch's pool (which cycles once the sets outnumber it)
+            sides = [st for layer in dec.model.layers for mod in (layer.kvq, layer.gate_up) for st in mod._streams]
+            assert sides and len({st.cuda_stream for st in sides}) == len(sides)
+            assert all(isinstance(st, torch.cuda.ExternalStream) for st in sides)
 
 
 def test_run_hands_the_rest_to_the_engine_at_the_fallback(trained, monkeypatch):  # noqa: F811
