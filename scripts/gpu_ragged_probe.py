@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import gpu_e2e_profile  # noqa: E402
 from gpu_engine_table import _room_for_any_split, step_ms  # noqa: E402
 from mpq.bench import kernels as bench  # noqa: E402
-from mpq.quant.format import PackedLinear  # noqa: E402
+import mpq.runtime.model as model_module  # noqa: E402
 from mpq.runtime.model import SplitLinears  # noqa: E402
 from mpq.runtime.quant_linear import QuantLinear, RaggedQuantLinear, StackedQuantLinear  # noqa: E402
 
@@ -60,7 +60,7 @@ def alone(name: str, parts_spec) -> dict:
 
 def engine(ragged: bool, spread: bool):
     """The random-layer 7B engine; spread: every up projection takes another n4 than its gate; ragged False: those
-    sets as split linears (the key that makes them ragged also asks for equal n4)."""
+    sets as split linears."""
     real = bench.random_layer
     if spread:
         calls = []
@@ -70,13 +70,13 @@ def engine(ragged: bool, spread: bool):
             d = -3 if n == 11008 and calls.count(11008) % 2 == 0 else 0  # every up projection: 3 fewer 4-bit tiles
             return real(n, k, outliers, device, group_size, seed, bench.realistic_n4(n, k, group_size) + d)
         gpu_e2e_profile.random_layer = layer
-    key = PackedLinear.ragged_key
-    if not ragged:
-        PackedLinear.ragged_key = lambda self: (*key(self), self.n4)
+    tc_group = model_module.TC_GROUP
+    if not ragged:  # WeightSource forms ragged stacks for g = TC_GROUP only
+        model_module.TC_GROUP = -1
     try:
         model = gpu_e2e_profile.random_engine(True)
     finally:
-        gpu_e2e_profile.random_layer, PackedLinear.ragged_key = real, key
+        gpu_e2e_profile.random_layer, model_module.TC_GROUP = real, tc_group
     model.compile_small_ops()
     _room_for_any_split(model)
     return model
