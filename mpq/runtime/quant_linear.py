@@ -32,12 +32,17 @@ class QuantLinear(nn.Module):
 
     def __init__(self, packed: PackedLinear):
         super().__init__()
-        self.geometry = {k: v for k, v in packed.meta().items() if k != "bias"}
+        self._hold({k: v for k, v in packed.meta().items() if k != "bias"},
+                   {n: getattr(packed, n) for n in TENSOR_NAMES}, packed.bias, _scratch_words(packed))
+
+    def _hold(self, geometry: dict, tensors: dict[str, torch.Tensor], bias: torch.Tensor | None, words: int) -> None:
+        """The module's state: its geometry, the format tensors and bias as buffers, `words` of split-K scratch."""
+        self.geometry = geometry
         for name in TENSOR_NAMES:
-            self.register_buffer(name, getattr(packed, name))
-        self.register_buffer("bias", packed.bias)
-        self.register_buffer("split_counters", torch.zeros(_scratch_words(packed), dtype=torch.int32,
-                                                           device=packed.q2.device), persistent=False)
+            self.register_buffer(name, tensors[name])
+        self.register_buffer("bias", bias)
+        self.register_buffer("split_counters", torch.zeros(words, dtype=torch.int32, device=tensors["q2"].device),
+                             persistent=False)
         self._dense: torch.Tensor | None = None  # reference-path cache of the dequantized weight
         # (flag [1] int32, kept row tiles): the one-graph exit decoder's exit flag, which the CUDA kernels read
         # (mpq/specee/flag_decode.py sets it while it captures its step); the reference path ignores it
@@ -104,16 +109,10 @@ class RaggedQuantLinear(StackedQuantLinear):
         flat, self.part_slots = PackedLinear.ragged_rows(parts)
         self.part_geometry = [{k: v for k, v in p.meta().items() if k != "bias"} for p in parts]
         head = parts[0]
-        self.geometry = {**self.part_geometry[0], "out_features": sum(p.out_features for p in parts), "n4": None}
         self.splits = [p.out_features for p in parts]
-        for name in TENSOR_NAMES:
-            self.register_buffer(name, flat[name])
-        self.register_buffer("bias", stack_biases([p.bias for p in parts], self.splits, head.ss2))
-        whole = dataclasses.replace(head, out_features=self.out_features)  # the geometry the scratch is sized by
-        self.register_buffer("split_counters", torch.zeros(_scratch_words(whole, ragged=True), dtype=torch.int32,
-                                                           device=head.q2.device), persistent=False)
-        self._dense = None
-        self.exit_flag = None
+        whole = dataclasses.replace(head, out_features=sum(self.splits))  # the geometry the scratch is sized by
+        self._hold({**self.part_geometry[0], "out_features": whole.out_features, "n4": None}, flat,
+                   stack_biases([p.bias for p in parts], self.splits, head.ss2), _scratch_words(whole, ragged=True))
 
     def packed_parts(self) -> list[PackedLinear]:
         """The parts, over views of this module's tensors (bias included)."""
