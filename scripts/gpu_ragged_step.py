@@ -6,6 +6,7 @@ Writes $OUT/ragged-step.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -38,9 +39,12 @@ def engine(spread: bool, ragged: bool, ragged_row: bool):
         gpu_e2e_profile.random_layer = layer
     if not ragged:  # WeightSource forms ragged stacks for g = TC_GROUP only
         model_module.TC_GROUP = -1
-    if not ragged_row:
+    if ragged_row is not True:  # False: no ragged row; a KernelConfig: that one as 12288x4096's ragged row
         sm, table = facts(torch.device("cuda"))
-        dispatch._device_facts = _facts(sm, {k: v for k, v in table.items() if k[4] != dispatch.RAGGED_ROW})
+        table = {k: v for k, v in table.items() if k[4] != dispatch.RAGGED_ROW}
+        if ragged_row:
+            table[(1, 12288, 4096, 128, dispatch.RAGGED_ROW)] = ragged_row
+        dispatch._device_facts = _facts(sm, table)
     try:
         model = gpu_e2e_profile.random_engine(True)
         model.compile_small_ops()
@@ -55,8 +59,11 @@ def engine(spread: bool, ragged: bool, ragged_row: bool):
 
 def main() -> None:
     out = Path(os.environ.get("OUT", "benchmarks/results"))
-    variants = {"all stacked (equal n4)": (False, True, True), "ragged, table row": (True, True, True),
-                "ragged, no ragged row": (True, True, False), "split": (True, False, True)}
+    sm, table = dispatch._device_facts(torch.device("cuda"))
+    looped = {f"ragged, row {k[1]} outliers={k[4]}": dataclasses.replace(table[k], unrolled=False)
+              for k in [(1, 11008, 4096, 128, True), (1, 4096, 4096, 128, True), (1, 12288, 4096, 128, False)]}
+    variants = {"ragged, table row": (True, True, True), "ragged, no ragged row": (True, True, False),
+                **{k: (True, True, cfg) for k, cfg in looped.items()}}
     res = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT"), "step_ms_per_token": {},
            "sets": {}}
     for _ in range(2):
