@@ -30,8 +30,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMM_MAX_M = 64
 # cards that run another card's table: the H200 is the H100's die (132 SMs, sm_90) with faster, larger HBM
 TABLE_OF = {"h200": "h100"}
-# the last field of a table key for rows measured on ragged stacks (after the fields for layers with / without outliers)
-RAGGED_ROW = "ragged"
 # programmatic dependent launch of the decode step's kernels on sm_90+ (MPQ_PDL=0 turns it off, e.g. for an A/B)
 PDL = os.environ.get("MPQ_PDL", "1") != "0"
 
@@ -105,7 +103,8 @@ def _device_facts(device: torch.device) -> tuple[int, dict]:
     table = {}
     if path.exists():
         for row in json.loads(path.read_text())["configs"]:
-            table[table_key(row)] = KernelConfig(**row["config"])
+            key = (row["m_bucket"], row["n"], row["k"], row["group_size"], row.get("outliers"))
+            table[key] = KernelConfig(**row["config"])
     return props.multi_processor_count, table
 
 
@@ -113,13 +112,10 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
                   ragged: bool = False) -> KernelConfig:
     """The table's row for this shape and for layers with (or without) outliers, else its row for any layer, else
     the heuristic. The two kinds of layer compile to different kernels whose best configurations differ. ragged: for
-    a ragged stack (`gemv_tc`'s `parts`), which only the tensor-core GEMV runs, looped: the table's row measured on
-    ragged stacks of this shape, else the plain row made looped where it is a tensor-core one, else the heuristic's
-    tensor-core row."""
+    a ragged stack (`gemv_tc`'s `parts`), which only the tensor-core GEMV runs, looped: a row of another kind gives
+    way to the heuristic's tensor-core row."""
     sm_count, table = _device_facts(device)
     shape = (m_bucket(m), n, k, group_size)
-    if ragged and (*shape, RAGGED_ROW) in table:
-        return table[(*shape, RAGGED_ROW)]
     cfg = (table.get((*shape, outliers > 0)) or table.get((*shape, None))
            or heuristic_config(m, n, k, group_size, sm_count))
     if ragged:
@@ -128,20 +124,10 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
     return cfg
 
 
-def table_key(row: dict) -> tuple:
-    """The key `choose_config` looks a table row up by: (M bucket, n, k, group size, then True / False for layers
-    with / without outliers, None for any layer, or RAGGED_ROW)."""
-    kind = RAGGED_ROW if row.get("ragged") else row.get("outliers")
-    return row["m_bucket"], row["n"], row["k"], row["group_size"], kind
-
-
-def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig, outliers: int | None = None,
-               ragged: bool = False) -> dict:
+def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig, outliers: int | None = None) -> dict:
     """One entry of a kernels/configs/<gpu>.json table (`outliers`: measured on layers with them or without; None
-    for any layer; ragged: measured on ragged stacks, whose parts' n4 differ, and read only for them)."""
+    for any layer)."""
     row = {"m_bucket": m_bucket(m), "n": n, "k": k, "group_size": group_size, "config": dataclasses.asdict(config)}
-    if ragged:
-        return {**row, "ragged": True}
     return row if outliers is None else {**row, "outliers": outliers > 0}
 
 

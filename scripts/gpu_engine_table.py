@@ -66,8 +66,7 @@ def main() -> None:
     print(f"committed table: {committed:.3f} ms/token", flush=True)
     winners = {}
     for (n, k), cands in CANDIDATES.items():
-        keys = ([key for key in table if key[:4] == (1, n, k, G) and key[4] != dispatch.RAGGED_ROW]
-                or [(1, n, k, G, None)])
+        keys = [key for key in table if key[:4] == (1, n, k, G)] or [(1, n, k, G, None)]
         current = {key: table.get(key) for key in keys}
         flipped = {key: dataclasses.replace(cfg, gen_early=not cfg.gen_early) for key, cfg in current.items()
                    if cfg is not None and cfg.kind == "tc" and cfg.split > 1}
@@ -117,7 +116,7 @@ def write_table(out: Path, winners: dict) -> None:
     for (n, k), patch in winners.items():
         for key, cfg in patch.items():
             data["configs"] = [r for r in data["configs"] if not (r["m_bucket"] == 1 and r["n"] == n and r["k"] == k
-                                                               and r.get("outliers") == key[4] and not r.get("ragged"))]
+                                                               and r.get("outliers") == key[4])]
             data["configs"].append(dispatch.config_row(1, n, k, G, cfg, None if key[4] is None else int(key[4])))
     (out / src.name).write_text(json.dumps(data, indent=1))
     print(f"wrote {out / src.name}")

@@ -107,15 +107,13 @@ TC_CANDIDATES_M1 = ([KernelConfig("tc", split=sp, unroll=u, xfrag=xf, early4=e4)
 def sweep_rows(table: dict, shapes, log, t0: float, m: int = 1, extra=GEMV2_CANDIDATES) -> None:
     """Winners at M = m among the table's current row (if any), that row with the other `gen_early` (M = 1,
     tensor-core split-K rows) and `extra`, for layers with one outlier per 2-bit
-    group and for layers without (they compile to different kernels); replaces the shapes' rows of m's bucket
-    (not the rows measured on ragged stacks)."""
+    group and for layers without (they compile to different kernels); replaces the shapes' rows of m's bucket."""
     import time
 
     from kernels.dispatch import m_bucket
 
     for n, k in shapes:
-        old = [r for r in table["configs"] if (r["m_bucket"], r["n"], r["k"]) == (m_bucket(m), n, k)
-               and not r.get("ragged")]
+        old = [r for r in table["configs"] if (r["m_bucket"], r["n"], r["k"]) == (m_bucket(m), n, k)]
         table["configs"] = [r for r in table["configs"] if r not in old]
         for ko in (1, 0):
             layers = [bench.random_layer(n, k, ko, "cuda", seed=i) for i in range(bench.ROTATE)]

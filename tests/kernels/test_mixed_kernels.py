@@ -6,7 +6,6 @@ Bounds (relative Frobenius error): fp16 output rounding is 2^-11 ~ 5e-4 and the 
 bf16 rounding is 2^-8 ~ 4e-3, so 1e-2; prefill also rounds the weight to fp16 once, still inside 2e-3.
 """
 
-import dataclasses
 import os
 
 import pytest
@@ -379,25 +378,3 @@ def test_table_rows_for_layers_with_and_without_outliers(monkeypatch):
     assert dispatch.choose_config(1, 11008, 4096, 128, cpu, outliers=0) == any_k
     assert dispatch.choose_config(1, 11008, 4096, 128, cpu, outliers=1) == any_k
     assert dispatch.choose_config(1, 4096, 11008, 128, cpu) == dispatch.heuristic_config(1, 4096, 11008, 128, 132)
-
-
-def test_table_rows_for_ragged_stacks(monkeypatch):
-    """A row measured on ragged stacks serves them alone; without one, a ragged stack takes the shape's tensor-core
-    row made looped, or the heuristic's tensor-core row where the shape's row is of another kind."""
-    import kernels.dispatch as dispatch
-
-    plain, ragged_row = KernelConfig("gemv2"), KernelConfig("tc", split=4, unroll=2, prefetch=False)
-    unrolled = KernelConfig("tc", split=8, unrolled=True)
-    rows = [dispatch.config_row(1, 12288, 4096, 128, plain, outliers=1),
-            dispatch.config_row(1, 12288, 4096, 128, ragged_row, ragged=True),
-            dispatch.config_row(1, 4096, 4096, 128, unrolled), dispatch.config_row(1, 8192, 4096, 128, plain)]
-    table = {dispatch.table_key(r): KernelConfig(**r["config"]) for r in rows}
-    assert len(table) == 4 and (1, 12288, 4096, 128, dispatch.RAGGED_ROW) in table
-    monkeypatch.setattr(dispatch, "_device_facts", lambda device: (132, table))
-    cpu = torch.device("cpu")
-    assert dispatch.choose_config(1, 12288, 4096, 128, cpu, outliers=1, ragged=True) == ragged_row
-    assert dispatch.choose_config(1, 12288, 4096, 128, cpu, outliers=1) == plain
-    assert dispatch.choose_config(1, 4096, 4096, 128, cpu, ragged=True) == dataclasses.replace(unrolled,
-                                                                                                unrolled=False)
-    assert dispatch.choose_config(1, 8192, 4096, 128, cpu, ragged=True) == dispatch.heuristic_config(
-        1, 8192, 4096, 128, 132)
