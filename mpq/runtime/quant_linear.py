@@ -26,6 +26,17 @@ def _scratch_words(packed: PackedLinear, ragged: bool = False) -> int:
     return SPLIT_COUNTERS_PER_ROW_TILE * packed.row_tiles
 
 
+def _cuda_matmul(x: torch.Tensor, holder, counters: torch.Tensor, outliers: int, group_size: int,
+                 exit_flag: tuple[torch.Tensor, int] | None, parts: list[int] | None = None) -> torch.Tensor:
+    """One `mpq::mixed_linear` call over the format tensors `holder` carries (a module's buffers or a
+    PackedLinear's views), without bias; exit_flag: (flag, kept row tiles) of the one-graph exit decoder."""
+    from mpq.runtime import ops  # imports triton; CPU-only users never need it
+
+    flag, keep = exit_flag or (None, 0)
+    return ops.mixed_linear(x, *(getattr(holder, n) for n in KERNEL_TENSOR_ORDER), counters, group_size, outliers,
+                            flag, keep, parts)
+
+
 class QuantLinear(nn.Module):
     """Forward on CUDA is one `mpq::mixed_linear` op: no host syncs, no size-varying allocations, so a warmed-up
     call can be captured in a CUDA graph. Warm up each M before capture (that compiles the kernels)."""
@@ -64,14 +75,15 @@ class QuantLinear(nn.Module):
             self._dense = self.packed().dequantize(dtype)
         return self._dense
 
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The CUDA path: the Triton kernels (on CPU tensors too, under TRITON_INTERPRET=1, as the tests run it)."""
+        y = _cuda_matmul(x, self, self.split_counters, self.geometry["outliers"], self.geometry["group_size"],
+                         self.exit_flag)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            from mpq.runtime import ops  # imports triton; CPU-only users never need it
-
-            flag, keep = self.exit_flag or (None, 0)
-            y = ops.mixed_linear(x, *(getattr(self, n) for n in KERNEL_TENSOR_ORDER), self.split_counters,
-                                 self.geometry["group_size"], self.geometry["outliers"], flag, keep)
-            return y if self.bias is None else y + self.bias.to(y.dtype)
+            return self.kernel_forward(x)
         w = self.dequantized_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, w, bias)
@@ -134,25 +146,19 @@ class RaggedQuantLinear(StackedQuantLinear):
         parts = self.packed_parts()[:n]
         return RaggedQuantLinear(parts) if n > 1 else QuantLinear(parts[0])
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if not x.is_cuda:
-            return super().forward(x)
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from kernels.dispatch import ragged_runs
-        from mpq.runtime import ops
 
-        flag, keep = self.exit_flag or (None, 0)
-        tensors = tuple(getattr(self, n) for n in KERNEL_TENSOR_ORDER)
         g, rows = self.geometry["group_size"], self.geometry["tile_rows"]
-        if ragged_runs(x.reshape(-1, x.shape[-1]), tensors, g, rows):
-            y = ops.mixed_linear(x, *tensors, self.split_counters, g, self.geometry["outliers"], flag, keep,
-                                 [v for slots in self.part_slots for v in slots])
+        if ragged_runs(x.reshape(-1, x.shape[-1]), tuple(getattr(self, n) for n in KERNEL_TENSOR_ORDER), g, rows):
+            y = _cuda_matmul(x, self, self.split_counters, self.geometry["outliers"], g, self.exit_flag,
+                             [v for slots in self.part_slots for v in slots])
         else:  # one by one; the counters alone (no fenceless epilogue state: that is laid out for the whole stack)
             outs = []
+            flag, keep = self.exit_flag or (None, 0)
             for p in self.packed_parts():
                 counters = self.split_counters[:SPLIT_COUNTERS_PER_ROW_TILE * p.row_tiles]
-                outs.append(ops.mixed_linear(x, *(getattr(p, n) for n in KERNEL_TENSOR_ORDER), counters, g,
-                                             p.outliers, flag, keep))
+                outs.append(_cuda_matmul(x, p, counters, p.outliers, g, None if flag is None else (flag, keep)))
                 keep = max(keep - p.row_tiles, 0)
             y = torch.cat(outs, dim=-1)
-        y = y if self.bias is None else y + self.bias.to(y.dtype)
-        return y.split(self.splits, dim=-1)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
