@@ -164,17 +164,16 @@ def _tagged_scratch(counters: torch.Tensor, tiles: int, m: int, n: int, split: i
     return counters[gens:gens + tiles], counters[ws:end].view(torch.int64)
 
 
-def _tc_layout(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: int) -> bool:
+def _tc_layout(x: torch.Tensor, group_size: int, tile_rows: int) -> bool:
     """The shapes the tensor-core GEMV's fragments assume: M <= 16, 16-row tiles, g = 128."""
-    return x.shape[0] <= TC_MAX_M and tensors[0].shape[2] == TC_ROWS and group_size == TC_GROUP
+    return x.shape[0] <= TC_MAX_M and tile_rows == TC_ROWS and group_size == TC_GROUP
 
 
 def _tc_fast(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: int, tile_rows: int | None = None) -> bool:
     """The tensor-core GEMV runs: its layout, fp16 x in whole 4-byte words, 8-byte aligned format tensors (it reads
     zeros as 32/64-bit words), a CUDA device with mma.sync (sm_80+), not the interpreter. tile_rows: given for a
     ragged stack, whose tensors are flat."""
-    layout = (_tc_layout(x, tensors, group_size) if tile_rows is None
-              else x.shape[0] <= TC_MAX_M and tile_rows == TC_ROWS and group_size == TC_GROUP)
+    layout = _tc_layout(x, group_size, tensors[0].shape[2] if tile_rows is None else tile_rows)
     return (layout and x.dtype == torch.float16 and x.device.type == "cuda"
             and not INTERPRET and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.data_ptr() % 4 == 0
             and not any(t.data_ptr() % 8 for t in tensors) and _props(x.device).major >= 8)
@@ -184,7 +183,7 @@ def ragged_runs(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: 
     """Whether a ragged stack runs as one launch for this x (the tensor-core GEMV, or its plain path under the
     interpreter); else its caller runs the parts one by one."""
     if INTERPRET:
-        return x.shape[0] <= TC_MAX_M and tile_rows == TC_ROWS and group_size == TC_GROUP
+        return _tc_layout(x, group_size, tile_rows)
     return _tc_fast(x.contiguous(), tensors, group_size, tile_rows)
 
 
@@ -219,7 +218,7 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     if cfg.kind == "prefill":
         return prefill_mixed(x, y, *tensors, group_size=group_size, outliers=outliers)
     tc_fast = cfg.kind == "tc" and _tc_fast(x, tensors, group_size)
-    if cfg.kind == "tc" and not tc_fast and not (INTERPRET and _tc_layout(x, tensors, group_size)):
+    if cfg.kind == "tc" and not tc_fast and not (INTERPRET and _tc_layout(x, group_size, tensors[0].shape[2])):
         # no tensor-core GEMV for this input: the CUDA-core kernels' heuristic choice
         cfg = heuristic_config(m, n, x.shape[1], group_size, _device_facts(x.device)[0], tensor_cores=False)
     if cfg.kind == "gemv2" and (x.dtype != torch.float16 or INTERPRET or any(t.data_ptr() % 16 for t in tensors)):
@@ -234,20 +233,9 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
               else triton.cdiv(m, cfg.block_m))
     if cfg.split > 1 and blocks > COUNTERS_PER_ROW_TILE:
         cfg = dataclasses.replace(cfg, split=1)
-    if counters.numel() < COUNTERS_PER_ROW_TILE * tensors[0].shape[0]:
-        raise ValueError(f"counters too small: need {COUNTERS_PER_ROW_TILE} int32 per row tile")
-    tagged = (_tagged_scratch(counters, tensors[0].shape[0], m, n, cfg.split)
-              if cfg.kind == "tc" and cfg.split > 1 and m == 1 else None)  # M > 1: its 4-8 values a lane cost registers
-    if tagged is not None:
-        gens, ws = tagged
-    else:
-        gens = None
-        ws = torch.empty(cfg.split, m, n, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
+    gens, ws = _split_scratch(y, counters, tensors[0].shape[0], cfg)
     if cfg.kind == "tc":
-        return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
-                       prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens,
-                       gen_early=cfg.gen_early, fast=tc_fast, unrolled=cfg.unrolled,
-                       pdl=tc_fast and pdl_enabled(x.device), skip=skip, keep_tiles=keep_tiles)
+        return _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, tc_fast, skip, keep_tiles)
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                        rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,
@@ -265,17 +253,26 @@ def _ragged_matmul(x, y, tensors, cfg, group_size, outliers, counters, skip, kee
     tiles = sum(p[0] for p in parts)
     if cfg.kind != "tc" or cfg.unrolled or not ragged_runs(x, tensors, group_size, y.shape[1] // tiles):
         raise ValueError(f"a ragged stack runs only on the looped tensor-core GEMV (M = {x.shape[0]}, {cfg})")
+    gens, ws = _split_scratch(y, counters, tiles, cfg)
+    return _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, not INTERPRET, skip, keep_tiles, parts)
+
+
+def _split_scratch(y: torch.Tensor, counters: torch.Tensor, tiles: int, cfg: KernelConfig):
+    """(generations or None, workspace) of a call's split-K epilogue: in the caller's scratch where an M = 1
+    tensor-core call has room there (fenceless), else a fresh fp32 workspace (y itself without split-K)."""
     if counters.numel() < COUNTERS_PER_ROW_TILE * tiles:
         raise ValueError(f"counters too small: need {COUNTERS_PER_ROW_TILE} int32 per row tile")
-    tagged = None
-    if cfg.split > 1 and x.shape[0] == 1:
-        tagged = _tagged_scratch(counters, tiles, 1, y.shape[1], cfg.split)
+    m, n = y.shape
+    tagged = (_tagged_scratch(counters, tiles, m, n, cfg.split)
+              if cfg.kind == "tc" and cfg.split > 1 and m == 1 else None)  # M > 1: its 4-8 values a lane cost registers
     if tagged is not None:
-        gens, ws = tagged
-    else:
-        gens, ws = None, torch.empty(cfg.split, *y.shape, dtype=torch.float32, device=x.device) if cfg.split > 1 else y
-    fast = not INTERPRET
+        return tagged
+    return None, torch.empty(cfg.split, m, n, dtype=torch.float32, device=y.device) if cfg.split > 1 else y
+
+
+def _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, fast, skip, keep_tiles, parts=None):
+    """The tensor-core GEMV launch with a configuration's knobs (fast False: its plain path, the interpreter's)."""
     return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
                    prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens,
-                   gen_early=cfg.gen_early, fast=fast, pdl=fast and pdl_enabled(x.device), skip=skip,
-                   keep_tiles=keep_tiles, parts=parts)
+                   gen_early=cfg.gen_early, fast=fast, unrolled=cfg.unrolled, pdl=fast and pdl_enabled(x.device),
+                   skip=skip, keep_tiles=keep_tiles, parts=parts)
