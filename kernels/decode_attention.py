@@ -151,7 +151,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      cache: torch.Tensor, input_pos: torch.Tensor, counters: torch.Tensor,
                      bias: torch.Tensor | None = None, *,
                      splits: int | None = None, out: torch.Tensor | None = None, pdl: bool = False,
-                     block_n: int = BLOCK_N, skip: torch.Tensor | None = None) -> torch.Tensor:
+                     block_n: int = BLOCK_N, skip: torch.Tensor | None = None, num_warps: int = 4) -> torch.Tensor:
     """Attention of one new token per sequence: q [B, 1, heads, D], k/v [B, 1, kv heads, D] (before RoPE),
     cos/sin [1, D] at the new position input_pos [1] (a device tensor), cache [2, B, kv heads, length, D]
     (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call). bias: None, or an
@@ -178,6 +178,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         G=G, GP=triton.next_power_of_2(G), MP=max(16, triton.next_power_of_2(G)), D=D, SPLITS=splits,
         BLOCK_N=block_n, BIAS=bias is not None, DOT_F32=INTERPRET and cache.dtype == torch.bfloat16, PDL=pdl,
         skip_ptr=counters if skip is None else skip, SKIP=skip is not None,
-        num_warps=4, **({"launch_pdl": True} if pdl else {}),
+        num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -1,0 +1,53 @@
+"""The fused decode attention inside the random-layer 7B decode step (GPU): warps, shares and tile length, and the
+step with the attention replaced by a no-op (wrong output; the upper bound of what a faster kernel could save).
+Alternates the variants twice; writes $OUT/attention-step.json."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from gpu_e2e_profile import random_engine  # noqa: E402
+from gpu_engine_table import step_ms  # noqa: E402
+from kernels.decode_attention import decode_attention  # noqa: E402
+
+
+def main() -> None:
+    model = random_engine(True)
+    model.compile_small_ops()
+    ops = model.ops
+    committed = ops.decode_attention
+    out_buf = torch.zeros(1, 1, 4096, dtype=torch.float16, device="cuda")
+    variants = {"committed": committed, "none (bound)": lambda *a, **k: out_buf}
+    for w in (1, 2, 8):
+        variants[f"warps {w}"] = functools.partial(decode_attention, pdl=True, num_warps=w)
+    for s in (3, 4, 8, 12):
+        variants[f"shares {s}"] = functools.partial(decode_attention, pdl=True, splits=s)
+    for s in (6, 12):
+        variants[f"block 32, shares {s}"] = functools.partial(decode_attention, pdl=True, splits=s, block_n=32)
+    for w in (2,):
+        variants[f"block 32, shares 12, warps {w}"] = functools.partial(decode_attention, pdl=True, splits=12,
+                                                                        block_n=32, num_warps=w)
+    rows = {k: [] for k in variants}
+    for _ in range(2):
+        for name, fn in variants.items():
+            ops.decode_attention = fn
+            rows[name].append(step_ms(model))
+            print(f"{name:36s} {rows[name][-1]:.4f}", flush=True)
+    ops.decode_attention = committed
+    out = Path(os.environ.get("OUT", "benchmarks/results"))
+    (out / "attention-step.json").write_text(json.dumps({
+        "device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT", ""),
+        "torch": torch.__version__, "what": "random-layer 7B decode step, ms/token (graph replay, median of 3 x 256 "
+        "tokens after 128), the fused decode attention's launch variants, two alternations", "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
