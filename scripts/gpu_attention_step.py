@@ -36,6 +36,9 @@ def main() -> None:
         "launched, returns at once (exit flag set)": functools.partial(decode_attention, pdl=True, skip=one),
         "one cached position (6 shares, merge kept)": at_pos1,
         "one cached position, 1 share": functools.partial(at_pos1, splits=1),
+        "no PDL": functools.partial(decode_attention, pdl=False),
+        "no PDL, 2 warps": functools.partial(decode_attention, pdl=False, num_warps=2),
+        "no PDL, returns at once": functools.partial(decode_attention, pdl=False, skip=one),
     }
     if os.environ.get("KNOBS"):  # the launch knobs (first run of this script, 574bdbf)
         for w in (1, 2, 8):
