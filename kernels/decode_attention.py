@@ -88,7 +88,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
                              G: tl.constexpr, GP: tl.constexpr, MP: tl.constexpr, D: tl.constexpr,
                              SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr, DOT_F32: tl.constexpr,
                              PDL: tl.constexpr, skip_ptr, SKIP: tl.constexpr,
-                             pf0, nb0, pf1, nb1, pf2, nb2, pf3, nb3, NPF: tl.constexpr, LANES: tl.constexpr):
+                             pf0, nb0, pf1, nb1, pf2, nb2, pf3, nb3, NPF: tl.constexpr, LANES: tl.constexpr,
+                             EARLY_DEPENDENTS: tl.constexpr):
+    if PDL and EARLY_DEPENDENTS:  # the o projection launches now and loads its weights while this kernel runs
+        tl.extra.cuda.gdc_launch_dependents()
     if NPF > 0:  # the next linears' weights into L2 while this kernel waits and walks the cache (DRAM idles)
         me = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
         parts = tl.num_programs(0) * tl.num_programs(1)
@@ -145,7 +148,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
     tl.store(m_ws + ws, m_i, mask=row_ok)
     tl.store(l_ws + ws, l_i, mask=row_ok)
     tl.store(acc_ws + ws[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
-    if PDL:  # the o projection may launch and load its first weights while the shares merge
+    if PDL and not EARLY_DEPENDENTS:  # the o projection may launch and load its first weights while the shares merge
         tl.extra.cuda.gdc_launch_dependents()
     tl.debug_barrier()  # every thread's partial is written before the counter is released
     arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
@@ -181,7 +184,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      bias: torch.Tensor | None = None, *,
                      splits: int | None = None, out: torch.Tensor | None = None, pdl: bool = False,
                      block_n: int = BLOCK_N, skip: torch.Tensor | None = None, num_warps: int = 4,
-                     prefetch: tuple[tuple[torch.Tensor, int], ...] = ()) -> torch.Tensor:
+                     prefetch: tuple[tuple[torch.Tensor, int], ...] = (), early_dependents: bool = False) -> torch.Tensor:
     """Attention of one new token per sequence: q [B, 1, heads, D], k/v [B, 1, kv heads, D] (before RoPE),
     cos/sin [1, D] at the new position input_pos [1] (a device tensor), cache [2, B, kv heads, length, D]
     (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call). bias: None, or an
@@ -213,7 +216,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         G=G, GP=triton.next_power_of_2(G), MP=max(16, triton.next_power_of_2(G)), D=D, SPLITS=splits,
         BLOCK_N=block_n, BIAS=bias is not None, DOT_F32=INTERPRET and cache.dtype == torch.bfloat16, PDL=pdl,
         skip_ptr=counters if skip is None else skip, SKIP=skip is not None, **pf, NPF=len(prefetch),
-        LANES=32 * num_warps,
+        LANES=32 * num_warps, EARLY_DEPENDENTS=early_dependents,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return out

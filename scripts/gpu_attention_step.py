@@ -36,10 +36,15 @@ def main() -> None:
         "launched, returns at once (exit flag set)": functools.partial(decode_attention, pdl=True, skip=one),
         "one cached position (6 shares, merge kept)": at_pos1,
         "one cached position, 1 share": functools.partial(at_pos1, splits=1),
-        "no PDL": functools.partial(decode_attention, pdl=False),
-        "no PDL, 2 warps": functools.partial(decode_attention, pdl=False, num_warps=2),
-        "no PDL, returns at once": functools.partial(decode_attention, pdl=False, skip=one),
+        "dependents at the start": functools.partial(decode_attention, pdl=True, early_dependents=True),
+        "dependents at the start, 2 warps": functools.partial(decode_attention, pdl=True, early_dependents=True,
+                                                              num_warps=2),
+        "dependents at the start, returns at once": functools.partial(decode_attention, pdl=True, skip=one,
+                                                                      early_dependents=True),
     }
+    if os.environ.get("NO_PDL"):  # 94743de
+        variants["no PDL"] = functools.partial(decode_attention, pdl=False)
+        variants["no PDL, returns at once"] = functools.partial(decode_attention, pdl=False, skip=one)
     if os.environ.get("KNOBS"):  # the launch knobs (first run of this script, 574bdbf)
         for w in (1, 2, 8):
             variants[f"warps {w}"] = functools.partial(decode_attention, pdl=True, num_warps=w)
