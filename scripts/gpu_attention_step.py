@@ -42,6 +42,14 @@ def main() -> None:
         "dependents at the start, returns at once": functools.partial(decode_attention, pdl=True, skip=one,
                                                                       early_dependents=True),
     }
+    if os.environ.get("EARLY_SWEEP"):  # shares x warps with the o projection launched at the start
+        variants = {"committed": committed, "none (bound)": variants["none (bound)"]}
+        for w in (1, 2):
+            for s in (4, 6, 8, 12):
+                variants[f"dependents at the start, {w} warps, {s} shares"] = functools.partial(
+                    decode_attention, pdl=True, early_dependents=True, num_warps=w, splits=s)
+        variants["dependents at the start, returns at once, 1 share"] = functools.partial(
+            decode_attention, pdl=True, skip=one, early_dependents=True, splits=1, num_warps=2)
     if os.environ.get("NO_PDL"):  # 94743de
         variants["no PDL"] = functools.partial(decode_attention, pdl=False)
         variants["no PDL, returns at once"] = functools.partial(decode_attention, pdl=False, skip=one)
