@@ -12,9 +12,11 @@ captured graph serves every step; the mask is the causal prefix [0, pos], plus a
 cached positions (SpecEE's drop mode masks the tokens a layer skipped).
 
 Launched as a programmatic dependent (sm_90+), the kernel starts while the q/k/v projection finishes and waits
-for it before any load; it lets the o projection launch once its shares are written. (Loading the first cached
-tile before the wait made the kernel alone 5-12% faster but the 7B decode step no faster, 2.378 against 2.370 ms,
-so the kernel keeps the simpler contract: nothing is read before the wait.)
+for it before any load. It lets the o projection launch at its own start, so that the GEMV's weight loads overlap
+this kernel's chain of round trips; with 2 warps a program that took the 7B decode step from 2.022 to 2.001 ms a
+token (`benchmarks/e2e-notes.md`, run 26; with 4 warps 2.019). (Loading the first cached tile before the wait made
+the kernel alone 5-12% faster but the step no faster, 2.378 against 2.370 ms, so the kernel keeps the simpler
+contract: nothing is read before the wait.)
 """
 
 import os
@@ -37,24 +39,6 @@ def _rotate(x_ptr, offs_d, cos, sin, HALF: tl.constexpr, mask):
     partner = tl.where(offs_d < HALF, offs_d + HALF, offs_d - HALF)
     xp = tl.load(x_ptr + partner[None, :], mask=mask, other=0.0).to(tl.float32)
     return x * cos[None, :] + tl.where((offs_d < HALF)[None, :], -xp, xp) * sin[None, :]
-
-
-# one 128-byte line into L2 per lane where the offset $1 < $2, nothing into registers (a dummy result; not pure)
-PREFETCH_LINE = tl.constexpr("{ .reg .pred p; setp.lt.s32 p, $2, $3; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }")
-
-
-@triton.jit
-def _prefetch_slice(ptr, nbytes, part, parts, LANES: tl.constexpr):
-    """Program `part` of `parts` asks L2 for its slice of the nbytes at ptr, one 128-byte line per lane a step."""
-    base = ptr.to(tl.pointer_type(tl.int8))
-    per = tl.cdiv(tl.cdiv(nbytes, parts), 128) * 128
-    start = part * per
-    end = tl.minimum(start + per, nbytes)
-    lane = tl.arange(0, LANES)
-    for off in range(start, end, LANES * 128):
-        o = off + lane * 128
-        tl.inline_asm_elementwise(PREFETCH_LINE, "=r,l,r,r", [base + o, o, end + lane * 0], dtype=tl.int32,
-                                  is_pure=False, pack=1)
 
 
 @triton.jit
@@ -87,22 +71,10 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
                              n_kv, stride_c0, stride_cb, stride_ch, scale,
                              G: tl.constexpr, GP: tl.constexpr, MP: tl.constexpr, D: tl.constexpr,
                              SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr, DOT_F32: tl.constexpr,
-                             PDL: tl.constexpr, skip_ptr, SKIP: tl.constexpr,
-                             pf0, nb0, pf1, nb1, pf2, nb2, pf3, nb3, NPF: tl.constexpr, LANES: tl.constexpr,
-                             EARLY_DEPENDENTS: tl.constexpr):
-    if PDL and EARLY_DEPENDENTS:  # the o projection launches now and loads its weights while this kernel runs
+                             PDL: tl.constexpr, skip_ptr, SKIP: tl.constexpr):
+    if PDL:  # the o projection launches now and loads its weights while this kernel runs; q, k, v are the output
+        # of the kernel before (this one was launched early too, and waits here for it)
         tl.extra.cuda.gdc_launch_dependents()
-    if NPF > 0:  # the next linears' weights into L2 while this kernel waits and walks the cache (DRAM idles)
-        me = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        parts = tl.num_programs(0) * tl.num_programs(1)
-        _prefetch_slice(pf0, nb0, me, parts, LANES)
-        if NPF > 1:
-            _prefetch_slice(pf1, nb1, me, parts, LANES)
-        if NPF > 2:
-            _prefetch_slice(pf2, nb2, me, parts, LANES)
-        if NPF > 3:
-            _prefetch_slice(pf3, nb3, me, parts, LANES)
-    if PDL:  # q, k, v are the output of the kernel before (launched early, this program waits here for it)
         tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)  # batch * n_kv + KV head
     sp = tl.program_id(1)
@@ -148,8 +120,6 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
     tl.store(m_ws + ws, m_i, mask=row_ok)
     tl.store(l_ws + ws, l_i, mask=row_ok)
     tl.store(acc_ws + ws[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
-    if PDL and not EARLY_DEPENDENTS:  # the o projection may launch and load its first weights while the shares merge
-        tl.extra.cuda.gdc_launch_dependents()
     tl.debug_barrier()  # every thread's partial is written before the counter is released
     arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
     if arrived == SPLITS - 1:  # merge the shares and the new token's own key, for the G heads only
@@ -183,8 +153,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      cache: torch.Tensor, input_pos: torch.Tensor, counters: torch.Tensor,
                      bias: torch.Tensor | None = None, *,
                      splits: int | None = None, out: torch.Tensor | None = None, pdl: bool = False,
-                     block_n: int = BLOCK_N, skip: torch.Tensor | None = None, num_warps: int = 4,
-                     prefetch: tuple[tuple[torch.Tensor, int], ...] = (), early_dependents: bool = False) -> torch.Tensor:
+                     block_n: int = BLOCK_N, skip: torch.Tensor | None = None, num_warps: int = 2) -> torch.Tensor:
     """Attention of one new token per sequence: q [B, 1, heads, D], k/v [B, 1, kv heads, D] (before RoPE),
     cos/sin [1, D] at the new position input_pos [1] (a device tensor), cache [2, B, kv heads, length, D]
     (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call). bias: None, or an
@@ -192,8 +161,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     the new token itself is never masked). splits: shares per KV head (default `attention_splits`). Returns `out`
     (or a new tensor) [B, 1, heads * D] in the cache's dtype. skip: the exit flag (`kernels.exit_flag`); while it is
     set the kernel only writes the new k and v into the cache (fill mode) or, given `bias`, sets bias[input_pos] to
-    -inf (drop mode), and leaves `out` unwritten. prefetch: up to 4 (tensor, bytes) whose first bytes the programs
-    ask L2 for before they wait (the next linears' weights; CUDA only)."""
+    -inf (drop mode), and leaves `out` unwritten."""
     B, S, H, D = q.shape
     _, _, KV, L, _ = cache.shape
     if S != 1 or H % KV or D & (D - 1) or cache.stride(4) != 1 or cache.stride(3) != D:
@@ -206,17 +174,12 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     l_ws = torch.empty_like(m_ws)
     acc_ws = torch.empty(m_ws.numel() * D, dtype=torch.float32, device=q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if len(prefetch) > 4 or (prefetch and INTERPRET):
-        raise ValueError("decode_attention: at most 4 prefetch ranges, and none under the interpreter")
-    ranges = [(t, int(min(n, t.numel() * t.element_size()))) for t, n in prefetch] + [(cache, 0)] * (4 - len(prefetch))
-    pf = {f"{key}{i}": a for i, r in enumerate(ranges) for key, a in zip(("pf", "nb"), r)}
     _decode_attention_kernel[(B * KV, splits)](
         q, k, v, cos, sin, input_pos, cache, cache if bias is None else bias, out, m_ws, l_ws, acc_ws, counters,
         KV, cache.stride(0), cache.stride(1), cache.stride(2), D ** -0.5,
         G=G, GP=triton.next_power_of_2(G), MP=max(16, triton.next_power_of_2(G)), D=D, SPLITS=splits,
         BLOCK_N=block_n, BIAS=bias is not None, DOT_F32=INTERPRET and cache.dtype == torch.bfloat16, PDL=pdl,
-        skip_ptr=counters if skip is None else skip, SKIP=skip is not None, **pf, NPF=len(prefetch),
-        LANES=32 * num_warps, EARLY_DEPENDENTS=early_dependents,
+        skip_ptr=counters if skip is None else skip, SKIP=skip is not None,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -1,5 +1,6 @@
-"""The fused decode attention inside the random-layer 7B decode step (GPU): warps, shares and tile length, and the
-step with the attention replaced by a no-op (wrong output; the upper bound of what a faster kernel could save).
+"""The fused decode attention inside the random-layer 7B decode step (GPU): warps and shares (KNOBS=1), and what
+the kernel costs by part: the step without it, with it returning at once, with one cached position (all three
+timing only, wrong output). Run 26 of benchmarks/e2e-notes.md chose its launch from this script's variants.
 Alternates the variants twice; writes $OUT/attention-step.json."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+import triton
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -31,33 +33,18 @@ def main() -> None:
     def at_pos1(q, k, v, cos, sin, cache, input_pos, counters, bias=None, splits=None):
         return decode_attention(q, k, v, cos, sin, cache, pos1, counters, bias, pdl=True, splits=splits)
 
-    variants = {  # all but the first are timing only (wrong output)
-        "committed": committed, "none (bound)": lambda *a, **k: out_buf,
+    variants = {  # all but the first two are timing only (wrong output)
+        "committed": committed,
+        "4 warps": functools.partial(decode_attention, pdl=True, num_warps=4),
+        "none (bound)": lambda *a, **k: out_buf,
         "launched, returns at once (exit flag set)": functools.partial(decode_attention, pdl=True, skip=one),
-        "one cached position (6 shares, merge kept)": at_pos1,
-        "one cached position, 1 share": functools.partial(at_pos1, splits=1),
-        "dependents at the start": functools.partial(decode_attention, pdl=True, early_dependents=True),
-        "dependents at the start, 2 warps": functools.partial(decode_attention, pdl=True, early_dependents=True,
-                                                              num_warps=2),
-        "dependents at the start, returns at once": functools.partial(decode_attention, pdl=True, skip=one,
-                                                                      early_dependents=True),
+        "one cached position (merge kept)": at_pos1,
     }
-    if os.environ.get("EARLY_SWEEP"):  # shares x warps with the o projection launched at the start
-        variants = {"committed": committed, "none (bound)": variants["none (bound)"]}
-        for w in (1, 2):
+    if os.environ.get("KNOBS"):  # warps and shares
+        for w in (1, 2, 4):
             for s in (4, 6, 8, 12):
-                variants[f"dependents at the start, {w} warps, {s} shares"] = functools.partial(
-                    decode_attention, pdl=True, early_dependents=True, num_warps=w, splits=s)
-        variants["dependents at the start, returns at once, 1 share"] = functools.partial(
-            decode_attention, pdl=True, skip=one, early_dependents=True, splits=1, num_warps=2)
-    if os.environ.get("NO_PDL"):  # 94743de
-        variants["no PDL"] = functools.partial(decode_attention, pdl=False)
-        variants["no PDL, returns at once"] = functools.partial(decode_attention, pdl=False, skip=one)
-    if os.environ.get("KNOBS"):  # the launch knobs (first run of this script, 574bdbf)
-        for w in (1, 2, 8):
-            variants[f"warps {w}"] = functools.partial(decode_attention, pdl=True, num_warps=w)
-        for s in (3, 4, 8, 12):
-            variants[f"shares {s}"] = functools.partial(decode_attention, pdl=True, splits=s)
+                variants[f"{w} warps, {s} shares"] = functools.partial(decode_attention, pdl=True, num_warps=w,
+                                                                       splits=s)
     rows = {k: [] for k in variants}
     for _ in range(2):
         for name, fn in variants.items():
@@ -65,11 +52,27 @@ def main() -> None:
             rows[name].append(step_ms(model))
             print(f"{name:36s} {rows[name][-1]:.4f}", flush=True)
     ops.decode_attention = committed
+    alone = {}  # the kernel alone at longer caches (7B heads), graph-replayed us: does 2 warps hold there too?
+    for length in (384, 2048, 4096):
+        q = torch.randn(1, 1, 32, 128, dtype=torch.float16, device="cuda")
+        k, v = torch.randn_like(q), torch.randn_like(q)
+        cos, sin = torch.randn(1, 128, device="cuda").half(), torch.randn(1, 128, device="cuda").half()
+        cache = torch.randn(2, 1, 32, length, 128, dtype=torch.float16, device="cuda")
+        pos = torch.tensor([length - 1], device="cuda")
+        counters = torch.zeros(32, dtype=torch.int32, device="cuda")
+        for w in (2, 4):
+            fn = functools.partial(decode_attention, q, k, v, cos, sin, cache, pos, counters, num_warps=w)
+            ref = decode_attention(q, k, v, cos, sin, cache, pos, counters, num_warps=4)
+            assert torch.allclose(fn(), ref, atol=2e-3, rtol=2e-3)
+            alone[f"{length} positions, {w} warps"] = triton.testing.do_bench_cudagraph(fn, rep=200) * 1e3
+            print(f"alone {length:5d} positions, {w} warps: {alone[f'{length} positions, {w} warps']:.2f} us", flush=True)
     out = Path(os.environ.get("OUT", "benchmarks/results"))
     (out / "attention-step.json").write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT", ""),
         "torch": torch.__version__, "what": "random-layer 7B decode step, ms/token (graph replay, median of 3 x 256 "
-        "tokens after 128), the fused decode attention's variants (all but `committed` timing only), two alternations", "rows": rows}, indent=1))
+        "tokens after 128), the fused decode attention's variants (all but `committed` and `4 warps` timing only), two "
+        "alternations; `alone_us`: the kernel alone, graph-replayed, at the last position of longer caches",
+        "rows": rows, "alone_us": alone}, indent=1))
 
 
 if __name__ == "__main__":

@@ -143,7 +143,7 @@ def _silu():
     silu_mul(g, g.clone(), pdl=True, skip=torch.zeros(1, dtype=torch.int32))
 
 
-def _attention(drop, prefetch=()):
+def _attention(drop):
     from kernels.decode_attention import decode_attention
 
     B, H, KV, D, L = 1, 32, 8, 128, 384
@@ -151,7 +151,7 @@ def _attention(drop, prefetch=()):
     cos = sin = torch.randn(1, D).half()
     decode_attention(q, k, v, cos, sin, torch.zeros(2, B, KV, L, D, dtype=torch.half), torch.tensor([200]),
                      torch.zeros(B * KV, dtype=torch.int32), torch.zeros(L, dtype=torch.half) if drop else None,
-                     pdl=True, skip=torch.zeros(1, dtype=torch.int32), prefetch=prefetch)
+                     pdl=True, skip=torch.zeros(1, dtype=torch.int32))
 
 
 def _predictor(control):
@@ -205,8 +205,6 @@ CASES = {
     "silu_mul": _silu,
     "decode_attention fill": lambda: _attention(False),
     "decode_attention drop": lambda: _attention(True),
-    "decode_attention prefetch": lambda: _attention(False, ((torch.zeros(4096, dtype=torch.int32), 9000),
-                                                            (torch.zeros(64, dtype=torch.half), 128))),
     "exit_probability": lambda: _predictor(False),
     "exit_probability control": lambda: _predictor(True),
     "exit_head": lambda: _exit_head(False),
