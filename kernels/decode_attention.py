@@ -71,9 +71,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
                              n_kv, stride_c0, stride_cb, stride_ch, scale,
                              G: tl.constexpr, GP: tl.constexpr, MP: tl.constexpr, D: tl.constexpr,
                              SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr, DOT_F32: tl.constexpr,
-                             PDL: tl.constexpr, skip_ptr, SKIP: tl.constexpr, PRELOAD: tl.constexpr):
-    if PDL:  # the o projection launches now and loads its weights while this kernel runs
+                             PDL: tl.constexpr, skip_ptr, SKIP: tl.constexpr):
+    if PDL:  # the o projection launches now and loads its weights while this kernel runs; q, k, v are the output
+        # of the kernel before (this one was launched early too, and waits here for it)
         tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)  # batch * n_kv + KV head
     sp = tl.program_id(1)
     b = bh // n_kv
@@ -83,15 +85,11 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
     offs_n = tl.arange(0, BLOCK_N)
     base = cache_ptr + b * stride_cb + h * stride_ch
     pos = tl.load(pos_ptr)
+    cos = tl.load(cos_ptr + offs_d).to(tl.float32)
+    sin = tl.load(sin_ptr + offs_d).to(tl.float32)
     per = tl.cdiv(pos, SPLITS)
     start = sp * per
     end = tl.minimum(start + per, pos)  # this share of the cached positions [0, pos)
-    if PRELOAD:
-        kt0, vt0 = _tile(base, stride_c0, start + offs_n, end, offs_d)
-    if PDL:  # q, k, v are the output of the kernel before (this one was launched early too, and waits here for it)
-        tl.extra.cuda.gdc_wait()
-    cos = tl.load(cos_ptr + offs_d).to(tl.float32)
-    sin = tl.load(sin_ptr + offs_d).to(tl.float32)
     # the group's q heads as the rows of an MP-row tile (tensor-core tiles need >= 16; the rows past G are zero),
     # rotated and rounded to the cache dtype as the eager path feeds them to SDPA
     offs_m = tl.arange(0, MP)
@@ -110,15 +108,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
     m_i = tl.full([MP], float("-inf"), tl.float32)
     l_i = tl.zeros([MP], tl.float32)
     acc = tl.zeros([MP, D], tl.float32)
-    first = start
-    if PRELOAD:
-        ok = start + offs_n < end
-        bias = tl.zeros([BLOCK_N], tl.float32)
-        if BIAS:
-            bias = tl.load(bias_ptr + start + offs_n, mask=ok, other=0.0).to(tl.float32)
-        m_i, l_i, acc = _attend(q, kt0, vt0, ok, bias, m_i, l_i, acc, scale, DOT_F32)
-        first = start + BLOCK_N
-    for n in range(first, end, BLOCK_N):
+    for n in range(start, end, BLOCK_N):
         kt, vt = _tile(base, stride_c0, n + offs_n, end, offs_d)
         ok = n + offs_n < end
         bias = tl.zeros([BLOCK_N], tl.float32)
@@ -163,8 +153,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      cache: torch.Tensor, input_pos: torch.Tensor, counters: torch.Tensor,
                      bias: torch.Tensor | None = None, *,
                      splits: int | None = None, out: torch.Tensor | None = None, pdl: bool = False,
-                     block_n: int = BLOCK_N, skip: torch.Tensor | None = None, num_warps: int = 2,
-                     preload: bool = False) -> torch.Tensor:
+                     block_n: int = BLOCK_N, skip: torch.Tensor | None = None, num_warps: int = 2) -> torch.Tensor:
     """Attention of one new token per sequence: q [B, 1, heads, D], k/v [B, 1, kv heads, D] (before RoPE),
     cos/sin [1, D] at the new position input_pos [1] (a device tensor), cache [2, B, kv heads, length, D]
     (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call). bias: None, or an
@@ -190,7 +179,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         KV, cache.stride(0), cache.stride(1), cache.stride(2), D ** -0.5,
         G=G, GP=triton.next_power_of_2(G), MP=max(16, triton.next_power_of_2(G)), D=D, SPLITS=splits,
         BLOCK_N=block_n, BIAS=bias is not None, DOT_F32=INTERPRET and cache.dtype == torch.bfloat16, PDL=pdl,
-        skip_ptr=counters if skip is None else skip, SKIP=skip is not None, PRELOAD=preload,
+        skip_ptr=counters if skip is None else skip, SKIP=skip is not None,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -33,10 +33,9 @@ def main() -> None:
     def at_pos1(q, k, v, cos, sin, cache, input_pos, counters, bias=None, splits=None):
         return decode_attention(q, k, v, cos, sin, cache, pos1, counters, bias, pdl=True, splits=splits)
 
-    variants = {  # all but the first three are timing only (wrong output)
+    variants = {  # all but the first two are timing only (wrong output)
         "committed": committed,
         "4 warps": functools.partial(decode_attention, pdl=True, num_warps=4),
-        "first cached tile before the wait": functools.partial(decode_attention, pdl=True, preload=True),
         "none (bound)": lambda *a, **k: out_buf,
         "launched, returns at once (exit flag set)": functools.partial(decode_attention, pdl=True, skip=one),
         "one cached position (merge kept)": at_pos1,
