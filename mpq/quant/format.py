@@ -134,6 +134,10 @@ class PackedLinear:
         """Every byte the weight costs: codes, scales, zeros, super-scales, tile maps, outliers (not bias)."""
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in TENSOR_NAMES)
 
+    def outlier_slot_bytes(self) -> int:
+        """Bytes that one more outlier slot per 2-bit group row adds (an fp16 value and a uint8 offset each)."""
+        return math.prod(self.ov.shape[:-1]) * (self.ov.element_size() + self.oi.element_size())
+
     def bits_per_weight(self) -> float:
         return 8.0 * self.stored_bytes() / (self.out_features * self.in_features)
 

@@ -253,7 +253,7 @@ class WeightSource:
         if pa.ragged_key()[:3] != pb.ragged_key()[:3] or (pa.group_size, pa.tile_rows) != (TC_GROUP, TC_ROWS):
             return False
         k = max(pa.outliers, pb.outliers)
-        pad = sum(p.with_outliers(k).stored_bytes() - p.stored_bytes() for p in (pa, pb))
+        pad = sum((k - p.outliers) * p.outlier_slot_bytes() for p in (pa, pb))
         return pad <= RAGGED_PAD_MAX * (pa.stored_bytes() + pb.stored_bytes())
 
     def linear(self, fqn: str) -> nn.Module:

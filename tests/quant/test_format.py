@@ -118,6 +118,7 @@ def test_more_outliers_of_value_zero_change_nothing():
     assert more.outliers == 3 and more.ov.shape[-1] == 3 and not more.ov[..., 1:].any()
     PackedLinear.from_tensors(more.meta(), more.tensors())
     assert torch.equal(more.dequantize(), packed.dequantize())
+    assert more.stored_bytes() - packed.stored_bytes() == 2 * packed.outlier_slot_bytes() > 0
     with pytest.raises(ValueError):
         more.with_outliers(2)
 
