@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +91,38 @@ def load_tokenizer(src: ModelSource, trust_remote_code: bool = False):
         raise MpqError(f"could not load the tokenizer of '{src.spec}': {str(e).splitlines()[0][:200]}") from None
 
 
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_gguf_load():
+    """transformers' GGUF reader draws a tqdm bar of its own (not behind its progress-bar switch) and advises passing
+    dtype=float32, which an mpq user cannot act on (calibration picks bf16 on purpose): noise beside mpq's progress.
+    Every other message of the load stays."""
+    try:
+        import transformers.modeling_gguf_pytorch_utils as reader
+    except ImportError:  # another transformers layout: nothing to quiet
+        reader = None
+    bar = getattr(reader, "tqdm", None)
+    advice = _DropMessage("is fastest in float32")
+    log = logging.getLogger("transformers.quantizers.quantizer_gguf")
+    log.addFilter(advice)
+    if bar is not None:
+        reader.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        log.removeFilter(advice)
+        if bar is not None:
+            reader.tqdm = bar
+
+
 def load_float_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False):
     """The float model on the CPU (weights stay on the host; calibration moves one layer at a time)."""
     from transformers import AutoModelForCausalLM
@@ -102,7 +137,9 @@ def load_float_model(src: ModelSource, dtype: torch.dtype = torch.float32, trust
             raise MpqError(f"no safetensors weights in '{src.spec}' (pickle checkpoints such as pytorch_model.bin "
                            "are never loaded: convert them to safetensors)")
     try:
-        model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, trust_remote_code=trust_remote_code, **kw)
+        with _quiet_gguf_load() if src.gguf_file else contextlib.nullcontext():
+            model = AutoModelForCausalLM.from_pretrained(src.path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         **kw)
     except Exception as e:
         raise MpqError(f"could not load model weights from '{src.spec}': {str(e).splitlines()[0][:200]}") from None
     return model.eval()

@@ -290,3 +290,22 @@ def test_smollm2_hamlet_perplexity():
     ppl, tokens = perplexity(load_float_model(src), w, batch_size=2)
     assert tokens == 254
     assert math.isfinite(ppl) and 5 < ppl < 200
+
+
+@pytest.mark.slow
+def test_loading_the_gguf_model_prints_nothing_of_transformers(capfd):
+    """The GGUF reader's own tqdm bar and its "pass dtype=float32" advice (which an mpq user cannot act on) stay
+    out of mpq's output; both are back once the load is done, and the model is the same."""
+    import logging
+
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    from mpq.models import load_float_model, resolve_model
+
+    bar = reader.tqdm
+    model = load_float_model(resolve_model("smollm2-135m"), torch.bfloat16)
+    err = capfd.readouterr().err
+    assert "Converting and de-quantizing" not in err and "fastest in float32" not in err
+    assert reader.tqdm is bar and not logging.getLogger("transformers.quantizers.quantizer_gguf").filters
+    assert model.config.num_hidden_layers == 30 and model.dtype == torch.bfloat16
+
