@@ -15,8 +15,8 @@ Launched as a programmatic dependent (sm_90+), the kernel starts while the q/k/v
 for it before any load. It lets the o projection launch at its own start, so that the GEMV's weight loads overlap
 this kernel's chain of round trips; with 2 warps a program that took the 7B decode step from 2.022 to 2.001 ms a
 token (`benchmarks/e2e-notes.md`, run 26; with 4 warps 2.019). (Loading the first cached tile before the wait made
-the kernel alone 5-12% faster but the step no faster, 2.378 against 2.370 ms, so the kernel keeps the simpler
-contract: nothing is read before the wait.)
+the kernel alone 5-12% faster but the step no faster, 2.378 against 2.370 ms, and again in run 26 2.004 against
+1.998, so the kernel keeps the simpler contract: nothing is read before the wait.)
 """
 
 import os
@@ -161,7 +161,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     the new token itself is never masked). splits: shares per KV head (default `attention_splits`). Returns `out`
     (or a new tensor) [B, 1, heads * D] in the cache's dtype. skip: the exit flag (`kernels.exit_flag`); while it is
     set the kernel only writes the new k and v into the cache (fill mode) or, given `bias`, sets bias[input_pos] to
-    -inf (drop mode), and leaves `out` unwritten."""
+    -inf (drop mode), and leaves `out` unwritten. num_warps: per program (2 gave the fastest 7B step, run 26)."""
     B, S, H, D = q.shape
     _, _, KV, L, _ = cache.shape
     if S != 1 or H % KV or D & (D - 1) or cache.stride(4) != 1 or cache.stride(3) != D:
