@@ -17,7 +17,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).parent))
 
 from gpu_e2e_profile import random_engine  # noqa: E402
-from gpu_engine_table import step_ms  # noqa: E402
+from gpu_engine_table import alternate  # noqa: E402
 from kernels.decode_attention import decode_attention  # noqa: E402
 
 
@@ -45,12 +45,7 @@ def main() -> None:
             for s in (4, 6, 8, 12):
                 variants[f"{w} warps, {s} shares"] = functools.partial(decode_attention, pdl=True, num_warps=w,
                                                                        splits=s)
-    rows = {k: [] for k in variants}
-    for _ in range(2):
-        for name, fn in variants.items():
-            ops.decode_attention = fn
-            rows[name].append(step_ms(model))
-            print(f"{name:36s} {rows[name][-1]:.4f}", flush=True)
+    rows = alternate(model, variants, lambda fn: setattr(ops, "decode_attention", fn))
     ops.decode_attention = committed
     alone = {}  # the kernel alone at longer caches (7B heads), graph-replayed us: does 2 warps hold there too?
     for length in (384, 2048, 4096):

@@ -47,6 +47,19 @@ def step_ms(model) -> float:
     return ms
 
 
+def alternate(model, variants: dict, install, rounds: int = 2, say: bool = True) -> dict[str, list[float]]:
+    """step_ms under each variant (`install(variant)` puts one in place), the variants alternated `rounds` times
+    so that drift over the call falls on all of them alike; say: print each measurement as it comes."""
+    times = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, variant in variants.items():
+            install(variant)
+            times[name].append(step_ms(model))
+            if say:
+                print(f"{name:36s} {times[name][-1]:.4f}", flush=True)
+    return times
+
+
 def main() -> None:
     out = Path(os.environ.get("OUT", "benchmarks/results"))
     model = random_engine(True)
@@ -56,11 +69,10 @@ def main() -> None:
     sm_count, table = base_facts[0], dict(base_facts[1])
     rows = []
 
-    def run(patch: dict) -> float:
+    def install(patch: dict) -> None:
         dispatch._device_facts.cache_clear()
-        patched = {**table, **patch}
-        dispatch._device_facts = _facts(sm_count, patched)
-        return step_ms(model)
+        chosen = {key: cfg for key, cfg in patch.items() if cfg is not None}
+        dispatch._device_facts = _facts(sm_count, {**table, **chosen})
 
     committed = step_ms(model)
     print(f"committed table: {committed:.3f} ms/token", flush=True)
@@ -72,10 +84,7 @@ def main() -> None:
                    if cfg is not None and cfg.kind == "tc" and cfg.split > 1}
         options = ([("committed", current)] + ([("committed, gen_early flipped", flipped)] if flipped else [])
                    + [(str(dataclasses.asdict(c)), {key: c for key in keys}) for c in cands if "--flips-only" not in sys.argv])
-        times = {name: [] for name, _ in options}
-        for _ in range(2):
-            for name, patch in options:
-                times[name].append(run({key: cfg for key, cfg in patch.items() if cfg is not None}))
+        times = alternate(model, dict(options), install, say=False)
         for name, ts in times.items():
             rows.append({"shape": f"{n}x{k}", "config": name, "ms_per_token": ts})
             print(f"{n}x{k} {name:70s} {statistics.mean(ts):.3f} ms/token ({', '.join(f'{t:.3f}' for t in ts)})",

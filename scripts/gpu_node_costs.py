@@ -18,7 +18,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from gpu_e2e_profile import random_engine  # noqa: E402
-from gpu_engine_table import step_ms  # noqa: E402
+from gpu_engine_table import alternate  # noqa: E402
 from kernels import step_ops  # noqa: E402
 
 
@@ -39,12 +39,7 @@ def main() -> None:
             committed, silu_mul=functools.partial(step_ops.silu_mul, pdl=True, skip=one)),
         "neither": dataclasses.replace(committed, add_rms_norm=no_norm, silu_mul=lambda gate, up: gate),
     }
-    rows = {k: [] for k in variants}
-    for _ in range(2):
-        for name, ops in variants.items():
-            model.ops = ops
-            rows[name].append(step_ms(model))
-            print(f"{name:36s} {rows[name][-1]:.4f}", flush=True)
+    rows = alternate(model, variants, lambda ops: setattr(model, "ops", ops))
     model.ops = committed
     out = Path(os.environ.get("OUT", "benchmarks/results"))
     (out / "node-costs.json").write_text(json.dumps({
