@@ -26,7 +26,7 @@ def _scratch_words(packed: PackedLinear, ragged: bool = False) -> int:
     return SPLIT_COUNTERS_PER_ROW_TILE * packed.row_tiles
 
 
-def _cuda_matmul(x: torch.Tensor, holder, counters: torch.Tensor, outliers: int, group_size: int,
+def _cuda_matmul(x: torch.Tensor, holder, counters: torch.Tensor, group_size: int, outliers: int,
                  exit_flag: tuple[torch.Tensor, int] | None, parts: list[int] | None = None) -> torch.Tensor:
     """One `mpq::mixed_linear` call over the format tensors `holder` carries (a module's buffers or a
     PackedLinear's views), without bias; exit_flag: (flag, kept row tiles) of the one-graph exit decoder."""
@@ -77,7 +77,7 @@ class QuantLinear(nn.Module):
 
     def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The CUDA path: the Triton kernels (on CPU tensors too, under TRITON_INTERPRET=1, as the tests run it)."""
-        y = _cuda_matmul(x, self, self.split_counters, self.geometry["outliers"], self.geometry["group_size"],
+        y = _cuda_matmul(x, self, self.split_counters, self.geometry["group_size"], self.geometry["outliers"],
                          self.exit_flag)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
@@ -151,14 +151,14 @@ class RaggedQuantLinear(StackedQuantLinear):
 
         g, rows = self.geometry["group_size"], self.geometry["tile_rows"]
         if ragged_runs(x.reshape(-1, x.shape[-1]), tuple(getattr(self, n) for n in KERNEL_TENSOR_ORDER), g, rows):
-            y = _cuda_matmul(x, self, self.split_counters, self.geometry["outliers"], g, self.exit_flag,
+            y = _cuda_matmul(x, self, self.split_counters, g, self.geometry["outliers"], self.exit_flag,
                              [v for slots in self.part_slots for v in slots])
         else:  # one by one; the counters alone (no fenceless epilogue state: that is laid out for the whole stack)
             outs = []
             flag, keep = self.exit_flag or (None, 0)
             for p in self.packed_parts():
                 counters = self.split_counters[:SPLIT_COUNTERS_PER_ROW_TILE * p.row_tiles]
-                outs.append(_cuda_matmul(x, p, counters, p.outliers, g, None if flag is None else (flag, keep)))
+                outs.append(_cuda_matmul(x, p, counters, g, p.outliers, None if flag is None else (flag, keep)))
                 keep = max(keep - p.row_tiles, 0)
             y = torch.cat(outs, dim=-1)
         return y if self.bias is None else y + self.bias.to(y.dtype)
