@@ -59,8 +59,9 @@ def main() -> None:
             fn = functools.partial(decode_attention, q, k, v, cos, sin, cache, pos, counters, num_warps=w)
             ref = decode_attention(q, k, v, cos, sin, cache, pos, counters, num_warps=4)
             assert torch.allclose(fn(), ref, atol=2e-3, rtol=2e-3)
-            alone[f"{length} positions, {w} warps"] = triton.testing.do_bench_cudagraph(fn, rep=200) * 1e3
-            print(f"alone {length:5d} positions, {w} warps: {alone[f'{length} positions, {w} warps']:.2f} us", flush=True)
+            key = f"{length} positions, {w} warps"
+            alone[key] = triton.testing.do_bench_cudagraph(fn, rep=200) * 1e3
+            print(f"alone {key}: {alone[key]:.2f} us", flush=True)
     out = Path(os.environ.get("OUT", "benchmarks/results"))
     (out / "attention-step.json").write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT", ""),
