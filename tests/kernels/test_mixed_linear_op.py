@@ -45,9 +45,9 @@ def test_ragged_stack_kernel_path(m, group_size, monkeypatch):
     launches = []
     real = quant_linear._cuda_matmul
 
-    def spy(x, holder, counters, outliers, group_size, exit_flag, parts=None):
+    def spy(x, holder, counters, group_size, outliers, exit_flag, parts=None):
         launches.append(None if exit_flag is None else exit_flag[1])
-        return real(x, holder, counters, outliers, group_size, exit_flag, parts)
+        return real(x, holder, counters, group_size, outliers, exit_flag, parts)
     monkeypatch.setattr(quant_linear, "_cuda_matmul", spy)
 
     parts = [random_layer(n, 256, 1, DEVICE, group_size=group_size, seed=i, n4=n4)
