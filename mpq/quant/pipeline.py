@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from mpq.errors import MpqError, QualityGateError
-from mpq.quant.allocation import LinearCosts, Plan, allocate, linear_costs, parse_overrides, pins_for, tile_choice
+from mpq.quant.allocation import (LinearCosts, Plan, allocate, linear_costs, parse_overrides, pins_for, reachable_range,
+                                  tile_choice)
 from mpq.quant.format import SUPPORTED_GROUP_SIZES, PackedLinear
 from mpq.quant.gptq import single_threaded
 from mpq.quant.quantizer import LinearSpec, quantize_linear
@@ -122,12 +123,17 @@ def quantize_planned(name: str, w: torch.Tensor, h: torch.Tensor | None, plan_ro
                            coarse_first=recipe.coarse_first)
 
 
-def quantize_state_dict(weights: dict[str, torch.Tensor], target_bits: float, recipe: Recipe | None = None,
+def quantize_state_dict(weights: dict[str, torch.Tensor], target_bits: float | None, recipe: Recipe | None = None,
                         overrides: dict[str, int] | None = None) -> tuple[dict[str, PackedLinear], Plan]:
-    """Data-free quantization (identity Hessian, range-only sensitivity) of {fqn: W}; used by GPU benchmarks."""
-    recipe = recipe or Recipe(target_bits=target_bits)
+    """Data-free quantization (identity Hessian, range-only sensitivity) of {fqn: W}; used by GPU benchmarks.
+    target_bits None: every linear is pinned by `overrides`, and the pins alone set the bits."""
+    recipe = recipe or (Recipe() if target_bits is None else Recipe(target_bits=target_bits))
     pins = pins_for(weights, overrides or {})
     costs = [measure_linear(n, w, None, recipe) for n, w in weights.items()]
+    if target_bits is None:
+        if set(pins) != set(weights):
+            raise ValueError("target_bits None needs every linear pinned")
+        target_bits = reachable_range(costs, pins)[1]
     plan = allocate(costs, target_bits, pins, recipe.tied_sets)
     packed = {}
     for c, row in zip(costs, plan.linears):
@@ -248,7 +254,6 @@ def _open_calibration(calib: str, config, fingerprint: str) -> dict | None:
 
 def check_target_reachable(shapes, recipe: Recipe, pins: dict[str, int], target_bits: float) -> None:
     """Refuse an unreachable budget from the shapes alone, before loading or measuring anything."""
-    from mpq.quant.allocation import reachable_range
 
     ks = outlier_choices(recipe)
     stubs = [LinearCosts(n, o, i, recipe.group_size_for(i), recipe.tile_rows, {k: None for k in ks}, {}) for n, o, i in shapes]

@@ -14,6 +14,7 @@ costs a host sync per predicted layer, which this replay does not measure: it is
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,16 +35,20 @@ def scaled_trace(hist: dict, src_layers: int, layers: int, n: int, seed: int = 0
 
 
 def _quantized_draft(draft, dev):
-    """The draft layer's linears quantized data-free, as the engine's are, into draft.linears (its own eager path,
-    which the live decoder runs); the returned source builds the graph step's q/k/v and gate/up as the engine
-    builds its own (stacked where their layouts agree)."""
+    """The draft layer's linears quantized data-free, as the engine's are, and its reduced-vocabulary head (the
+    bound LM-head rows) in 4-bit, into draft.linears (its own eager path, which the live decoders run); the returned
+    source builds the graph step's q/k/v and gate/up as the engine builds its own (stacked where their layouts
+    agree). The head is 4-bit throughout, not mixed: it only ranks the draft's top-4, and in fp16 it was 40% of
+    the draft's bytes."""
     from mpq.quant.pipeline import quantize_state_dict
     from mpq.runtime.model import WeightSource
     from mpq.runtime.quant_linear import QuantLinear
 
     names = ("fc", "q", "k", "v", "o", "gate", "up", "down")
     packed, _ = quantize_state_dict({n: getattr(draft, n).detach().float().cpu() for n in names}, 2.9)
-    draft.linears = {n: QuantLinear(packed[n].to(dev)) for n in names}
+    head, _ = quantize_state_dict({"head": draft.rows.detach().float().cpu()}, None, overrides={"head": 4})
+    packed.update(head)
+    draft.linears = {n: QuantLinear(packed[n].to(dev)) for n in (*names, "head")}
     return WeightSource({}, {n: packed[n] for n in ("q", "k", "v", "gate", "up")}, device=dev, dtype=torch.float16)
 
 
@@ -102,7 +107,7 @@ class GraphStep:
         x, h = ops.add_rms_norm(x, d.linears["o"](y), d.mlp_norm, eps)
         gate, up = self.d_gate_up(h)
         _, h = ops.add_rms_norm(x, d.linears["down"](ops.silu_mul(gate, up)), d.norm, eps)
-        return self.lm_w[d.vocab[(h.view(-1) @ d.rows.t()).topk(4).indices]]
+        return self.lm_w[d.vocab[d.head_logits(h).view(-1).topk(4).indices]]
 
     def step(self, e: int, fill: bool = True, draft: bool = True, predict: bool = True) -> None:
         """One decode step exiting after layer e (e = num_layers: full depth); draft/predict False leave those
@@ -251,8 +256,23 @@ def _time_live_decoding(model, draft, preds, offline: list[int], prompt: list[in
     return out
 
 
-def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_tokens: int = 128,
-                     new_tokens: int = NEW_TOKENS, draft_vocab: int = VOCAB_ROWS) -> dict:
+@dataclass
+class ExitBench:
+    """What the trace-driven bench builds before it times anything: the random-weight 7B engine (quantized,
+    GPU kernels in), its no-exit ms/token, the scaled traces, the draft head and predictors, the step."""
+    model: object
+    prompt: list[int]
+    base_ms: float
+    traces: dict[str, list[int]]
+    src_layers: int
+    draft: object
+    preds: object
+    exit_hist: torch.Tensor
+    step: GraphStep
+
+
+def build_exit_bench(trace_json: Path, prompt_tokens: int = 128, new_tokens: int = NEW_TOKENS,
+                     draft_vocab: int = VOCAB_ROWS) -> ExitBench:
     if not torch.cuda.is_available():
         raise MpqError("mpq bench e2e --early-exit needs a CUDA GPU")
     from transformers import LlamaConfig
@@ -260,10 +280,8 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     from mpq.bench.e2e import LLAMA2_7B, _build, quantized_source, random_hf_model, time_engine
     from mpq.runtime.generate import cache_length
     from mpq.specee.draft import DraftHead
-    from mpq.specee.flag_decode import BRANCH_EVERY
     from mpq.specee.predictor import ExitPredictors
     from mpq.specee.schedule import auto_layers
-    from mpq.versions import environment
 
     try:
         src = json.loads(Path(trace_json).read_text())
@@ -292,6 +310,7 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     with torch.no_grad():
         for n in ("o", "down"):
             getattr(draft, n).normal_(0, 0.02)
+    draft.bind_rows(model.output.weight.cpu())
     draft_source = _quantized_draft(draft, dev)
     draft.to(dev, torch.float16)
     draft.bind_rows(model.output.weight)
@@ -301,6 +320,20 @@ def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_toke
     # the engine's own cache length: SDPA's cost grows with it, so base and exits share it
     step = GraphStep(model, draft, draft_source, preds, auto_layers(exit_hist, call_cost=0.05),
                      cache_length(model, prompt_tokens + new_tokens))
+    return ExitBench(model, prompt, base, traces, src_layers, draft, preds, exit_hist, step)
+
+
+def bench_early_exit(trace_json: Path, json_out: Path | None = None, prompt_tokens: int = 128,
+                     new_tokens: int = NEW_TOKENS, draft_vocab: int = VOCAB_ROWS) -> dict:
+    from mpq.specee.flag_decode import BRANCH_EVERY
+    from mpq.specee.schedule import auto_layers
+    from mpq.versions import environment
+
+    bench = build_exit_bench(trace_json, prompt_tokens, new_tokens, draft_vocab)
+    model, prompt, base, traces, step = bench.model, bench.prompt, bench.base_ms, bench.traces, bench.step
+    draft, preds, exit_hist, src_layers = bench.draft, bench.preds, bench.exit_hist, bench.src_layers
+    L = model.args.n_layers
+    first = next(iter(traces.values()))
     rows = []
     variants = {"fill": {"fill": True, "draft": True, "predict": True}, "drop": {"fill": False, "draft": True, "predict": True}}
     parts = {"loop": {"fill": True, "draft": False, "predict": False}, "draft": {"fill": True, "draft": True, "predict": False},

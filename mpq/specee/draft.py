@@ -66,6 +66,13 @@ class DraftHead(nn.Module):
             return self.linears[name](x)
         return F.linear(x, getattr(self, name))
 
+    def head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Reduced-vocab logits of normed states h [..., D]: through `linears["head"]` where the rows were
+        quantized for decoding, else the bound rows."""
+        if self.linears is not None and "head" in self.linears:
+            return self.linears["head"](h)
+        return h @ self.rows.t()
+
     def _layer(self, x, cos, sin, attend):
         h = final_norm(x, self.attn_norm, self.eps)
         q = self.lin("q", h).unflatten(-1, (self.n_heads, self.head_dim))
@@ -108,7 +115,7 @@ class DraftHead(nn.Module):
                                                   self._repeat(vals[None])[0], attn_mask=mask).transpose(0, 1)
 
         x = self.lin("fc", torch.cat((h_normed, emb), dim=-1))
-        return self._layer(x, cos[pos:pos + S], sin[pos:pos + S], attend)[-1] @ self.rows.t()
+        return self.head_logits(self._layer(x, cos[pos:pos + S], sin[pos:pos + S], attend)[-1])
 
     def step_at(self, h_normed: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor) -> torch.Tensor:
@@ -123,7 +130,7 @@ class DraftHead(nn.Module):
                                                   self._repeat(self.cache[1][None])[0], attn_mask=mask).transpose(0, 1)
 
         x = self.lin("fc", torch.cat((h_normed, emb), dim=-1))
-        return self._layer(x, cos[pos], sin[pos], attend)[-1] @ self.rows.t()
+        return self.head_logits(self._layer(x, cos[pos], sin[pos], attend)[-1])
 
     def step_fused(self, h_normed: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, ops, counters: torch.Tensor) -> torch.Tensor:
@@ -139,7 +146,7 @@ class DraftHead(nn.Module):
         x, h = ops.add_rms_norm(x, self.lin("o", y), self.mlp_norm, self.eps)
         _, h = ops.add_rms_norm(x, self.lin("down", ops.silu_mul(self.lin("gate", h), self.lin("up", h))), self.norm,
                                 self.eps)
-        return h.view(-1) @ self.rows.t()
+        return self.head_logits(h).view(-1)
 
     def propose(self, logits: torch.Tensor) -> torch.Tensor:
         """Top-4 target-vocabulary ids from reduced-vocab logits."""
