@@ -2,8 +2,8 @@
 
 Exits cannot be learned on random weights, so the exit layer of each token is replayed from the executed-layer
 histogram measured on the real small model (`mpq eval --early-exit --json`), scaled from its layer count to 32.
-Everything else is really computed per token: the draft head (quantized like the model, reduced vocabulary of
-4096 rows), the features and predictor at every offline layer below the exit and at the exit layer, the full LM
+Everything else is really computed per token: the draft head (its layer quantized like the model, its head over a
+reduced vocabulary of 4096 rows in 4-bit), the features and predictor at every offline layer below the exit and at the exit layer, the full LM
 head at the exit layer, and the KV filling of the skipped layers.
 
 Graph-friendly formulation: one CUDA graph per exit layer e (1..32), each holding the whole step for that exit;
@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from kernels.dispatch import pdl_enabled
+from kernels.draft_top4 import draft_top4
 from mpq.errors import MpqError
 
 VOCAB_ROWS = 4096  # the draft's reduced vocabulary here; smollm2-135m's artifact chose 721 tokens (docs/specee.md)
@@ -88,6 +89,8 @@ class GraphStep:
         # streams have work (waiting for the draft: 2.0% of a step against 2.7% at normal priority, run 12)
         self.draft_stream = torch.cuda.Stream(dev, priority=-1)
         self.lm_w = model.output.weight
+        self.d_top4 = torch.zeros(4, dtype=torch.long, device=dev)  # the draft's proposals and their LM-head rows
+        self.d_rows = torch.zeros(4, a.dim, dtype=dt, device=dev)
         self.dropped = torch.zeros(a.n_layers, max_len, dtype=dt, device=dev)
         self.graphs: dict[tuple, torch.cuda.CUDAGraph] = {}
         self.pool = None
@@ -107,7 +110,8 @@ class GraphStep:
         x, h = ops.add_rms_norm(x, d.linears["o"](y), d.mlp_norm, eps)
         gate, up = self.d_gate_up(h)
         _, h = ops.add_rms_norm(x, d.linears["down"](ops.silu_mul(gate, up)), d.norm, eps)
-        return self.lm_w[d.vocab[d.head_logits(h).view(-1).topk(4).indices]]
+        draft_top4(d.head_logits(h).view(-1), d.vocab, self.lm_w, self.d_top4, self.d_rows)
+        return self.d_rows
 
     def step(self, e: int, fill: bool = True, draft: bool = True, predict: bool = True) -> None:
         """One decode step exiting after layer e (e = num_layers: full depth); draft/predict False leave those

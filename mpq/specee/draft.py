@@ -149,8 +149,9 @@ class DraftHead(nn.Module):
         return self.head_logits(h).view(-1)
 
     def propose(self, logits: torch.Tensor) -> torch.Tensor:
-        """Top-4 target-vocabulary ids from reduced-vocab logits."""
-        return self.vocab[logits.topk(K_DRAFT, dim=-1).indices]
+        """Top-4 target-vocabulary ids from reduced-vocab logits, largest first, equal logits in vocabulary order
+        (as `kernels.draft_top4`, so that every decoder proposes the same 4 even where logits tie)."""
+        return self.vocab[logits.sort(dim=-1, descending=True, stable=True).indices[..., :K_DRAFT]]
 
     def tensors(self, prefix: str = "specee.draft") -> dict[str, torch.Tensor]:
         out = {f"{prefix}.{n}": getattr(self, n).detach().float().contiguous().clone() for n in PARAM_NAMES}

@@ -38,6 +38,7 @@ import torch
 from kernels import step_ops
 from kernels.decode_attention import decode_attention
 from kernels.dispatch import pdl_enabled
+from kernels.draft_top4 import draft_top4
 from kernels.exit_flag import (CTL_ACTIVE, CTL_EVALUATED, CTL_EXECUTED, CTL_FORCED, CTL_REJECTIONS, CTL_TOKEN,
                                CTL_VERIFICATIONS)
 from kernels.exit_head import exit_head, head_state
@@ -105,9 +106,7 @@ class FlagExitDecoder(GraphExitDecoder):
         torch.index_select(self.model.embed, 0, token, out=self.next_emb)
         logits = draft.step_fused(self.h_prev[None], self.next_emb, self.pos, self.d_cos[self.pos],
                                   self.d_sin[self.pos], self.draft_ops, self.draft_counters)
-        top4 = draft.propose(logits)
-        self.top4.copy_(top4)
-        self.rows.copy_(self.lm_w[top4])
+        draft_top4(logits, draft.vocab, self.lm_w, self.top4, self.rows)
 
     def _set_exit_flags(self, on: bool) -> None:
         """Hand the exit flag to every quantized linear of the layers (None: off). In fill mode the k and v rows of

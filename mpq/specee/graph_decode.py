@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from kernels.draft_top4 import draft_top4
 from mpq.errors import MpqError
 from mpq.specee.decode import ExitDecoder
 from mpq.specee.features import final_norm
@@ -100,11 +101,9 @@ class GraphExitDecoder(ExitDecoder):
         """The draft head's top-4 for this token (from the last token's normed hidden state and this embedding) and
         their LM-head rows, into fixed buffers."""
         draft = self.sp.draft
-        top4 = draft.propose(draft.step_at(self.h_prev[None], self.X[0].view(1, -1), self.pos - 1, self.d_cos,
-                                           self.d_sin))
-        self.top4.copy_(top4)
-        self.rows.copy_(self.lm_w[top4])
-        self.host_top4.copy_(top4, non_blocking=True)
+        logits = draft.step_at(self.h_prev[None], self.X[0].view(1, -1), self.pos - 1, self.d_cos, self.d_sin)
+        draft_top4(logits, draft.vocab, self.lm_w, self.top4, self.rows)
+        self.host_top4.copy_(self.top4, non_blocking=True)
 
     def _head_fn(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Final norm and LM head on layer i's output; (argmax, among the draft's 4) to the host."""
