@@ -128,6 +128,7 @@ def quantize_state_dict(weights: dict[str, torch.Tensor], target_bits: float | N
     """Data-free quantization (identity Hessian, range-only sensitivity) of {fqn: W}; used by GPU benchmarks.
     target_bits None: every linear is pinned by `overrides`, and the pins alone set the bits."""
     recipe = recipe or (Recipe() if target_bits is None else Recipe(target_bits=target_bits))
+    check_layout([(n, *w.shape) for n, w in weights.items()], recipe)
     pins = pins_for(weights, overrides or {})
     costs = [measure_linear(n, w, None, recipe) for n, w in weights.items()]
     if target_bits is None:

@@ -36,20 +36,14 @@ def scaled_trace(hist: dict, src_layers: int, layers: int, n: int, seed: int = 0
 
 
 def _quantized_draft(draft, dev):
-    """The draft layer's linears quantized data-free, as the engine's are, and its reduced-vocabulary head (the
-    bound LM-head rows) in 4-bit, into draft.linears (its own eager path, which the live decoders run); the returned
-    source builds the graph step's q/k/v and gate/up as the engine builds its own (stacked where their layouts
-    agree). The head is 4-bit throughout, not mixed: it only ranks the draft's top-4, and in fp16 it was 40% of
-    the draft's bytes."""
-    from mpq.quant.pipeline import quantize_state_dict
+    """The draft quantized as `mpq train-predictors` stores it (`DraftHead.quantize`: the layer data-free at the
+    model's budget, the head's rows in 4-bit), run from draft.linears (its own eager path, which the live decoders
+    run); the returned source builds the graph step's q/k/v and gate/up as the engine builds its own (stacked where
+    their layouts agree)."""
     from mpq.runtime.model import WeightSource
-    from mpq.runtime.quant_linear import QuantLinear
 
-    names = ("fc", "q", "k", "v", "o", "gate", "up", "down")
-    packed, _ = quantize_state_dict({n: getattr(draft, n).detach().float().cpu() for n in names}, 2.9)
-    head, _ = quantize_state_dict({"head": draft.rows.detach().float().cpu()}, None, overrides={"head": 4})
-    packed.update(head)
-    draft.linears = {n: QuantLinear(packed[n].to(dev)) for n in (*names, "head")}
+    packed = draft.quantize(2.9)
+    draft.use_quantized(packed, dev)
     return WeightSource({}, {n: packed[n] for n in ("q", "k", "v", "gate", "up")}, device=dev, dtype=torch.float16)
 
 

@@ -21,6 +21,7 @@ from mpq.specee.predictor import ExitPredictors
 
 SPECEE_VERSION = 1
 PREFIX = "specee."
+QUANTIZED_DRAFT = "specee.draft_q."  # + linear name + "." + format tensor name; their geometry in meta["draft_quantized"]
 
 
 @dataclass
@@ -29,6 +30,12 @@ class SpecEE:
     predictors: ExitPredictors
     offline: list[int]  # layer indices evaluated on every token
     meta: dict
+    quantized_draft: dict | None = None  # {name: PackedLinear}: the draft as the GPU decoders run it, if stored
+
+
+def quantized_draft_tensors(packed: dict) -> dict[str, torch.Tensor]:
+    """`DraftHead.quantize`'s output as artifact tensors (their geometry goes to meta["draft_quantized"])."""
+    return {f"{QUANTIZED_DRAFT}{n}.{t}": v for n, p in packed.items() for t, v in p.tensors().items()}
 
 
 def artifact_fingerprint(manifest: dict) -> str:
@@ -91,7 +98,30 @@ def load_specee(path: Path, config: dict | None = None) -> SpecEE:
         raise ArtifactError(f"specee tensors are malformed ({type(e).__name__}: {str(e)[:120]})") from None
     if draft.dim != int(cfg["hidden_size"]) or int(draft.vocab.max()) >= int(cfg["vocab_size"]):
         raise MpqError("the draft head does not fit this model's width or vocabulary")
-    return SpecEE(draft, pred, [int(x) for x in meta["offline_layers"]], meta)
+    return SpecEE(draft, pred, [int(x) for x in meta["offline_layers"]], meta, _quantized_draft(t, meta, draft))
+
+
+def _quantized_draft(t: dict[str, torch.Tensor], meta: dict, draft: DraftHead) -> dict | None:
+    """The stored quantized draft, each linear checked against the float draft's shape (the head: its rows padded
+    to fewer than one row tile more)."""
+    from mpq.quant.format import PackedLinear
+    from mpq.specee.draft import HEAD, LINEAR_NAMES
+
+    geometry = meta.get("draft_quantized")
+    if geometry is None:
+        return None
+    if not isinstance(geometry, dict) or set(geometry) != {*LINEAR_NAMES, HEAD}:
+        raise ArtifactError("specee draft_quantized: expected the linears " + ", ".join((*LINEAR_NAMES, HEAD)))
+    out = {}
+    for name, geo in geometry.items():
+        prefix = f"{QUANTIZED_DRAFT}{name}."
+        out[name] = PackedLinear.from_tensors(geo, {k[len(prefix):]: v for k, v in t.items() if k.startswith(prefix)})
+        want = (draft.vocab.numel(), draft.dim) if name == HEAD else tuple(getattr(draft, name).shape)
+        got = (out[name].out_features, out[name].in_features)
+        pad = got[0] - want[0]
+        if got[1] != want[1] or not (pad == 0 or name == HEAD and 0 <= pad < out[name].tile_rows):
+            raise ArtifactError(f"specee quantized draft {name}: shape {list(got)} does not fit the draft's {list(want)}")
+    return out
 
 
 def write_specee(path: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:

@@ -18,6 +18,8 @@ from torch import nn
 from mpq.specee.features import K_DRAFT, final_norm
 
 PARAM_NAMES = ("fc", "attn_norm", "q", "k", "v", "o", "mlp_norm", "gate", "up", "down", "norm")
+LINEAR_NAMES = ("fc", "q", "k", "v", "o", "gate", "up", "down")
+HEAD = "head"  # the reduced-vocabulary head's name among the quantized linears
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -68,10 +70,30 @@ class DraftHead(nn.Module):
 
     def head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """Reduced-vocab logits of normed states h [..., D]: through `linears["head"]` where the rows were
-        quantized for decoding, else the bound rows."""
-        if self.linears is not None and "head" in self.linears:
-            return self.linears["head"](h)
+        quantized for decoding (padded to whole row tiles; the padding's logits are cut off), else the bound rows."""
+        if self.linears is not None and HEAD in self.linears:
+            return self.linears[HEAD](h)[..., :self.vocab.numel()]
         return h @ self.rows.t()
+
+    def quantize(self, target_bits: float) -> dict:
+        """{name: PackedLinear}: the layer's linears data-free at target_bits (mixed 2/4-bit, as the model's), and
+        the head's bound rows in 4-bit, padded with zero rows to whole row tiles. What the GPU decoders run, where
+        the draft costs what its bytes cost; the rows are 4-bit throughout since they only rank 4 candidates.
+        Raises MpqError where a shape does not fit the format."""
+        from mpq.quant.pipeline import quantize_state_dict
+        from mpq.quant.recipe import Recipe
+
+        packed, _ = quantize_state_dict({n: getattr(self, n).detach().float().cpu() for n in LINEAR_NAMES}, target_bits)
+        rows = self.rows.detach().float().cpu()
+        rows = F.pad(rows, (0, 0, 0, -rows.shape[0] % Recipe().tile_rows))
+        head, _ = quantize_state_dict({HEAD: rows}, None, overrides={HEAD: 4})
+        return {**packed, **head}
+
+    def use_quantized(self, packed: dict, device) -> None:
+        """Run the linears and the head from `packed` (`quantize`'s output) on `device` from now on."""
+        from mpq.runtime.quant_linear import QuantLinear
+
+        self.linears = {n: QuantLinear(p.to(device)) for n, p in packed.items()}
 
     def _layer(self, x, cos, sin, attend):
         h = final_norm(x, self.attn_norm, self.eps)
@@ -96,7 +118,7 @@ class DraftHead(nn.Module):
             return F.scaled_dot_product_attention(q, self._repeat(k), self._repeat(v), is_causal=True).transpose(1, 2)
 
         x = self.lin("fc", torch.cat((h_normed, emb), dim=-1))
-        return self._layer(x, cos, sin, attend) @ self.rows.t()
+        return self.head_logits(self._layer(x, cos, sin, attend))
 
     # ---- decode time -------------------------------------------------------------------------------------
     def setup_cache(self, length: int, device, dtype) -> None:

@@ -255,11 +255,40 @@ def train_draft(ctx: Ctx) -> None:
     with torch.no_grad():
         top4 = draft.propose(draft(h_in[:n_val], emb[:n_val], cos, sin))
     truth = argmax[-1].view(n_lab, T)[:n_val, 1:].long()
-    recall = float((top4 == truth[..., None]).any(-1).float().mean())
-    top1 = float((top4[..., 0] == truth).float().mean())
+
+    def scores(top4: torch.Tensor) -> tuple[float, float]:  # held-out top-4 recall and top-1
+        return float((top4 == truth[..., None]).any(-1).float().mean()), float((top4[..., 0] == truth).float().mean())
+
+    recall, top1 = scores(top4)
     ctx.state["draft"] = {"vocab_size": int(vocab.numel()), "vocab_coverage": coverage, "inter": o.draft_inter,
                           "heldout_top4_recall": recall, "heldout_top1": top1, "heldout_windows": n_val}
-    _save(ctx.work / "draft.safetensors", {"tensors": draft.tensors(), "metrics": ctx.state["draft"]})
+    packed = _quantize_draft(ctx, draft, lambda: draft.propose(draft(h_in[:n_val], emb[:n_val], cos, sin)), scores)
+    _save(ctx.work / "draft.safetensors", {"tensors": draft.tensors(), "metrics": ctx.state["draft"],
+                                           **({"quantized": packed} if packed else {})})
+
+
+def _quantize_draft(ctx: Ctx, draft: DraftHead, propose_heldout, scores) -> dict[str, torch.Tensor]:
+    """The draft as the GPU decoders run it (`DraftHead.quantize`, at the artifact's bits/weight), its held-out
+    scores beside the float draft's in ctx.state["draft"]["quantized"]; returns its tensors (empty where a shape
+    does not fit the format: the decoders then run the float draft)."""
+    from mpq.artifact import read_manifest
+    from mpq.specee.bundle import quantized_draft_tensors
+
+    bits = min(max(float(read_manifest(ctx.opts.artifact)[1].get("bits_per_weight", 3.0)), 2.5), 4.0)
+    try:
+        packed = draft.quantize(bits)
+    except MpqError as e:
+        ctx.state["draft"]["quantized"] = {"skipped": str(e)}
+        return {}
+    draft.use_quantized(packed, "cpu")
+    try:
+        with torch.no_grad():
+            recall, top1 = scores(propose_heldout())
+    finally:
+        draft.linears = None
+    ctx.state["draft"]["quantized"] = {"bits_per_weight": bits, "heldout_top4_recall": recall, "heldout_top1": top1,
+                                       "linears": {n: p.meta() for n, p in packed.items()}}
+    return quantized_draft_tensors(packed)
 
 
 # ---- predictors ------------------------------------------------------------------------------------------
@@ -456,9 +485,12 @@ def write(ctx: Ctx) -> None:
     o = ctx.opts
     d, p = _load(ctx.work / "draft.safetensors"), _load(ctx.work / "predictors.safetensors")
     tensors = {**d["tensors"], **p["tensors"], "specee.offline_layers": torch.tensor(p["meta"]["offline_layers"])}
+    tensors.update(d.get("quantized", {}))
     meta = {"predictor_layers": p["layers"], "offline_layers": p["meta"]["offline_layers"], "draft": d["metrics"],
             "predictors": p["meta"], "data": {"dataset": dataset_fingerprint(o.dataset), "samples": o.samples,
                                               "seq_len": o.seq_len, "seed": o.seed}}
+    if "quantized" in d:
+        meta["draft_quantized"] = d["metrics"]["quantized"]["linears"]
     write_specee(o.artifact, tensors, meta)
     ctx.state.update(draft=d["metrics"], predictors=p["meta"])
 
@@ -506,6 +538,12 @@ def _print_summary(s: dict) -> None:
     c.print(f"draft head: reduced vocabulary {d['vocab_size']} tokens (covers {100 * d['vocab_coverage']:.1f}% of the "
             f"model's predictions), MLP width {d['inter']}; held-out top-4 recall {100 * d['heldout_top4_recall']:.1f}%, "
             f"top-1 {100 * d['heldout_top1']:.1f}%")
+    q = d.get("quantized", {})
+    if "heldout_top4_recall" in q:
+        c.print(f"quantized for the GPU ({q['bits_per_weight']:.2f} bits/weight, head 4-bit): held-out top-4 recall "
+                f"{100 * q['heldout_top4_recall']:.1f}%, top-1 {100 * q['heldout_top1']:.1f}%")
+    elif "skipped" in q:
+        c.print(f"the draft stays in float on the GPU: {q['skipped']}")
     t = Table(title="exit predictors (held-out, threshold 0.5)", title_justify="left")
     for col in ("layer", "positives", "accuracy", "precision", "recall"):
         t.add_column(col, justify="right")

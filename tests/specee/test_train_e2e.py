@@ -243,3 +243,34 @@ def test_bad_draft_options_are_refused_before_any_work(trained, tmp_path, bad):
     with pytest.raises(MpqError, match="--draft-samples >= 0 and --draft-inter >= 1"):
         train_predictors_cli(TrainOptions(**dict(opts, work=work, **bad)))
     assert not work.exists()
+
+
+def test_the_addon_carries_the_draft_quantized_for_the_gpu(trained):
+    """`train-predictors` stores the draft as the GPU decoders run it (the layer at the artifact's bits, the head's
+    rows in 4-bit), scores it on the held-out windows beside the float draft, and the loader checks its shapes."""
+    from mpq.errors import ArtifactError
+    from mpq.specee.bundle import _quantized_draft, load_specee, quantized_draft_tensors
+    from mpq.specee.draft import HEAD, LINEAR_NAMES, DraftHead
+
+    _, art, _, summary = trained
+    q = summary["draft"]["quantized"]
+    assert 2.5 <= q["bits_per_weight"] <= 4.0 and 0.0 <= q["heldout_top4_recall"] <= 1.0
+    sp = load_specee(art)
+    packed = sp.quantized_draft
+    assert set(packed) == {*LINEAR_NAMES, HEAD}
+    for name in LINEAR_NAMES:
+        w = getattr(sp.draft, name).detach()
+        assert packed[name].dequantize().shape == w.shape
+        assert (packed[name].dequantize() - w).norm() < 0.5 * w.norm()  # mixed 2/4-bit of a trained layer
+    V, head = sp.draft.vocab.numel(), packed[HEAD]
+    assert head.n4 == head.groups and V <= head.out_features < V + head.tile_rows  # all 4-bit, padded to whole tiles
+    # the quantized draft runs on the reference path and scores the V tokens of its vocabulary
+    draft = sp.draft
+    draft.bind_rows(torch.randn(int(draft.vocab.max()) + 1, draft.dim))
+    draft.use_quantized(packed, "cpu")
+    assert draft.head_logits(torch.randn(3, draft.dim)).shape == (3, V)
+    # a quantized draft of another draft's shapes is refused
+    other = DraftHead(draft.dim, draft.n_heads, draft.n_kv_heads, draft.head_dim, draft.inter // 2, draft.eps, draft.vocab)
+    with pytest.raises(ArtifactError):
+        _quantized_draft(quantized_draft_tensors(packed), {"draft_quantized": {n: p.meta() for n, p in packed.items()}},
+                         other)
