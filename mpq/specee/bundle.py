@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from mpq.errors import ArtifactError, MpqError
-from mpq.specee.draft import DraftHead
+from mpq.quant.format import PackedLinear
+from mpq.specee.draft import HEAD, LINEAR_NAMES, DraftHead
 from mpq.specee.predictor import ExitPredictors
 
 SPECEE_VERSION = 1
@@ -104,9 +105,6 @@ def load_specee(path: Path, config: dict | None = None) -> SpecEE:
 def _quantized_draft(t: dict[str, torch.Tensor], meta: dict, draft: DraftHead) -> dict | None:
     """The stored quantized draft, each linear checked against the float draft's shape (the head: its rows padded
     to fewer than one row tile more)."""
-    from mpq.quant.format import PackedLinear
-    from mpq.specee.draft import HEAD, LINEAR_NAMES
-
     geometry = meta.get("draft_quantized")
     if geometry is None:
         return None
