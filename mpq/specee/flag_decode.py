@@ -83,9 +83,11 @@ class FlagExitDecoder(GraphExitDecoder):
                                  silu_mul=functools.partial(step_ops.silu_mul, pdl=pdl, skip=flag),
                                  decode_attention=functools.partial(decode_attention, pdl=pdl, skip=flag))
         self.pdl = pdl
-        # the draft through the same kernels without the flag (it runs after the step's exit head)
-        self.draft_ops = SmallOps(add_rms_norm=step_ops.add_rms_norm, silu_mul=step_ops.silu_mul,
-                                  decode_attention=decode_attention)
+        # the draft through the same kernels without the flag (it runs after the step's exit head), programmatic
+        # dependents as the step's own (its ~15 kernels run in a row)
+        self.draft_ops = SmallOps(add_rms_norm=functools.partial(step_ops.add_rms_norm, pdl=pdl),
+                                  silu_mul=functools.partial(step_ops.silu_mul, pdl=pdl),
+                                  decode_attention=functools.partial(decode_attention, pdl=pdl))
         self.draft_counters = torch.zeros(self.sp.draft.n_kv_heads, dtype=torch.int32, device=dev)
         self.next_emb = torch.zeros_like(self.X[0].view(1, -1))
         self.drafted: int | None = None  # the token the pending draft was computed for
