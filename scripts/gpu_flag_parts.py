@@ -1,8 +1,9 @@
 """What the live one-graph exit decoder (`mpq.specee.flag_decode`) adds to the engine's step when nothing exits
-(GPU): its step without predictors as committed; with the draft's q/k/v and gate/up unstacked and its small ops
-launched without PDL (as before 2026-11-27's run 27); without the next token's draft, and without the exit flag on
-the quantized linears (timing only: those decode what the first does only while nothing exits); beside the engine's
-own step, on the trace bench's 7B-shaped engine and quantized draft. Two alternations; writes $OUT/flag-parts.json."""
+(GPU): its step without predictors as committed; with the draft's small ops launched without PDL (as before
+2026-11-27's run 27); without the next token's draft, and without the exit flag on the quantized linears (timing
+only: those decode what the first does only while nothing exits); beside the engine's own step, on the trace
+bench's 7B-shaped engine and quantized draft. Two alternations; writes $OUT/flag-parts.json. (At b94bb5b it also
+timed the draft's q/k/v and gate/up stacked, which was slower here: flag-parts-h100-2026-11-27-b94bb5b.json.)"""
 
 from __future__ import annotations
 
@@ -24,11 +25,6 @@ def main() -> None:
     bench = build_exit_bench(Path("benchmarks/results/specee-trace-smollm2.json"))
     model, prompt, L = bench.model, bench.prompt, bench.model.args.n_layers
     draft = bench.draft
-    stacked = {n: draft.linears[n] for n in ("qkv", "gate_up")}
-
-    def unstacked(dec):
-        for n in stacked:
-            draft.linears.pop(n)
 
     def plain_ops(dec):
         dec.draft_ops = SmallOps(add_rms_norm=step_ops.add_rms_norm, silu_mul=step_ops.silu_mul,
@@ -40,9 +36,8 @@ def main() -> None:
     def no_flag(dec):
         dec._set_exit_flags = lambda on: None
 
-    variants = {"committed": [], "draft q/k/v, gate/up unstacked": [unstacked],
-                "draft small ops without PDL": [plain_ops], "both (the draft before)": [unstacked, plain_ops],
-                "no draft": [no_draft], "no draft, no exit flag on the linears": [no_draft, no_flag]}
+    variants = {"committed": [], "draft small ops without PDL": [plain_ops], "no draft": [no_draft],
+                "no draft, no exit flag on the linears": [no_draft, no_flag]}
     times: dict[str, list[float]] = {name: [] for name in variants}
     with torch.inference_mode():
         for _ in range(2):
@@ -57,7 +52,6 @@ def main() -> None:
                 times[name].append(st.decode_ms / max(st.tokens, 1))
                 print(f"{name:40s} {times[name][-1]:.4f}", flush=True)
                 del dec
-                draft.linears.update(stacked)
     out = Path(os.environ.get("OUT", "benchmarks/results"))
     (out / "flag-parts.json").write_text(json.dumps({
         "device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT", ""), "torch": torch.__version__,

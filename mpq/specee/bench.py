@@ -35,6 +35,18 @@ def scaled_trace(hist: dict, src_layers: int, layers: int, n: int, seed: int = 0
     return [max(1, min(layers, round(keys[i] * layers / src_layers))) for i in draw.tolist()]
 
 
+def _quantized_draft(draft, dev):
+    """The draft quantized as `mpq train-predictors` stores it (`DraftHead.quantize`: the layer data-free at the
+    model's budget, the head's rows in 4-bit), run from draft.linears (its own eager path, which the live decoders
+    run); the returned source builds the graph step's q/k/v and gate/up as the engine builds its own (stacked where
+    their layouts agree)."""
+    from mpq.runtime.model import WeightSource
+
+    packed = draft.quantize(2.9)
+    draft.use_quantized(packed, dev)
+    return WeightSource({}, {n: packed[n] for n in ("q", "k", "v", "gate", "up")}, device=dev, dtype=torch.float16)
+
+
 class GraphStep:
     """Static buffers and one captured decode step per (exit layer, fill or drop).
 
@@ -46,7 +58,7 @@ class GraphStep:
     streams). Every layer's attention and the draft's run the fused decode kernel, so the step builds no attention
     masks (the model's GPU kernels must be in: `compile_small_ops`)."""
 
-    def __init__(self, model, draft, preds, offline, max_len):
+    def __init__(self, model, draft, draft_source, preds, offline, max_len):
         from mpq.specee.decode import ExitDecoder
 
         if model.ops.decode_attention is None:
@@ -65,6 +77,8 @@ class GraphStep:
         self.mlp = preds.kernel_tensors()
         self.dcache = torch.zeros(2, a.n_kv_heads, max_len, a.head_dim, dtype=dt, device=dev)
         self.d_counters = torch.zeros(a.n_kv_heads, dtype=torch.int32, device=dev)  # fused attention: per KV head
+        self.d_qkv = draft_source.linears(["q", "k", "v"])
+        self.d_gate_up = draft_source.linears(["gate", "up"])
         # high priority: the first predicted layer waits for the draft's tokens, so its kernels go first where both
         # streams have work (waiting for the draft: 2.0% of a step against 2.7% at normal priority, run 12)
         self.draft_stream = torch.cuda.Stream(dev, priority=-1)
@@ -82,13 +96,13 @@ class GraphStep:
         ops, eps = m.ops, a.norm_eps
         x = d.linears["fc"](self.fc_in.view(1, 1, -1))
         _, h = ops.add_rms_norm(x, None, d.attn_norm, eps)
-        q, k, v = d.lin_parts("qkv", ("q", "k", "v"), h)
+        q, k, v = self.d_qkv(h)
         q, k, v = (q.view(1, 1, a.n_heads, a.head_dim), k.view(1, 1, a.n_kv_heads, a.head_dim),
                    v.view(1, 1, a.n_kv_heads, a.head_dim))
         # the engine's fused kernel (set by compile_small_ops): RoPE, the draft cache's write and attention
         y = ops.decode_attention(q, k, v, cos, sin, self.dcache[:, None], self.pos, self.d_counters)
         x, h = ops.add_rms_norm(x, d.linears["o"](y), d.mlp_norm, eps)
-        gate, up = d.lin_parts("gate_up", ("gate", "up"), h)
+        gate, up = self.d_gate_up(h)
         _, h = ops.add_rms_norm(x, d.linears["down"](ops.silu_mul(gate, up)), d.norm, eps)
         draft_top4(d.head_logits(h).view(-1), d.vocab, self.lm_w, self.d_top4, self.d_rows)
         return self.d_rows
@@ -295,15 +309,14 @@ def build_exit_bench(trace_json: Path, prompt_tokens: int = 128, new_tokens: int
         for n in ("o", "down"):
             getattr(draft, n).normal_(0, 0.02)
     draft.bind_rows(model.output.weight.cpu())
-    # quantized as `mpq train-predictors` stores it for the GPU decoders (the layer at the model's budget)
-    draft.use_quantized(draft.quantize(2.9), dev)
+    draft_source = _quantized_draft(draft, dev)
     draft.to(dev, torch.float16)
     draft.bind_rows(model.output.weight)
     first = next(iter(traces.values()))
     exit_hist = torch.bincount(torch.tensor(first) - 1, minlength=L).float()
     preds = ExitPredictors(list(range(L - 1))).to(dev)
     # the engine's own cache length: SDPA's cost grows with it, so base and exits share it
-    step = GraphStep(model, draft, preds, auto_layers(exit_hist, call_cost=0.05),
+    step = GraphStep(model, draft, draft_source, preds, auto_layers(exit_hist, call_cost=0.05),
                      cache_length(model, prompt_tokens + new_tokens))
     return ExitBench(model, prompt, base, traces, src_layers, draft, preds, exit_hist, step)
 

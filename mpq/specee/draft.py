@@ -89,32 +89,21 @@ class DraftHead(nn.Module):
         head, _ = quantize_state_dict({HEAD: rows}, None, overrides={HEAD: 4})
         return {**packed, **head}
 
-    def use_quantized(self, packed: dict, device, dtype: torch.dtype = torch.float16) -> None:
-        """Run the linears and the head from `packed` (`quantize`'s output) on `device` from now on; q/k/v and
-        gate/up, which read one input, as one launch each where their layouts allow (stacked as the engine stacks
-        its own: on the GPU the draft's ~15 kernels run in a row)."""
-        from mpq.runtime.model import WeightSource
+    def use_quantized(self, packed: dict, device) -> None:
+        """Run the linears and the head from `packed` (`quantize`'s output) on `device` from now on."""
+        from mpq.runtime.quant_linear import QuantLinear
 
-        source = WeightSource({}, packed, device=torch.device(device), dtype=dtype)
-        self.linears = {n: source.linear(n) for n in packed}
-        self.linears.update(qkv=source.linears(["q", "k", "v"]), gate_up=source.linears(["gate", "up"]))
-
-    def lin_parts(self, name: str, parts: tuple[str, ...], x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The outputs of linears that read x: one stacked launch where `use_quantized` built one under `name`."""
-        if self.linears is not None and name in self.linears:
-            return tuple(self.linears[name](x))
-        return tuple(self.lin(p, x) for p in parts)
+        self.linears = {n: QuantLinear(p.to(device)) for n, p in packed.items()}
 
     def _layer(self, x, cos, sin, attend):
         h = final_norm(x, self.attn_norm, self.eps)
-        q, k, v = self.lin_parts("qkv", ("q", "k", "v"), h)
-        q = q.unflatten(-1, (self.n_heads, self.head_dim))
-        k, v = (t.unflatten(-1, (self.n_kv_heads, self.head_dim)) for t in (k, v))
+        q = self.lin("q", h).unflatten(-1, (self.n_heads, self.head_dim))
+        k = self.lin("k", h).unflatten(-1, (self.n_kv_heads, self.head_dim))
+        v = self.lin("v", h).unflatten(-1, (self.n_kv_heads, self.head_dim))
         y = attend(_rotate(q, cos, sin), _rotate(k, cos, sin), v)
         x = x + self.lin("o", y.flatten(-2))
         h = final_norm(x, self.mlp_norm, self.eps)
-        gate, up = self.lin_parts("gate_up", ("gate", "up"), h)
-        x = x + self.lin("down", F.silu(gate) * up)
+        x = x + self.lin("down", F.silu(self.lin("gate", h)) * self.lin("up", h))
         return final_norm(x, self.norm, self.eps)
 
     def _repeat(self, t):
@@ -172,13 +161,13 @@ class DraftHead(nn.Module):
         small ops and an attention over the whole cache. cos/sin [1, D] at pos."""
         x = self.lin("fc", torch.cat((h_normed, emb), dim=-1)).view(1, 1, -1)
         _, h = ops.add_rms_norm(x, None, self.attn_norm, self.eps)
-        q, k, v = self.lin_parts("qkv", ("q", "k", "v"), h)
-        q = q.reshape(1, 1, self.n_heads, self.head_dim)
-        k, v = (t.reshape(1, 1, self.n_kv_heads, self.head_dim) for t in (k, v))
+        q = self.lin("q", h).view(1, 1, self.n_heads, self.head_dim)
+        k = self.lin("k", h).view(1, 1, self.n_kv_heads, self.head_dim)
+        v = self.lin("v", h).view(1, 1, self.n_kv_heads, self.head_dim)
         y = ops.decode_attention(q, k, v, cos, sin, self.cache[:, None], pos, counters)
         x, h = ops.add_rms_norm(x, self.lin("o", y), self.mlp_norm, self.eps)
-        gate, up = self.lin_parts("gate_up", ("gate", "up"), h)
-        _, h = ops.add_rms_norm(x, self.lin("down", ops.silu_mul(gate, up)), self.norm, self.eps)
+        _, h = ops.add_rms_norm(x, self.lin("down", ops.silu_mul(self.lin("gate", h), self.lin("up", h))), self.norm,
+                                self.eps)
         return self.head_logits(h).view(-1)
 
     def propose(self, logits: torch.Tensor) -> torch.Tensor:
