@@ -377,7 +377,7 @@ def run_with_exits(engine, spec: str, prompt: list[int], max_new_tokens: int, sa
     decoder is one CUDA graph per token with the exit decision on the device and device branches
     (`FlagExitDecoder`): on the H100's 7B shape, replaying the measured exit trace (21.7 of 32 layers), it took 1.92
     (fill) / 1.80 (drop) ms/token against the engine's one-graph step at 2.06 (flag-branches-h100-2026-11-27.json),
-    1.94 / 1.83 against 2.00 over 64 tokens (specee-e2e-h100-v29.json).
+    1.93 / 1.82 against 1.99 over 64 tokens (specee-e2e-h100-v31.json).
     Where exits do not pay (SmolLM2 on the GPU: its step is 0.8 ms, launches more than weights), the decoder falls
     back within its first window, hands the rest to the engine's loop and says so."""
     import sys
