@@ -178,6 +178,15 @@ def _exit_head(final):
               7, final=final, pdl=True, programs=528)
 
 
+def _draft_top4():
+    from kernels.draft_top4 import _draft_top4_kernel
+
+    V, D = 4096, 4096  # the wrapper takes the PyTorch ops for CPU tensors: the kernel is launched directly
+    _draft_top4_kernel[(1,)](torch.randn(V).half(), torch.arange(V), torch.randn(32000, D).half(),
+                             torch.zeros(4, dtype=torch.long), torch.empty(4, D, dtype=torch.half), V, D, D,
+                             BLOCK_V=V, BLOCK_D=1024, num_warps=8)
+
+
 def _graph_branch():
     from kernels.exit_flag import CTL_ACTIVE
     from kernels.graph_cond import set_branch
@@ -209,6 +218,7 @@ CASES = {
     "exit_probability control": lambda: _predictor(True),
     "exit_head": lambda: _exit_head(False),
     "exit_head final": lambda: _exit_head(True),
+    "draft_top4": _draft_top4,
     "graph branch setter": _graph_branch,
 }
 
