@@ -54,7 +54,9 @@ def draft_top4(logits: torch.Tensor, vocab: torch.Tensor, lm_weight: torch.Tenso
     contiguous). No host syncs: capturable in a CUDA graph. CPU tensors take the PyTorch ops (unless the Triton
     interpreter is on, as in the tests)."""
     V, D = logits.numel(), lm_weight.shape[1]
-    if not (logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1") or V > MAX_VOCAB or V < K or lm_weight.stride(1) != 1 or not (rows.is_contiguous() and logits.is_contiguous()):
+    runs_kernel = logits.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    layout_ok = lm_weight.stride(1) == 1 and rows.is_contiguous() and logits.is_contiguous()
+    if not (runs_kernel and layout_ok and K <= V <= MAX_VOCAB):
         draft_top4_reference(logits, vocab, lm_weight, top4, rows)
         return
     block_v = triton.next_power_of_2(V)

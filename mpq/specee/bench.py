@@ -3,8 +3,8 @@
 Exits cannot be learned on random weights, so the exit layer of each token is replayed from the executed-layer
 histogram measured on the real small model (`mpq eval --early-exit --json`), scaled from its layer count to 32.
 Everything else is really computed per token: the draft head (its layer quantized like the model, its head over a
-reduced vocabulary of 4096 rows in 4-bit), the features and predictor at every offline layer below the exit and at the exit layer, the full LM
-head at the exit layer, and the KV filling of the skipped layers.
+reduced vocabulary of 4096 rows in 4-bit), the features and predictor at every offline layer below the exit and at
+the exit layer, the full LM head at the exit layer, and the KV filling of the skipped layers.
 
 Graph-friendly formulation: one CUDA graph per exit layer e (1..32), each holding the whole step for that exit;
 the replayed trace picks the graph. (In live decoding the predictor's decision would pick the next segment; that
