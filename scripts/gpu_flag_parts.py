@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import step_ops
-from kernels.decode_attention import decode_attention
-from mpq.runtime.model import SmallOps
+from mpq.runtime.model import kernel_ops
 from mpq.specee.bench import build_exit_bench
 from mpq.specee.bundle import SpecEE
 from mpq.specee.flag_decode import FlagExitDecoder
@@ -27,8 +25,7 @@ def main() -> None:
     draft = bench.draft
 
     def plain_ops(dec):
-        dec.draft_ops = SmallOps(add_rms_norm=step_ops.add_rms_norm, silu_mul=step_ops.silu_mul,
-                                 decode_attention=decode_attention)
+        dec.draft_ops = kernel_ops(pdl=False)
 
     def no_draft(dec):
         dec._draft_next = lambda token: None

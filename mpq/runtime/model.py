@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
@@ -143,6 +143,15 @@ class SmallOps:
     silu_mul: Callable = silu_mul
     rope_write: Callable = rope_write
     decode_attention: Callable | None = None
+
+
+def kernel_ops(pdl: bool, skip: torch.Tensor | None = None) -> SmallOps:
+    """The residual add + RMSNorm, the SwiGLU product and the one-token attention as the step's GPU kernels (the
+    rotations stay eager): programmatic dependents where pdl; with `skip` (an exit flag) they do no work once it is
+    set."""
+    return SmallOps(add_rms_norm=functools.partial(step_ops.add_rms_norm, pdl=pdl, skip=skip),
+                    silu_mul=functools.partial(step_ops.silu_mul, pdl=pdl, skip=skip),
+                    decode_attention=functools.partial(decode_attention, pdl=pdl, skip=skip))
 
 
 # ---- linears -------------------------------------------------------------------------------------------
@@ -401,11 +410,8 @@ class Transformer(nn.Module):
 
         pdl = pdl_enabled(self.device)
         options = {"triton.enable_pdl": True} if pdl and hasattr(inductor_config.triton, "enable_pdl") else None
-        self.ops = SmallOps(add_rms_norm=functools.partial(step_ops.add_rms_norm, pdl=pdl),
-                            rope=torch.compile(rope, dynamic=False, options=options),
-                            silu_mul=functools.partial(step_ops.silu_mul, pdl=pdl),
-                            rope_write=torch.compile(rope_write, dynamic=False, options=options),
-                            decode_attention=functools.partial(decode_attention, pdl=pdl))
+        self.ops = replace(kernel_ops(pdl), rope=torch.compile(rope, dynamic=False, options=options),
+                           rope_write=torch.compile(rope_write, dynamic=False, options=options))
 
     def blocks(self, x: torch.Tensor, delta: torch.Tensor | None, first: int, end: int, input_pos: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, ops: SmallOps,

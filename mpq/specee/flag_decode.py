@@ -31,12 +31,8 @@ run eagerly under the Triton interpreter on the CPU, captured and replayed on CU
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from kernels import step_ops
-from kernels.decode_attention import decode_attention
 from kernels.dispatch import pdl_enabled
 from kernels.draft_top4 import draft_top4
 from kernels.exit_flag import (CTL_ACTIVE, CTL_EVALUATED, CTL_EXECUTED, CTL_FORCED, CTL_REJECTIONS, CTL_TOKEN,
@@ -46,7 +42,7 @@ from kernels.exit_predictor import exit_probability
 from mpq.errors import MpqError
 from mpq.runtime.graph_if import DeviceBranch
 from mpq.runtime.graph_if import supported as graph_if_supported
-from mpq.runtime.model import SmallOps, SplitLinears
+from mpq.runtime.model import SplitLinears, kernel_ops
 from mpq.runtime.quant_linear import QuantLinear
 from mpq.specee.graph_decode import GraphExitDecoder
 
@@ -79,15 +75,11 @@ class FlagExitDecoder(GraphExitDecoder):
         self.thr = thr.to(dev)
         pdl = pdl_enabled(dev)
         flag = self.ctl[:1]
-        self.flag_ops = SmallOps(add_rms_norm=functools.partial(step_ops.add_rms_norm, pdl=pdl, skip=flag),
-                                 silu_mul=functools.partial(step_ops.silu_mul, pdl=pdl, skip=flag),
-                                 decode_attention=functools.partial(decode_attention, pdl=pdl, skip=flag))
+        self.flag_ops = kernel_ops(pdl, skip=flag)
         self.pdl = pdl
         # the draft through the same kernels without the flag (it runs after the step's exit head), programmatic
         # dependents as the step's own (its ~15 kernels run in a row)
-        self.draft_ops = SmallOps(add_rms_norm=functools.partial(step_ops.add_rms_norm, pdl=pdl),
-                                  silu_mul=functools.partial(step_ops.silu_mul, pdl=pdl),
-                                  decode_attention=functools.partial(decode_attention, pdl=pdl))
+        self.draft_ops = kernel_ops(pdl)
         self.draft_counters = torch.zeros(self.sp.draft.n_kv_heads, dtype=torch.int32, device=dev)
         self.next_emb = torch.zeros_like(self.X[0].view(1, -1))
         self.drafted: int | None = None  # the token the pending draft was computed for
