@@ -216,6 +216,7 @@ def train_draft(ctx: Ctx) -> None:
     extra = _final_hidden(ctx, o.draft_samples, T, o.seed) if o.draft_samples else None
     predicted = argmax[-1] if extra is None else torch.cat((argmax[-1], extra["argmax"].reshape(-1)))
     vocab, coverage = choose_vocab(predicted, o.draft_vocab)
+    from mpq.specee.bundle import quantized_draft_tensors
     from mpq.specee.decode import lm_head_weight
 
     draft = DraftHead(a.dim, a.n_heads, a.n_kv_heads, a.head_dim, o.draft_inter, a.norm_eps, vocab, seed=o.seed)
@@ -263,16 +264,16 @@ def train_draft(ctx: Ctx) -> None:
     ctx.state["draft"] = {"vocab_size": int(vocab.numel()), "vocab_coverage": coverage, "inter": o.draft_inter,
                           "heldout_top4_recall": recall, "heldout_top1": top1, "heldout_windows": n_val}
     packed = _quantize_draft(ctx, draft, lambda: draft.propose(draft(h_in[:n_val], emb[:n_val], cos, sin)), scores)
-    _save(ctx.work / "draft.safetensors", {"tensors": draft.tensors(), "metrics": ctx.state["draft"],
-                                           **({"quantized": packed} if packed else {})})
+    quantized = {"quantized": quantized_draft_tensors(packed),
+                 "quantized_linears": {n: p.meta() for n, p in packed.items()}} if packed else {}
+    _save(ctx.work / "draft.safetensors", {"tensors": draft.tensors(), "metrics": ctx.state["draft"], **quantized})
 
 
-def _quantize_draft(ctx: Ctx, draft: DraftHead, propose_heldout, scores) -> dict[str, torch.Tensor]:
-    """The draft as the GPU decoders run it (`DraftHead.quantize`, at the artifact's bits/weight), its held-out
-    scores beside the float draft's in ctx.state["draft"]["quantized"]; returns its tensors (empty where a shape
-    does not fit the format: the decoders then run the float draft)."""
+def _quantize_draft(ctx: Ctx, draft: DraftHead, propose_heldout, scores) -> dict:
+    """The draft as the GPU decoders run it (`DraftHead.quantize`, at the artifact's bits/weight: {name:
+    PackedLinear}), its held-out scores beside the float draft's in ctx.state["draft"]["quantized"]; empty where a
+    shape does not fit the format (the decoders then run the float draft)."""
     from mpq.artifact import read_manifest
-    from mpq.specee.bundle import quantized_draft_tensors
 
     bits = min(max(float(read_manifest(ctx.opts.artifact)[1].get("bits_per_weight", 3.0)), 2.5), 4.0)
     try:
@@ -286,9 +287,8 @@ def _quantize_draft(ctx: Ctx, draft: DraftHead, propose_heldout, scores) -> dict
             recall, top1 = scores(propose_heldout())
     finally:
         draft.linears = None
-    ctx.state["draft"]["quantized"] = {"bits_per_weight": bits, "heldout_top4_recall": recall, "heldout_top1": top1,
-                                       "linears": {n: p.meta() for n, p in packed.items()}}
-    return quantized_draft_tensors(packed)
+    ctx.state["draft"]["quantized"] = {"bits_per_weight": bits, "heldout_top4_recall": recall, "heldout_top1": top1}
+    return packed
 
 
 # ---- predictors ------------------------------------------------------------------------------------------
@@ -490,7 +490,7 @@ def write(ctx: Ctx) -> None:
             "predictors": p["meta"], "data": {"dataset": dataset_fingerprint(o.dataset), "samples": o.samples,
                                               "seq_len": o.seq_len, "seed": o.seed}}
     if "quantized" in d:
-        meta["draft_quantized"] = d["metrics"]["quantized"]["linears"]
+        meta["draft_quantized"] = d["quantized_linears"]
     write_specee(o.artifact, tensors, meta)
     ctx.state.update(draft=d["metrics"], predictors=p["meta"])
 
