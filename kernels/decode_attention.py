@@ -149,7 +149,7 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
         if READY:  # every share of the head is past its wait
             tl.store(ready_ptr + bh, 0)
         if DONE:
-            arrive(done_ptr)
+            arrive(done_ptr, 1)
 
 
 def attention_splits(cache_len: int, kv_heads: int, batch: int = 1, block_n: int = BLOCK_N) -> int:
@@ -172,8 +172,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     (or a new tensor) [B, 1, heads * D] in the cache's dtype. skip: the exit flag (`kernels.exit_flag`); while it is
     set the kernel only writes the new k and v into the cache (fill mode) or, given `bias`, sets bias[input_pos] to
     -inf (drop mode), and leaves `out` unwritten. num_warps: per program (2 gave the fastest 7B step, run 26).
-    ready: (int32 [KV heads] counters, arrivals): batch 1, q, k and v handed over from the GEMV that wrote them
-    (`kernels.handoff`: each head's programs wait for `arrivals` at its counter, instead of the PDL wait);
+    ready: (int32 [KV heads] counters, rows): batch 1, q, k and v handed over from the GEMV that wrote them
+    (`kernels.handoff`: each head's programs wait until its counter reaches its `rows` of q, k and v, instead of
+    the PDL wait);
     done: an int32 [2] gate at which each head arrives once its output is written (the o GEMV's gate). Neither
     with `skip`."""
     B, S, H, D = q.shape

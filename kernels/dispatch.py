@@ -26,6 +26,7 @@ CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
 COUNTERS_PER_ROW_TILE = 16  # split-K counters: one per (program, activation row or BM-block) of each row tile
 GEMV_MAX_M = 2
+HANDOFF_KINDS = ("tc", "gemv2")  # the decode GEMVs that take `signal` and `gate`
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMM_MAX_M = 64
 # cards that run another card's table: the H200 is the H100's die (132 SMs, sm_90) with faster, larger HBM
@@ -124,13 +125,18 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
     return cfg
 
 
-def handoff_runs(n: int, k: int, group_size: int, tile_rows: int, outliers: int, device: torch.device,
+def handoff_runs(n: int, k: int, group_size: int, tensors: tuple[torch.Tensor, ...], outliers: int,
                  dtype: torch.dtype, ragged: bool = False) -> bool:
-    """Whether a one-row call of this linear on `device` runs the tensor-core GEMV, the one kernel that hands its
-    input or output over through arrival counters (`mixed_matmul`'s `signal` and `gate`)."""
-    return (device.type == "cuda" and not INTERPRET and dtype == torch.float16 and tile_rows == TC_ROWS
-            and group_size == TC_GROUP and _props(device).major >= 8
-            and choose_config(1, n, k, group_size, device, outliers, ragged).kind == "tc")
+    """Whether a one-row call of this linear (its format tensors in TENSOR_ORDER) with `dtype` activations runs one of
+    the kernels that hand their input or output over through arrival counters (`mixed_matmul`'s `signal` and
+    `gate`): the tensor-core GEMV, or the fp16x2 one (16-byte aligned tensors), both fp16 on CUDA only."""
+    device = tensors[0].device
+    if device.type != "cuda" or INTERPRET or dtype != torch.float16 or _props(device).major < 8:
+        return False
+    cfg = choose_config(1, n, k, group_size, device, outliers, ragged)
+    if cfg.kind == "tc":
+        return tensors[0].shape[2] == TC_ROWS and group_size == TC_GROUP
+    return cfg.kind == "gemv2" and not ragged and not any(t.data_ptr() % 16 for t in tensors)
 
 
 def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig, outliers: int | None = None) -> dict:
@@ -247,8 +253,10 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
               else triton.cdiv(m, cfg.block_m))
     if cfg.split > 1 and blocks > COUNTERS_PER_ROW_TILE:
         cfg = dataclasses.replace(cfg, split=1)
-    if (signal is not None or gate is not None) and cfg.kind != "tc":
-        raise ValueError(f"a handed-over GEMV runs only on the tensor-core GEMV, not the {cfg.kind} kernel (M = {m})")
+    handing = signal is not None or gate is not None
+    if handing and (cfg.kind not in HANDOFF_KINDS or m != 1):
+        raise ValueError(f"a handed-over GEMV runs only on the M = 1 decode GEMVs {HANDOFF_KINDS}, not the {cfg.kind} "
+                         f"kernel (M = {m})")
     gens, ws = _split_scratch(y, counters, tensors[0].shape[0], cfg)
     if cfg.kind == "tc":
         return _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, tc_fast, skip, keep_tiles, None, handoff)
@@ -256,7 +264,7 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                        rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,
                        pairs=cfg.pairs if group_size >= 64 else 1, early4=cfg.early4, fast=True,
-                       pdl=pdl_enabled(x.device), skip=skip, keep_tiles=keep_tiles)
+                       pdl=pdl_enabled(x.device), skip=skip, keep_tiles=keep_tiles, **handoff)
     if cfg.kind == "gemv":
         return gemv_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                           rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps, skip=skip, keep_tiles=keep_tiles)

@@ -654,10 +654,10 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
         sig = sig_ptr + tl.load(sig_map_ptr + tile)
     if TAGGED:
         finish_split_tagged(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile,
-                            gen_ptr + tile, gen if GEN_EARLY else None, sp, M * N, SPLIT, sig)
+                            gen_ptr + tile, gen if GEN_EARLY else None, sp, M * N, SPLIT, sig, ROWS)
     else:
         finish_split(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile, sp, M * N,
-                     SPLIT, sig)
+                     SPLIT, sig, ROWS)
 
 
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
@@ -679,9 +679,9 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     (`kernels.exit_flag`): skipped row tiles leave y unwritten; `unrolled`: each program's loop unrolled, every
     load of both streams issued before any arithmetic (one compiled kernel per slot count of a share); `parts`:
     a ragged stack (`ragged_layout`), ((row tiles, n2, n4) of each of up to three parts), whose tensors are the
-    parts' flattened and concatenated (not `unrolled`); `signal`: (int32 counters, int32 [row tiles] index of
-    each tile's counter): the program that writes a row tile arrives at its counter (`kernels.handoff`); `gate`:
-    (int32 [2] gate, arrivals): x is handed over there instead of by the PDL wait (not with `skip`)."""
+    parts' flattened and concatenated (not `unrolled`); `signal` (M = 1): (int32 counters, int32 [row tiles]
+    index of each tile's counter): the program that writes a row tile adds its 16 rows there (`kernels.handoff`);
+    `gate`: (int32 [2] gate, arrivals): x is handed over there instead of by the PDL wait (not with `skip`)."""
     M, N = x.shape[0], y.shape[1]
     assert 1 <= M <= MAX_M and unroll in (1, 2)
     if parts is None:
@@ -699,6 +699,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     tagged = gens is not None and split > 1
     assert not tagged or (ws.dtype == torch.int64 and ws.numel() >= split * M * N and gens.numel() >= T)
     assert skip is None or (signal is None and gate is None)
+    assert signal is None or M == 1
     assert gate is None or not xfrag  # x_fragments would read x before the gate
     xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
     _gemv_tc_kernel[(T, split)](

@@ -4,8 +4,9 @@ A programmatic dependent's `griddepcontrol.wait` returns once the whole kernel b
 writes are flushed: a few microseconds after its last program, for every node of the step (run 26 of
 benchmarks/e2e-notes.md: a decode attention that only waits and returns costs ~4 us a layer). A consumer that
 needs only part of the producer's output can instead count the producer's programs as they publish it: each
-producer program stores its part and then `arrive`s (a release atomic on a counter in L2); the consumer's
-programs spin on the counter (`wait_arrivals`, acquire) and skip the grid wait.
+producer program stores its part and then `arrive`s (a release atomic on a counter in L2, adding the rows it
+wrote, so that the count does not depend on how the producer splits its work); the consumer's programs spin on
+the counter (`wait_arrivals`, acquire) and skip the grid wait.
 
 It is safe because of how the step launches: a programmatic dependent starts only after every program of the
 kernel before it has started, so when a consumer spins, all of its producer's programs are resident or done and
@@ -20,15 +21,15 @@ import triton.language as tl
 
 
 @triton.jit
-def arrive(counter_ptr):
-    """Publish this program's stores (every thread's) to the consumer, then count this program's arrival."""
+def arrive(counter_ptr, count):
+    """Publish this program's stores (every thread's) to the consumer, then add `count` to the counter."""
     tl.debug_barrier()
-    tl.atomic_add(counter_ptr, 1, sem="release", scope="gpu")
+    tl.atomic_add(counter_ptr, count, sem="release", scope="gpu")
 
 
 @triton.jit
 def wait_arrivals(counter_ptr, need):
-    """Spin until `need` producer programs arrived at counter_ptr; every thread's later loads see their stores."""
+    """Spin until the count at counter_ptr reaches `need`; every thread's later loads see the stores counted."""
     seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     while seen < need:
         seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
@@ -38,7 +39,7 @@ def wait_arrivals(counter_ptr, need):
 @triton.jit
 def pass_gate(gate_ptr, need, readers):
     """wait_arrivals on gate [0] for a kernel of `readers` programs, each reading all of the producer's output; the
-    last reader past the gate resets it (gate [1] counts the readers past)."""
+    last reader past the gate resets it (gate [1] counts the readers past). A producer arrives there with 1."""
     wait_arrivals(gate_ptr, need)
     past = tl.atomic_add(gate_ptr + 1, 1, sem="relaxed", scope="gpu")
     if past == readers - 1:

@@ -29,7 +29,7 @@ def _ready_only(self, h, input_pos, cos, sin, mask, ops, causal_prefix=False, dr
         return FULL(self, h, input_pos, cos, sin, mask, ops, causal_prefix, dropped)
     q, k, v = self.qkv(h, signal=(link.ready, link.tile_heads))
     y = ops.decode_attention(q, k, v, cos, sin, self.kv_cache.kv, input_pos, self.kv_cache.counters, None,
-                             ready=(link.ready, link.tiles_per_head))
+                             ready=(link.ready, link.rows_per_head))
     return self.o(y)
 
 

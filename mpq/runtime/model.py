@@ -28,7 +28,7 @@ from kernels.gemv_tc import GROUP_SIZE as TC_GROUP, TILE_ROWS as TC_ROWS
 from mpq.errors import ArtifactError, MpqError
 from mpq.models import SUPPORTED_ARCHITECTURES
 from mpq.quant.format import PackedLinear, stack_biases
-from mpq.runtime.quant_linear import QuantLinear, RaggedQuantLinear, StackedQuantLinear
+from mpq.runtime.quant_linear import KERNEL_TENSOR_ORDER, QuantLinear, RaggedQuantLinear, StackedQuantLinear
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -322,8 +322,8 @@ class AttentionHandoff:
     benchmarks/e2e-notes.md). All counters return to zero within the step."""
 
     tile_heads: torch.Tensor  # int32 [row tiles of the k/v/q output]: the KV head a row tile belongs to
-    ready: torch.Tensor  # int32 [KV heads]: that head's row tiles written so far
-    tiles_per_head: int
+    ready: torch.Tensor  # int32 [KV heads]: that head's rows of q, k and v written so far
+    rows_per_head: int
     done: torch.Tensor  # int32 [2]: the o GEMV's gate (heads merged, o programs past the gate)
 
 
@@ -343,24 +343,23 @@ class Block(nn.Module):
         self.handoff: AttentionHandoff | None = None
 
     def link_attention(self) -> bool:
-        """Set up `handoff` where it can run: both GEMVs on the tensor-core kernel, k/v/q one launch without a bias,
-        head_dim whole 16-row tiles. Returns whether it is set."""
+        """Set up `handoff` where it can run: both GEMVs on a kernel that hands over (`handoff_runs`), k/v/q one
+        launch without a bias, heads of whole row tiles. Returns whether it is set."""
         a, kvq, o = self.args, self.kvq, self.o
-        if not (isinstance(kvq, StackedQuantLinear) and kvq.bias is None and type(o) is QuantLinear
-                and a.head_dim % TC_ROWS == 0):
+        if not (isinstance(kvq, StackedQuantLinear) and kvq.bias is None and type(o) is QuantLinear):
             return False
-        dev, dt = kvq.q2.device, self.attn_norm.dtype
-        runs = [handoff_runs(m.out_features, m.in_features, m.geometry["group_size"], m.geometry["tile_rows"],
-                             m.geometry["outliers"], dev, dt, isinstance(m, RaggedQuantLinear)) for m in (kvq, o)]
-        if not all(runs):
+        tile = kvq.geometry["tile_rows"]
+        if a.head_dim % tile or not all(
+                handoff_runs(m.out_features, m.in_features, m.geometry["group_size"],
+                             tuple(getattr(m, n) for n in KERNEL_TENSOR_ORDER), m.geometry["outliers"],
+                             self.attn_norm.dtype, isinstance(m, RaggedQuantLinear)) for m in (kvq, o)):
             return False
-        kv_rows = a.n_kv_heads * a.head_dim
-        rows = torch.arange(0, kvq.out_features, TC_ROWS)
-        heads = torch.where(rows < 2 * kv_rows, (rows % kv_rows) // a.head_dim,
-                            (rows - 2 * kv_rows) // a.head_dim // (a.n_heads // a.n_kv_heads))
-        counters = torch.zeros(a.n_kv_heads + 2, dtype=torch.int32, device=dev)
-        self.handoff = AttentionHandoff(heads.to(device=dev, dtype=torch.int32), counters[:a.n_kv_heads],
-                                        (2 + a.n_heads // a.n_kv_heads) * a.head_dim // TC_ROWS, counters[a.n_kv_heads:])
+        kv_rows, group = a.n_kv_heads * a.head_dim, a.n_heads // a.n_kv_heads
+        rows = torch.arange(0, kvq.out_features, tile)  # k rows, v rows, then q rows
+        heads = torch.where(rows < 2 * kv_rows, (rows % kv_rows) // a.head_dim, (rows - 2 * kv_rows) // a.head_dim // group)
+        counters = torch.zeros(a.n_kv_heads + 2, dtype=torch.int32, device=kvq.q2.device)
+        self.handoff = AttentionHandoff(heads.to(device=counters.device, dtype=torch.int32), counters[:a.n_kv_heads],
+                                        (2 + group) * a.head_dim, counters[a.n_kv_heads:])
         return True
 
     def qkv(self, h, **handoff):
@@ -385,7 +384,7 @@ class Block(nn.Module):
                 and ops.decode_attention is not None):
             q, k, v = self.qkv(h, signal=(link.ready, link.tile_heads))
             y = ops.decode_attention(q, k, v, cos, sin, cache, input_pos, self.kv_cache.counters, None,
-                                     ready=(link.ready, link.tiles_per_head), done=link.done)
+                                     ready=(link.ready, link.rows_per_head), done=link.done)
             return self.o(y, gate=(link.done, a.n_kv_heads))
         q, k, v = self.qkv(h)
         if causal_prefix and S == 1 and ops.decode_attention is not None:

@@ -1,5 +1,4 @@
-"""The attention hand-over (`kernels.handoff`): the stacked k/v/q GEMV counts each head's row tiles as it writes
-them, the decode attention waits for its head's count instead of the GEMV's end and counts each merged head, the
+"""The attention hand-over (`kernels.handoff`): the stacked k/v/q GEMV counts each head's rows as it writes them, the decode attention waits for its head's count instead of the GEMV's end and counts each merged head, the
 o GEMV waits at that gate. The linked chain must give exactly what the same kernels give unlinked, and leave every
 counter at zero (a captured graph replays them).
 
@@ -17,6 +16,7 @@ pytest.importorskip("triton")
 
 from kernels.decode_attention import decode_attention  # noqa: E402
 from kernels.dispatch import TENSOR_ORDER  # noqa: E402
+from kernels.gemv_h2 import gemv_h2  # noqa: E402
 from kernels.gemv_tc import gemv_tc  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -26,25 +26,32 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 FAST = not INTERPRET
 
 
-def _gemv(packed, x, split, gens, **handoff):
+def _gemv(packed, x, split, gens, kernel="tc", **handoff):
+    """One M = 1 call of the tensor-core GEMV (gens: its fenceless epilogue) or of the fp16x2 one (2 programs a row
+    tile)."""
     tensors = tuple(getattr(packed, n).to(DEVICE) for n in TENSOR_ORDER)
     n, t = packed.out_features, packed.row_tiles
     y = torch.full((1, n), float("nan"), dtype=torch.float16, device=DEVICE)
     counters = torch.zeros(16 * t, dtype=torch.int32, device=DEVICE)
     ws = (torch.zeros(split * n, dtype=torch.int64, device=DEVICE) if gens is not None
           else torch.full((split, 1, n), float("nan"), device=DEVICE))
-    gemv_tc(x, y, ws, counters, *tensors, outliers=packed.outliers, split=split, fast=FAST, pdl=FAST, gens=gens,
-            **handoff)
+    if kernel == "tc":
+        gemv_tc(x, y, ws, counters, *tensors, outliers=packed.outliers, split=split, fast=FAST, pdl=FAST, gens=gens,
+                **handoff)
+    else:
+        gemv_h2(x, y, ws, counters, *tensors, group_size=packed.group_size, outliers=packed.outliers, rows=8,
+                split=split, num_warps=1, fast=FAST, pdl=FAST, **handoff)
     assert not counters.any()
     return y
 
 
-# (heads, KV heads, head dim, K-split of the k/v/q GEMV, its fenceless epilogue)
-CASES = [(4, 2, 32, 1, False), (8, 2, 16, 2, True), (2, 2, 64, 3, False)]
+# (heads, KV heads, head dim, the k/v/q GEMV: kernel, K-split, fenceless epilogue)
+CASES = [(4, 2, 32, "tc", 1, False), (8, 2, 16, "tc", 2, True), (2, 2, 64, "tc", 3, False), (4, 2, 32, "h2", 1, False),
+         (8, 2, 16, "h2", 2, False)]
 
 
-@pytest.mark.parametrize("heads, kv, d, split, tagged", CASES)
-def test_linked_attention_matches_the_unlinked_chain(make_packed, heads, kv, d, split, tagged):
+@pytest.mark.parametrize("heads, kv, d, kernel, split, tagged", CASES)
+def test_linked_attention_matches_the_unlinked_chain(make_packed, heads, kv, d, kernel, split, tagged):
     dim, length, pos = 256, 96, 70
     g = heads // kv
     kvq = make_packed((2 * kv + heads) * d, dim, 128, 1, 1, seed=heads + split)
@@ -59,14 +66,14 @@ def test_linked_attention_matches_the_unlinked_chain(make_packed, heads, kv, d, 
     rows = torch.arange(0, kvq.out_features, 16)
     tile_heads = torch.where(rows < 2 * kv * d, (rows % (kv * d)) // d, (rows - 2 * kv * d) // d // g)
     tile_heads = tile_heads.to(DEVICE, torch.int32)
-    need = (2 + g) * d // 16
+    need = (2 + g) * d  # rows of q, k and v a head waits for
     gens = torch.zeros(kvq.row_tiles, dtype=torch.int32, device=DEVICE) if tagged else None
 
     def chain(link, ready, done):
         cache = cache0.clone()
         att_counters = torch.zeros(kv, dtype=torch.int32, device=DEVICE)
-        y = _gemv(kvq, x, split, gens, **({"signal": (ready, tile_heads)} if link else {}))
-        if link:  # every head's row tiles counted once, by the program that wrote them
+        y = _gemv(kvq, x, split, gens, kernel, **({"signal": (ready, tile_heads)} if link else {}))
+        if link:  # every head's rows counted once, by the programs that wrote them
             assert ready.tolist() == [need] * kv
         k, v, q = y.view(1, 1, -1).split([kv * d, kv * d, heads * d], dim=-1)
         out = torch.full((1, 1, heads * d), float("nan"), dtype=torch.float16, device=DEVICE)
