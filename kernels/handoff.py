@@ -27,12 +27,20 @@ def arrive(counter_ptr, count):
     tl.atomic_add(counter_ptr, count, sem="release", scope="gpu")
 
 
+# a pause between polls, so that the waiting programs leave the L2 slice of their counter (and the issue slots of
+# the SM they share with the producer) mostly alone; the result is a dummy, not pure so that it stays
+PAUSE = tl.constexpr("nanosleep.u32 128; mov.u32 $0, 0;")
+
+
 @triton.jit
 def wait_arrivals(counter_ptr, need):
-    """Spin until the count at counter_ptr reaches `need`; every thread's later loads see the stores counted."""
-    seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+    """Spin until the count at counter_ptr reaches `need`; every thread's later loads see the stores counted. Polls
+    with plain (volatile) loads and a pause; one acquire atomic once the count is complete orders what follows."""
+    seen = tl.load(counter_ptr, volatile=True)
     while seen < need:
-        seen = tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
+        tl.inline_asm_elementwise(PAUSE, "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+        seen = tl.load(counter_ptr, volatile=True)
+    tl.atomic_add(counter_ptr, 0, sem="acquire", scope="gpu")
     tl.debug_barrier()
 
 
