@@ -26,7 +26,6 @@ import triton
 import triton.language as tl
 
 from kernels.exit_flag import exited
-from kernels.handoff import arrive, wait_arrivals
 
 BLOCK_N = 64  # cached positions per tile
 # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly; there the bf16 tiles are multiplied in fp32
@@ -72,19 +71,15 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
                              n_kv, stride_c0, stride_cb, stride_ch, scale,
                              G: tl.constexpr, GP: tl.constexpr, MP: tl.constexpr, D: tl.constexpr,
                              SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr, DOT_F32: tl.constexpr,
-                             PDL: tl.constexpr, skip_ptr, SKIP: tl.constexpr, ready_ptr, ready_need, done_ptr,
-                             READY: tl.constexpr, DONE: tl.constexpr):
+                             PDL: tl.constexpr, skip_ptr, SKIP: tl.constexpr):
     if PDL:  # the o projection launches now and loads its weights while this kernel runs; q, k, v are the output
         # of the kernel before (this one was launched early too, and waits here for it)
         tl.extra.cuda.gdc_launch_dependents()
-        if not READY:
-            tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)  # batch * n_kv + KV head
     sp = tl.program_id(1)
     b = bh // n_kv
     h = bh % n_kv
-    if READY:  # this head's q, k and v rows are written (the GEMV's arrivals), not necessarily the GEMV's others
-        wait_arrivals(ready_ptr + bh, ready_need)
     dt = cache_ptr.dtype.element_ty
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
@@ -146,10 +141,6 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
         tl.store(out_ptr + (bh * G + offs_g)[:, None] * D + offs_d[None, :], (out / l_all[:, None]).to(dt),
                  mask=g_ok)
         tl.store(cnt_ptr + bh, 0)
-        if READY:  # every share of the head is past its wait
-            tl.store(ready_ptr + bh, 0)
-        if DONE:
-            arrive(done_ptr, 1)
 
 
 def attention_splits(cache_len: int, kv_heads: int, batch: int = 1, block_n: int = BLOCK_N) -> int:
@@ -162,8 +153,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      cache: torch.Tensor, input_pos: torch.Tensor, counters: torch.Tensor,
                      bias: torch.Tensor | None = None, *,
                      splits: int | None = None, out: torch.Tensor | None = None, pdl: bool = False,
-                     block_n: int = BLOCK_N, skip: torch.Tensor | None = None, num_warps: int = 2,
-                     ready: tuple[torch.Tensor, int] | None = None, done: torch.Tensor | None = None) -> torch.Tensor:
+                     block_n: int = BLOCK_N, skip: torch.Tensor | None = None, num_warps: int = 2) -> torch.Tensor:
     """Attention of one new token per sequence: q [B, 1, heads, D], k/v [B, 1, kv heads, D] (before RoPE),
     cos/sin [1, D] at the new position input_pos [1] (a device tensor), cache [2, B, kv heads, length, D]
     (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call). bias: None, or an
@@ -171,20 +161,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     the new token itself is never masked). splits: shares per KV head (default `attention_splits`). Returns `out`
     (or a new tensor) [B, 1, heads * D] in the cache's dtype. skip: the exit flag (`kernels.exit_flag`); while it is
     set the kernel only writes the new k and v into the cache (fill mode) or, given `bias`, sets bias[input_pos] to
-    -inf (drop mode), and leaves `out` unwritten. num_warps: per program (2 gave the fastest 7B step, run 26).
-    ready: (int32 [KV heads] counters, rows): batch 1, q, k and v handed over from the GEMV that wrote them
-    (`kernels.handoff`: each head's programs wait until its counter reaches its `rows` of q, k and v, instead of
-    the PDL wait);
-    done: an int32 [2] gate at which each head arrives once its output is written (the o GEMV's gate). Neither
-    with `skip`."""
+    -inf (drop mode), and leaves `out` unwritten. num_warps: per program (2 gave the fastest 7B step, run 26)."""
     B, S, H, D = q.shape
     _, _, KV, L, _ = cache.shape
     if S != 1 or H % KV or D & (D - 1) or cache.stride(4) != 1 or cache.stride(3) != D:
         raise ValueError(f"decode_attention: one token, heads a multiple of KV heads, D a power of two "
                          f"(q {tuple(q.shape)}, cache {tuple(cache.shape)})")
     G = H // KV
-    if (ready is not None or done is not None) and (skip is not None or B != 1):
-        raise ValueError("decode_attention: handed-over inputs or outputs need batch 1 and no exit flag")
     splits = splits or attention_splits(L, KV, B, block_n)
     out = torch.empty(B, 1, H * D, dtype=cache.dtype, device=q.device) if out is None else out
     m_ws = torch.empty(B * KV * splits * triton.next_power_of_2(G), dtype=torch.float32, device=q.device)
@@ -197,8 +180,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
         G=G, GP=triton.next_power_of_2(G), MP=max(16, triton.next_power_of_2(G)), D=D, SPLITS=splits,
         BLOCK_N=block_n, BIAS=bias is not None, DOT_F32=INTERPRET and cache.dtype == torch.bfloat16, PDL=pdl,
         skip_ptr=counters if skip is None else skip, SKIP=skip is not None,
-        ready_ptr=counters if ready is None else ready[0], ready_need=0 if ready is None else ready[1],
-        done_ptr=counters if done is None else done, READY=ready is not None, DONE=done is not None,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return out

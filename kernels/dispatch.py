@@ -26,7 +26,6 @@ CONFIG_DIR = pathlib.Path(__file__).parent / "configs"
 TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
 COUNTERS_PER_ROW_TILE = 16  # split-K counters: one per (program, activation row or BM-block) of each row tile
 GEMV_MAX_M = 2
-HANDOFF_KINDS = ("tc", "gemv2")  # the decode GEMVs that take `signal` and `gate`
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 GEMM_MAX_M = 64
 # cards that run another card's table: the H200 is the H100's die (132 SMs, sm_90) with faster, larger HBM
@@ -125,20 +124,6 @@ def choose_config(m: int, n: int, k: int, group_size: int, device: torch.device,
     return cfg
 
 
-def handoff_runs(n: int, k: int, group_size: int, tensors: tuple[torch.Tensor, ...], outliers: int,
-                 dtype: torch.dtype, ragged: bool = False) -> bool:
-    """Whether a one-row call of this linear (its format tensors in TENSOR_ORDER) with `dtype` activations runs one of
-    the kernels that hand their input or output over through arrival counters (`mixed_matmul`'s `signal` and
-    `gate`): the tensor-core GEMV, or the fp16x2 one (16-byte aligned tensors), both fp16 on CUDA only."""
-    device = tensors[0].device
-    if device.type != "cuda" or INTERPRET or dtype != torch.float16 or _props(device).major < 8:
-        return False
-    cfg = choose_config(1, n, k, group_size, device, outliers, ragged)
-    if cfg.kind == "tc":
-        return tensors[0].shape[2] == TC_ROWS and group_size == TC_GROUP
-    return cfg.kind == "gemv2" and not ragged and not any(t.data_ptr() % 16 for t in tensors)
-
-
 def config_row(m: int, n: int, k: int, group_size: int, config: KernelConfig, outliers: int | None = None) -> dict:
     """One entry of a kernels/configs/<gpu>.json table (`outliers`: measured on layers with them or without; None
     for any layer)."""
@@ -211,9 +196,7 @@ def _say_slow_path(reason: str) -> None:
 
 def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_size: int, outliers: int,
                  counters: torch.Tensor, config: KernelConfig | None = None, skip: torch.Tensor | None = None,
-                 keep_tiles: int = 0, parts: tuple[tuple[int, int, int], ...] | None = None,
-                 signal: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 gate: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                 keep_tiles: int = 0, parts: tuple[tuple[int, int, int], ...] | None = None) -> torch.Tensor:
     """y [M, N] = x [M, K] @ W.T for W in format v1; `tensors` in TENSOR_ORDER; counters int32, zero, >= 16 * N / 16
     (`counter_words` for a linear's own scratch: its M = 1 tensor-core GEMV then runs the split-K epilogue without a
     fence, and keeps state between calls there).
@@ -222,17 +205,14 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
     skip (int32 [1], on x's device), keep_tiles: the exit flag of the one-graph exit decoder (`kernels.exit_flag`);
     the decode GEMVs only (M <= 16): row tiles at or past keep_tiles are left unwritten while it is set.
     parts: a ragged stack (`gemv_tc`), where `ragged_runs` holds: one tensor-core GEMV launch.
-    signal, gate: y handed to the next kernel, x from the one before, through arrival counters (`gemv_tc`,
-    `kernels.handoff`); only the tensor-core GEMV takes them (`handoff_runs` says where it runs).
     """
     m, n = x.shape[0], tensors[3].shape[0]
     cfg = config or choose_config(m, n, x.shape[1], group_size, x.device, outliers, ragged=parts is not None)
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
-    handoff = {"signal": signal, "gate": gate}
     if parts is not None:
-        return _ragged_matmul(x, y, tensors, cfg, group_size, outliers, counters, skip, keep_tiles, parts, handoff)
+        return _ragged_matmul(x, y, tensors, cfg, group_size, outliers, counters, skip, keep_tiles, parts)
     if skip is not None and cfg.kind not in ("tc", "gemv2", "gemv"):
         raise ValueError(f"the exit flag is read by the decode GEMVs only, not by the {cfg.kind} kernel (M = {m})")
     if cfg.kind == "prefill":
@@ -253,18 +233,14 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
               else triton.cdiv(m, cfg.block_m))
     if cfg.split > 1 and blocks > COUNTERS_PER_ROW_TILE:
         cfg = dataclasses.replace(cfg, split=1)
-    handing = signal is not None or gate is not None
-    if handing and (cfg.kind not in HANDOFF_KINDS or m != 1):
-        raise ValueError(f"a handed-over GEMV runs only on the M = 1 decode GEMVs {HANDOFF_KINDS}, not the {cfg.kind} "
-                         f"kernel (M = {m})")
     gens, ws = _split_scratch(y, counters, tensors[0].shape[0], cfg)
     if cfg.kind == "tc":
-        return _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, tc_fast, skip, keep_tiles, None, handoff)
+        return _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, tc_fast, skip, keep_tiles)
     if cfg.kind == "gemv2":
         return gemv_h2(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                        rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps,
                        pairs=cfg.pairs if group_size >= 64 else 1, early4=cfg.early4, fast=True,
-                       pdl=pdl_enabled(x.device), skip=skip, keep_tiles=keep_tiles, **handoff)
+                       pdl=pdl_enabled(x.device), skip=skip, keep_tiles=keep_tiles)
     if cfg.kind == "gemv":
         return gemv_mixed(x, y, ws, counters, *tensors, group_size=group_size, outliers=outliers,
                           rows=cfg.rows, split=cfg.split, num_warps=cfg.num_warps, skip=skip, keep_tiles=keep_tiles)
@@ -272,13 +248,13 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
                       block_m=cfg.block_m, split=cfg.split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _ragged_matmul(x, y, tensors, cfg, group_size, outliers, counters, skip, keep_tiles, parts, handoff):
+def _ragged_matmul(x, y, tensors, cfg, group_size, outliers, counters, skip, keep_tiles, parts):
     """mixed_matmul of a ragged stack: the tensor-core GEMV over all parts at once."""
     tiles = sum(p[0] for p in parts)
     if cfg.kind != "tc" or cfg.unrolled or not ragged_runs(x, tensors, group_size, y.shape[1] // tiles):
         raise ValueError(f"a ragged stack runs only on the looped tensor-core GEMV (M = {x.shape[0]}, {cfg})")
     gens, ws = _split_scratch(y, counters, tiles, cfg)
-    return _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, not INTERPRET, skip, keep_tiles, parts, handoff)
+    return _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, not INTERPRET, skip, keep_tiles, parts)
 
 
 def _split_scratch(y: torch.Tensor, counters: torch.Tensor, tiles: int, cfg: KernelConfig):
@@ -294,11 +270,9 @@ def _split_scratch(y: torch.Tensor, counters: torch.Tensor, tiles: int, cfg: Ker
     return None, torch.empty(cfg.split, m, n, dtype=torch.float32, device=y.device) if cfg.split > 1 else y
 
 
-def _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, fast, skip, keep_tiles, parts, handoff):
-    """The tensor-core GEMV launch with a configuration's knobs (fast False: its plain path, the interpreter's);
-    a gated x comes straight from its producer (no fragment-order copy)."""
+def _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, fast, skip, keep_tiles, parts=None):
+    """The tensor-core GEMV launch with a configuration's knobs (fast False: its plain path, the interpreter's)."""
     return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
-                   prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag and handoff["gate"] is None,
-                   early4=cfg.early4, gens=gens,
+                   prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens,
                    gen_early=cfg.gen_early, fast=fast, unrolled=cfg.unrolled, pdl=fast and pdl_enabled(x.device),
-                   skip=skip, keep_tiles=keep_tiles, parts=parts, **handoff)
+                   skip=skip, keep_tiles=keep_tiles, parts=parts)

@@ -17,7 +17,6 @@ import triton.language as tl
 
 from kernels import half2_decode as half2
 from kernels.exit_flag import skipped_tile
-from kernels.handoff import pass_gate
 from kernels.splitk import finish_split
 
 def _asm(bits: int, pairs: int = 1) -> str:
@@ -250,16 +249,14 @@ def _stream(x_row, xw_row, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, t, r0, 
     return tl.sum(tl.sum(acc, axis=2), axis=1) * 16.0, tl.sum(tl.sum(acc_o, axis=2), axis=1)
 
 
-@triton.jit(do_not_specialize=["M", "n2", "n4", "unit", "keep_tiles", "gate_need"])
-def _gemv_h2_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, skip_ptr, keep_tiles, sig_ptr, sig_map_ptr, gate_ptr,
-                    gate_need,
+@triton.jit(do_not_specialize=["M", "n2", "n4", "unit", "keep_tiles"])
+def _gemv_h2_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, skip_ptr, keep_tiles,
                     q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                     q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
                     M, N, n2, n4, stride_xm, stride_ym, unit,
                     G_SIZE: tl.constexpr, R: tl.constexpr, OUTLIERS: tl.constexpr, RB: tl.constexpr,
                     S2: tl.constexpr, S4: tl.constexpr, PT: tl.constexpr, SPLIT: tl.constexpr,
-                    EARLY4: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr, SKIP: tl.constexpr,
-                    SIGNAL: tl.constexpr, GATE: tl.constexpr):
+                    EARLY4: tl.constexpr, FAST: tl.constexpr, PDL: tl.constexpr, SKIP: tl.constexpr):
     pid = tl.program_id(0)  # RB rows of one row tile
     sp = tl.program_id(1)
     m = tl.program_id(2)
@@ -277,10 +274,7 @@ def _gemv_h2_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, skip_ptr, keep_tiles,
         # now: it waits for this one before it reads y. (The trigger sat after the main loops while inductor's small
         # ops followed; with the step's own kernels after it, here is faster: 2.219 against 2.258 ms per step.)
         tl.extra.cuda.gdc_launch_dependents()
-        if not GATE:
-            tl.extra.cuda.gdc_wait()
-    if GATE:  # x handed over by its producer's arrivals instead (kernels.handoff)
-        pass_gate(gate_ptr, gate_need, tl.num_programs(0) * tl.num_programs(1) * tl.num_programs(2))
+        tl.extra.cuda.gdc_wait()
     if SKIP:  # the exit flag, written by a kernel before this one (read after the PDL wait)
         if skipped_tile(skip_ptr, t, keep_tiles):
             return
@@ -294,26 +288,20 @@ def _gemv_h2_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, skip_ptr, keep_tiles,
     rows = t * R + offs_r
     val = tl.load(ss2_ptr + rows).to(tl.float32) * p2 + tl.load(ss4_ptr + rows).to(tl.float32) * p4 + o2
     mask = rows < N
-    sig = None
-    if SIGNAL:  # M = 1: the consumer counts this program's RB rows at its row tile's counter (kernels.handoff)
-        sig = sig_ptr + tl.load(sig_map_ptr + t)
     finish_split(val, y_ptr, m * stride_ym + rows, ws_ptr, m * N + rows, mask,
-                 cnt_ptr + m * tl.num_programs(0) + pid, sp, M * N, SPLIT, sig, RB)
+                 cnt_ptr + m * tl.num_programs(0) + pid, sp, M * N, SPLIT)
 
 
 def gemv_h2(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *,
             group_size: int, outliers: int, rows: int, split: int, num_warps: int, pairs: int = 1,
             early4: bool = False, fast: bool, pdl: bool = False, skip: torch.Tensor | None = None,
-            keep_tiles: int = 0, signal: tuple[torch.Tensor, torch.Tensor] | None = None,
-            gate: tuple[torch.Tensor, int] | None = None):
+            keep_tiles: int = 0):
     """Same contract as gemv_mixed; `pairs` adjacent word pairs of each row per thread (1, or 2: 16 bytes of codes
     in one load and x in 8-byte words; two threads then share the rows); `early4`: the 4-bit stream's first chunk
     is loaded before the 2-bit stream starts; `fast` (inline PTX, fp16 x on CUDA only) or the plain fp32 path;
     `pdl` (sm_90+): launched as a programmatic dependent, so this kernel's launch and first weight loads overlap
-    the tail of the kernel before it, and the kernel after it launches as soon as this one's first loads are out.
-    `signal`, `gate`: as gemv_tc's (M = 1 for `signal`)."""
+    the tail of the kernel before it, and the kernel after it launches as soon as this one's first loads are out."""
     M, N, T, R = x.shape[0], y.shape[1], q2.shape[0], q2.shape[2]
-    assert (skip is None or (signal is None and gate is None)) and (signal is None or M == 1)
     # S slots * P / pairs pair threads * pairs row threads = 32 * num_warps, P = g * bits / 64 pairs per group row
     slots = lambda bits: max(1, 64 * num_warps // (group_size * bits // 32))  # noqa: E731
     assert group_size * 2 // 64 % pairs == 0 and rows % pairs == 0
@@ -321,12 +309,11 @@ def gemv_h2(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
         pairs = 1  # x rows not in whole 8-byte words
     xw = x.view(torch.int32 if pairs == 1 else torch.int64) if fast else x
     _gemv_h2_kernel[(T * (R // rows), split, M)](
-        x, xw, y, ws, counters, counters if skip is None else skip, keep_tiles,
-        *(signal or (counters, counters)), *(gate or (counters, 0)), q2.view(torch.int64), s2, z2, ss2,
+        x, xw, y, ws, counters, counters if skip is None else skip, keep_tiles, q2.view(torch.int64), s2, z2, ss2,
         idx2, ov, oi, q4.view(torch.int64), s4, z4, ss4, idx4, M, N, q2.shape[1], q4.shape[1], x.stride(0),
         y.stride(0), 1,
         G_SIZE=group_size, R=R, OUTLIERS=outliers, RB=rows, S2=slots(2), S4=slots(4), PT=pairs, SPLIT=split,
-        EARLY4=early4, FAST=fast, PDL=pdl, SKIP=skip is not None, SIGNAL=signal is not None, GATE=gate is not None,
+        EARLY4=early4, FAST=fast, PDL=pdl, SKIP=skip is not None,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return y

@@ -33,7 +33,6 @@ import triton.language as tl
 
 from kernels import half2_decode as half2
 from kernels.exit_flag import skipped_tile
-from kernels.handoff import pass_gate
 from kernels.splitk import finish_split, finish_split_tagged
 
 TILE_ROWS = 16  # tile rows the fragments assume
@@ -492,7 +491,7 @@ def _all_loads(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, 
 
 @triton.jit
 def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, gen_ptr, tile, n_slots, sp, g,
-            t, M, stride_xm, pre, skip_ptr, keep_tiles, gate_ptr, gate_need, BITS: tl.constexpr, OUTLIERS: tl.constexpr,
+            t, M, stride_xm, pre, skip_ptr, keep_tiles, BITS: tl.constexpr, OUTLIERS: tl.constexpr,
             SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr,
             FAST: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr, STEPS: tl.constexpr = -1):
     """This program's share of one stream: 8 scaled sums (C of up to two activation blocks) and the outlier sums
@@ -501,8 +500,7 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
     the first step's loads, issued by the caller. gen_ptr, unless None: the fenceless epilogue's generation word,
     read right after the wait (its latency then hides behind the stream) and returned; else 0 is returned.
     skip_ptr, unless None: the exit flag (`kernels.exit_flag`), read after the wait; a skipped tile runs no
-    iteration, and the last value returned says so. gate_ptr, unless None: x is handed over through that gate
-    (`kernels.handoff.pass_gate`, gate_need arrivals) instead of the PDL wait. STEPS >= 0: the share's steps unrolled, every step's loads
+    iteration, and the last value returned says so. STEPS >= 0: the share's steps unrolled, every step's loads
     issued first (`pre`, unless None: all of them, from `_all_loads`)."""
     start, end = _share(n_slots, sp, SPLIT, U)
     first = tile * n_slots
@@ -520,10 +518,7 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
         nxt = pre
     if PDL:  # weights are in flight; x is the previous kernel's output
         tl.extra.cuda.gdc_launch_dependents()
-        if gate_ptr is None:
-            tl.extra.cuda.gdc_wait()
-    if gate_ptr is not None:
-        pass_gate(gate_ptr, gate_need, tl.num_programs(0) * tl.num_programs(1))
+        tl.extra.cuda.gdc_wait()
     gen = 0
     if gen_ptr is not None:
         gen = tl.load(gen_ptr, cache_modifier=".cg")
@@ -566,9 +561,8 @@ def _quad(v0, v1, v2, v3):
     return tl.join(tl.join(v0, v1), tl.join(v2, v3))
 
 
-@triton.jit(do_not_specialize=["M", "n2", "n4", "keep_tiles", "t1", "t2", "n2b", "n4b", "n2c", "n4c", "gate_need"])
-def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, keep_tiles, sig_ptr, sig_map_ptr,
-                    gate_ptr, gate_need,
+@triton.jit(do_not_specialize=["M", "n2", "n4", "keep_tiles", "t1", "t2", "n2b", "n4b", "n2c", "n4c"])
+def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, keep_tiles,
                     q2_ptr, s2_ptr, z2_ptr, ss2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                     q4_ptr, s4_ptr, z4_ptr, ss4_ptr, idx4_ptr,
                     M, N, n2, n4, stride_xm, stride_ym, t1, t2, n2b, n4b, n2c, n4c,
@@ -576,7 +570,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
                     PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, TAGGED: tl.constexpr,
                     GEN_EARLY: tl.constexpr, SKIP: tl.constexpr, STEPS2: tl.constexpr, STEPS4: tl.constexpr,
-                    RAGGED: tl.constexpr, SIGNAL: tl.constexpr, GATE: tl.constexpr):
+                    RAGGED: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -614,15 +608,14 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
                           SINGLE)
     p2, o2, o2b, gen, skipped = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                                         gen_ptr + tile if TAGGED and GEN_EARLY else None, tile, n2, sp, g, t, M,
-                                        stride_xm, None, skip_ptr if SKIP else None, keep_tiles,
-                                        gate_ptr if GATE else None, gate_need, 2, OUTLIERS, SPLIT, U, PF, BLOCKS,
-                                        SINGLE, FAST, PDL, XF, STEPS2)
+                                        stride_xm, None, skip_ptr if SKIP else None, keep_tiles, 2, OUTLIERS, SPLIT,
+                                        U, PF, BLOCKS, SINGLE, FAST, PDL, XF, STEPS2)
     if SKIP:  # the exit flag is set (read in the 2-bit stream, after the PDL wait): no work, y left as it is
         if skipped:
             return
     p4, _, _, _, _ = _stream(x_ptr, xw_ptr, xp_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, None, tile, n4,
-                             sp, g, t, M, stride_xm, pre4, None, 0, None, 0, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST,
-                             False, XF, STEPS4)
+                             sp, g, t, M, stride_xm, pre4, None, 0, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False,
+                             XF, STEPS4)
     rg = tile * ROWS + g
     s2g = tl.load(ss2_ptr + rg).to(tl.float32)
     s2h = tl.load(ss2_ptr + rg + 8).to(tl.float32)
@@ -649,23 +642,19 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
             rows = tl.join(rows, rows)
             acts = tl.join(acts, acts + 8)
         mask = (acts < M) & (rows < N)
-    sig = None
-    if SIGNAL:  # the consumer of this row tile counts it at its counter (kernels.handoff)
-        sig = sig_ptr + tl.load(sig_map_ptr + tile)
     if TAGGED:
         finish_split_tagged(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile,
-                            gen_ptr + tile, gen if GEN_EARLY else None, sp, M * N, SPLIT, sig, ROWS)
+                            gen_ptr + tile, gen if GEN_EARLY else None, sp, M * N, SPLIT)
     else:
         finish_split(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile, sp, M * N,
-                     SPLIT, sig, ROWS)
+                     SPLIT)
 
 
 def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, *, outliers: int,
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
             early4: bool = False, gens: torch.Tensor | None = None, gen_early: bool = False, fast: bool,
             pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0, unrolled: bool = False,
-            parts: tuple[tuple[int, int, int], ...] | None = None, signal: tuple[torch.Tensor, torch.Tensor] | None = None,
-            gate: tuple[torch.Tensor, int] | None = None):
+            parts: tuple[tuple[int, int, int], ...] | None = None):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
@@ -679,9 +668,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     (`kernels.exit_flag`): skipped row tiles leave y unwritten; `unrolled`: each program's loop unrolled, every
     load of both streams issued before any arithmetic (one compiled kernel per slot count of a share); `parts`:
     a ragged stack (`ragged_layout`), ((row tiles, n2, n4) of each of up to three parts), whose tensors are the
-    parts' flattened and concatenated (not `unrolled`); `signal` (M = 1): (int32 counters, int32 [row tiles]
-    index of each tile's counter): the program that writes a row tile adds its 16 rows there (`kernels.handoff`);
-    `gate`: (int32 [2] gate, arrivals): x is handed over there instead of by the PDL wait (not with `skip`)."""
+    parts' flattened and concatenated (not `unrolled`)."""
     M, N = x.shape[0], y.shape[1]
     assert 1 <= M <= MAX_M and unroll in (1, 2)
     if parts is None:
@@ -698,20 +685,15 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     xfrag = xfrag and fast
     tagged = gens is not None and split > 1
     assert not tagged or (ws.dtype == torch.int64 and ws.numel() >= split * M * N and gens.numel() >= T)
-    assert skip is None or (signal is None and gate is None)
-    assert signal is None or M == 1
-    assert gate is None or not xfrag  # x_fragments would read x before the gate
     xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
     _gemv_tc_kernel[(T, split)](
         x, xw, y, ws, counters, gens if tagged else counters, counters if skip is None else skip, keep_tiles,
-        *(signal or (counters, counters)), *(gate or (counters, 0)),
         q2.view(torch.int64), s2, z2, ss2, idx2, ov, oi,
         q4.view(torch.int64), s4, z4, ss4, idx4, M, N, n2, n4, x.stride(0), y.stride(0), *part_args,
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
         FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, TAGGED=tagged, GEN_EARLY=gen_early, SKIP=skip is not None,
         STEPS2=triton.cdiv(triton.cdiv(n2, split), unroll) if unrolled else -1,
-        STEPS4=triton.cdiv(n4, split) if unrolled else -1, RAGGED=parts is not None, SIGNAL=signal is not None,
-        GATE=gate is not None, num_warps=1,
+        STEPS4=triton.cdiv(n4, split) if unrolled else -1, RAGGED=parts is not None, num_warps=1,
         **({"launch_pdl": True} if pdl else {}),
     )
     return y

@@ -15,20 +15,13 @@ that keeps its contents between calls, zeroed once, and a generation word per ti
 import triton
 import triton.language as tl
 
-from kernels.handoff import arrive
-
 GENERATIONS = tl.constexpr(0x7FFFFFFE)  # generations wrap at this; a tag is the generation + 1, never 0 (a zeroed word)
 
 
 @triton.jit
-def finish_split(val, y_ptr, y_offs, ws_ptr, ws_offs, mask, cnt_ptr, sp, split_stride, SPLIT: tl.constexpr,
-                 sig_ptr=None, sig_rows=0):
-    """sig_ptr, unless None: the counter at which the program that writes the tile arrives after writing it, with
-    the tile's sig_rows output rows (`kernels.handoff`)."""
+def finish_split(val, y_ptr, y_offs, ws_ptr, ws_offs, mask, cnt_ptr, sp, split_stride, SPLIT: tl.constexpr):
     if SPLIT == 1:
         tl.store(y_ptr + y_offs, val.to(y_ptr.dtype.element_ty), mask=mask)
-        if sig_ptr is not None:
-            arrive(sig_ptr, sig_rows)
     else:
         tl.store(ws_ptr + sp * split_stride + ws_offs, val, mask=mask)
         tl.debug_barrier()  # every thread's partial is written before the counter is released
@@ -39,16 +32,14 @@ def finish_split(val, y_ptr, y_offs, ws_ptr, ws_offs, mask, cnt_ptr, sp, split_s
                 total += tl.load(ws_ptr + i * split_stride + ws_offs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
             tl.store(cnt_ptr, 0)
-            if sig_ptr is not None:
-                arrive(sig_ptr, sig_rows)
 
 
 @triton.jit
 def finish_split_tagged(val, y_ptr, y_offs, tw_ptr, ws_offs, mask, cnt_ptr, gen_ptr, gen, sp, split_stride,
-                        SPLIT: tl.constexpr, sig_ptr=None, sig_rows=0):
+                        SPLIT: tl.constexpr):
     """As finish_split for SPLIT > 1, without a fence: tw_ptr is an int64 workspace (value bits | tag << 32) that
     only this caller uses, gen_ptr the tile's generation word and gen its value if the caller read it already
-    (after its PDL wait), else None; sig_ptr as in finish_split. Call after the kernel's PDL wait."""
+    (after its PDL wait), else None. Call after the kernel's PDL wait."""
     if gen is None:  # the word stays fixed until this tile's last arrival of this call, which follows ours
         gen = tl.load(gen_ptr, volatile=True)
     tag = (gen + 1).to(tl.int64) << 32
@@ -62,8 +53,6 @@ def finish_split_tagged(val, y_ptr, y_offs, tw_ptr, ws_offs, mask, cnt_ptr, gen_
         tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
         tl.store(cnt_ptr, 0)
         tl.store(gen_ptr, (gen + 1) % GENERATIONS)
-        if sig_ptr is not None:
-            arrive(sig_ptr, sig_rows)
 
 
 @triton.jit

@@ -23,12 +23,12 @@ from torch import nn
 
 from kernels import step_ops
 from kernels.decode_attention import decode_attention
-from kernels.dispatch import handoff_runs, pdl_enabled
+from kernels.dispatch import pdl_enabled
 from kernels.gemv_tc import GROUP_SIZE as TC_GROUP, TILE_ROWS as TC_ROWS
 from mpq.errors import ArtifactError, MpqError
 from mpq.models import SUPPORTED_ARCHITECTURES
 from mpq.quant.format import PackedLinear, stack_biases
-from mpq.runtime.quant_linear import KERNEL_TENSOR_ORDER, QuantLinear, RaggedQuantLinear, StackedQuantLinear
+from mpq.runtime.quant_linear import QuantLinear, RaggedQuantLinear, StackedQuantLinear
 
 ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -136,16 +136,13 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 class SmallOps:
     """The ops between matmuls, swappable as a set (eager here; compiled ones from `compile_small_ops`).
     `decode_attention` (CUDA): RoPE, the cache write and attention over the causal prefix of one new token in one
-    kernel, used where the caller's mask is that prefix; None: `rope_write` then SDPA under the mask.
-    `handoff`: a linked layer (`Block.link_attention`) runs that kernel between its GEMVs without kernel
-    boundaries."""
+    kernel, used where the caller's mask is that prefix; None: `rope_write` then SDPA under the mask."""
 
     add_rms_norm: Callable = add_rms_norm
     rope: Callable = rope
     silu_mul: Callable = silu_mul
     rope_write: Callable = rope_write
     decode_attention: Callable | None = None
-    handoff: bool = False
 
 
 def kernel_ops(pdl: bool, skip: torch.Tensor | None = None) -> SmallOps:
@@ -314,19 +311,6 @@ class KVCache(nn.Module):
         return self.kv[0], self.kv[1]
 
 
-@dataclass
-class AttentionHandoff:
-    """Arrival counters (`kernels.handoff`) through which a one-token step hands q/k/v from the stacked k/v/q GEMV to
-    the decode attention, head by head as its row tiles are written, and the attention's output to the o GEMV,
-    instead of each kernel waiting for the whole previous one to end (~4 us a node, run 26 of
-    benchmarks/e2e-notes.md). All counters return to zero within the step."""
-
-    tile_heads: torch.Tensor  # int32 [row tiles of the k/v/q output]: the KV head a row tile belongs to
-    ready: torch.Tensor  # int32 [KV heads]: that head's rows of q, k and v written so far
-    rows_per_head: int
-    done: torch.Tensor  # int32 [2]: the o GEMV's gate (heads merged, o programs past the gate)
-
-
 class Block(nn.Module):
     def __init__(self, args: ModelArgs, w: WeightSource, i: int):
         super().__init__()
@@ -340,34 +324,12 @@ class Block(nn.Module):
         self.gate_up = w.linears([p + "mlp.gate_proj", p + "mlp.up_proj"])
         self.down = w.linear(p + "mlp.down_proj")
         self.kv_cache: KVCache | None = None
-        self.handoff: AttentionHandoff | None = None
 
-    def link_attention(self) -> bool:
-        """Set up `handoff` where it can run: both GEMVs on a kernel that hands over (`handoff_runs`), k/v/q one
-        launch without a bias, heads of whole row tiles. Returns whether it is set."""
-        a, kvq, o = self.args, self.kvq, self.o
-        if not (isinstance(kvq, StackedQuantLinear) and kvq.bias is None and type(o) is QuantLinear):
-            return False
-        tile = kvq.geometry["tile_rows"]
-        if a.head_dim % tile or not all(
-                handoff_runs(m.out_features, m.in_features, m.geometry["group_size"],
-                             tuple(getattr(m, n) for n in KERNEL_TENSOR_ORDER), m.geometry["outliers"],
-                             self.attn_norm.dtype, isinstance(m, RaggedQuantLinear)) for m in (kvq, o)):
-            return False
-        kv_rows, group = a.n_kv_heads * a.head_dim, a.n_heads // a.n_kv_heads
-        rows = torch.arange(0, kvq.out_features, tile)  # k rows, v rows, then q rows
-        heads = torch.where(rows < 2 * kv_rows, (rows % kv_rows) // a.head_dim, (rows - 2 * kv_rows) // a.head_dim // group)
-        counters = torch.zeros(a.n_kv_heads + 2, dtype=torch.int32, device=kvq.q2.device)
-        self.handoff = AttentionHandoff(heads.to(device=counters.device, dtype=torch.int32), counters[:a.n_kv_heads],
-                                        (2 + group) * a.head_dim, counters[a.n_kv_heads:])
-        return True
-
-    def qkv(self, h, **handoff):
-        """q, k, v of h [B, S, dim] as [B, S, heads, head_dim] (k and v: kv heads), before RoPE; handoff: the
-        k/v/q GEMV's `signal`."""
+    def qkv(self, h):
+        """q, k, v of h [B, S, dim] as [B, S, heads, head_dim] (k and v: kv heads), before RoPE."""
         a = self.args
         B, S, _ = h.shape
-        k, v, q = self.kvq(h, **handoff)
+        k, v, q = self.kvq(h)
         return (q.view(B, S, a.n_heads, a.head_dim), k.view(B, S, a.n_kv_heads, a.head_dim),
                 v.view(B, S, a.n_kv_heads, a.head_dim))
 
@@ -378,15 +340,8 @@ class Block(nn.Module):
         ignores `mask`."""
         a = self.args
         B, S, _ = h.shape
-        cache = self.kv_cache.kv
-        link = self.handoff
-        if (ops.handoff and link is not None and causal_prefix and dropped is None and B == 1 and S == 1
-                and ops.decode_attention is not None):
-            q, k, v = self.qkv(h, signal=(link.ready, link.tile_heads))
-            y = ops.decode_attention(q, k, v, cos, sin, cache, input_pos, self.kv_cache.counters, None,
-                                     ready=(link.ready, link.rows_per_head), done=link.done)
-            return self.o(y, gate=(link.done, a.n_kv_heads))
         q, k, v = self.qkv(h)
+        cache = self.kv_cache.kv
         if causal_prefix and S == 1 and ops.decode_attention is not None:
             return self.o(ops.decode_attention(q, k, v, cos, sin, cache, input_pos, self.kv_cache.counters, dropped))
         q = ops.rope_write(q, k, v, cos, sin, cache, input_pos)
@@ -443,23 +398,20 @@ class Transformer(nn.Module):
             if isinstance(module, SplitLinears):
                 module.parallel = on
 
-    def compile_small_ops(self, handoff: bool = True) -> None:
+    def compile_small_ops(self) -> None:
         """The step's small ops as GPU kernels (CUDA only; the matmuls stay as they are): the residual add + RMSNorm
         and the SwiGLU product as the kernels of `kernels.step_ops`, the rotations through torch.compile, and one
         fused kernel for a one-token step's RoPE, cache write and attention.
 
         Where the GEMV runs as a programmatic dependent (sm_90+, `kernels.dispatch.pdl_enabled`), these kernels do
         too: each launches while the kernel before it runs and waits for its output on the device, so a decode
-        step does not pay a launch gap at every one of its ~8 kernels per layer. With `handoff` there, the layers
-        whose GEMVs allow it hand q/k/v and the attention's output over without kernel boundaries
-        (`Block.link_attention`)."""
+        step does not pay a launch gap at every one of its ~8 kernels per layer."""
         import torch._inductor.config as inductor_config
 
         pdl = pdl_enabled(self.device)
         options = {"triton.enable_pdl": True} if pdl and hasattr(inductor_config.triton, "enable_pdl") else None
-        linked = [layer.link_attention() for layer in self.layers] if pdl and handoff else []
         self.ops = replace(kernel_ops(pdl), rope=torch.compile(rope, dynamic=False, options=options),
-                           rope_write=torch.compile(rope_write, dynamic=False, options=options), handoff=any(linked))
+                           rope_write=torch.compile(rope_write, dynamic=False, options=options))
 
     def blocks(self, x: torch.Tensor, delta: torch.Tensor | None, first: int, end: int, input_pos: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, ops: SmallOps,

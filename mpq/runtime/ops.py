@@ -13,26 +13,20 @@ def mixed_linear(x: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, z2: torch.
                  idx2: torch.Tensor, ov: torch.Tensor, oi: torch.Tensor, q4: torch.Tensor, s4: torch.Tensor,
                  z4: torch.Tensor, ss4: torch.Tensor, idx4: torch.Tensor, counters: torch.Tensor,
                  group_size: int, outliers: int, skip: torch.Tensor | None = None,
-                 keep_tiles: int = 0, parts: list[int] | None = None, signal: torch.Tensor | None = None,
-                 signal_map: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                 gate_need: int = 0) -> torch.Tensor:
+                 keep_tiles: int = 0, parts: list[int] | None = None) -> torch.Tensor:
     """x [..., K] @ W.T -> [..., N]. `counters` is split-K scratch: the counters the kernels leave at zero, and
     the fenceless epilogue's generations and workspace, state that no caller reads (so: not a mutation).
     skip, keep_tiles: the one-graph exit decoder's flag (`kernels.exit_flag`); rows it skips are not written.
-    parts: a ragged stack's (row tiles, n2, n4) of each part, flattened (`kernels.dispatch.mixed_matmul`).
-    signal, signal_map / gate, gate_need: y handed to the next kernel / x from the one before through arrival
-    counters (`kernels.handoff`), which return to zero (scratch too)."""
+    parts: a ragged stack's (row tiles, n2, n4) of each part, flattened (`kernels.dispatch.mixed_matmul`)."""
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     tensors = (q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4)
     y = mixed_matmul(x2, tensors, group_size=group_size, outliers=outliers, counters=counters, skip=skip,
                      keep_tiles=keep_tiles, parts=None if parts is None else
-                     tuple(tuple(parts[i:i + 3]) for i in range(0, len(parts), 3)),
-                     signal=None if signal is None else (signal, signal_map),
-                     gate=None if gate is None else (gate, gate_need))
+                     tuple(tuple(parts[i:i + 3]) for i in range(0, len(parts), 3)))
     return y.reshape(*x.shape[:-1], ss2.shape[0])
 
 
 @mixed_linear.register_fake
 def _(x, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, counters, group_size, outliers, skip=None,
-      keep_tiles=0, parts=None, signal=None, signal_map=None, gate=None, gate_need=0):
+      keep_tiles=0, parts=None):
     return x.new_empty(*x.shape[:-1], ss2.shape[0])

@@ -27,17 +27,14 @@ def _scratch_words(packed: PackedLinear, ragged: bool = False) -> int:
 
 
 def _cuda_matmul(x: torch.Tensor, holder, counters: torch.Tensor, group_size: int, outliers: int,
-                 exit_flag: tuple[torch.Tensor, int] | None, parts: list[int] | None = None,
-                 signal: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 gate: tuple[torch.Tensor, int] | None = None) -> torch.Tensor:
+                 exit_flag: tuple[torch.Tensor, int] | None, parts: list[int] | None = None) -> torch.Tensor:
     """One `mpq::mixed_linear` call over the format tensors `holder` carries (a module's buffers or a
-    PackedLinear's views), without bias; exit_flag: (flag, kept row tiles) of the one-graph exit decoder;
-    signal, gate: the output and input handed over through arrival counters (`kernels.handoff`)."""
+    PackedLinear's views), without bias; exit_flag: (flag, kept row tiles) of the one-graph exit decoder."""
     from mpq.runtime import ops  # imports triton; CPU-only users never need it
 
     flag, keep = exit_flag or (None, 0)
     return ops.mixed_linear(x, *(getattr(holder, n) for n in KERNEL_TENSOR_ORDER), counters, group_size, outliers,
-                            flag, keep, parts, *(signal or (None, None)), *(gate or (None, 0)))
+                            flag, keep, parts)
 
 
 class QuantLinear(nn.Module):
@@ -78,17 +75,15 @@ class QuantLinear(nn.Module):
             self._dense = self.packed().dequantize(dtype)
         return self._dense
 
-    def kernel_forward(self, x: torch.Tensor, **handoff) -> torch.Tensor:
-        """The CUDA path: the Triton kernels (on CPU tensors too, under TRITON_INTERPRET=1, as the tests run it).
-        handoff: `signal` and `gate` of `kernels.dispatch.mixed_matmul` (a signalled output has no bias: adding it
-        would be another kernel, after the hand-over)."""
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The CUDA path: the Triton kernels (on CPU tensors too, under TRITON_INTERPRET=1, as the tests run it)."""
         y = _cuda_matmul(x, self, self.split_counters, self.geometry["group_size"], self.geometry["outliers"],
-                         self.exit_flag, None, **handoff)
+                         self.exit_flag)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
-    def forward(self, x: torch.Tensor, **handoff) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
-            return self.kernel_forward(x, **handoff)
+            return self.kernel_forward(x)
         w = self.dequantized_weight(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return nn.functional.linear(x, w, bias)
@@ -111,8 +106,8 @@ class StackedQuantLinear(QuantLinear):
         """The first n parts as their own module, over views of this one's buffers (no copy)."""
         return StackedQuantLinear(self.packed().leading_rows(sum(self.splits[:n])), self.splits[:n])
 
-    def forward(self, x: torch.Tensor, **handoff) -> tuple[torch.Tensor, ...]:
-        return super().forward(x, **handoff).split(self.splits, dim=-1)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return super().forward(x).split(self.splits, dim=-1)
 
 
 class RaggedQuantLinear(StackedQuantLinear):
@@ -151,15 +146,13 @@ class RaggedQuantLinear(StackedQuantLinear):
         parts = self.packed_parts()[:n]
         return RaggedQuantLinear(parts) if n > 1 else QuantLinear(parts[0])
 
-    def kernel_forward(self, x: torch.Tensor, **handoff) -> torch.Tensor:
+    def kernel_forward(self, x: torch.Tensor) -> torch.Tensor:
         from kernels.dispatch import ragged_runs
 
         g, rows = self.geometry["group_size"], self.geometry["tile_rows"]
         if ragged_runs(x.reshape(-1, x.shape[-1]), tuple(getattr(self, n) for n in KERNEL_TENSOR_ORDER), g, rows):
             y = _cuda_matmul(x, self, self.split_counters, g, self.geometry["outliers"], self.exit_flag,
-                             [v for slots in self.part_slots for v in slots], **handoff)
-        elif any(v is not None for v in handoff.values()):
-            raise ValueError("a ragged stack hands over its output only where it runs as one launch")
+                             [v for slots in self.part_slots for v in slots])
         else:  # one by one; the counters alone (no fenceless epilogue state: that is laid out for the whole stack)
             outs = []
             flag, keep = self.exit_flag or (None, 0)

@@ -143,17 +143,15 @@ def _silu():
     silu_mul(g, g.clone(), pdl=True, skip=torch.zeros(1, dtype=torch.int32))
 
 
-def _attention(drop, handoff=False):
+def _attention(drop):
     from kernels.decode_attention import decode_attention
 
     B, H, KV, D, L = 1, 32, 8, 128, 384
     q, k, v = torch.randn(B, 1, H, D).half(), torch.randn(B, 1, KV, D).half(), torch.randn(B, 1, KV, D).half()
     cos = sin = torch.randn(1, D).half()
-    counters = torch.zeros(B * KV, dtype=torch.int32)
-    flags = ({"ready": (counters.clone(), 48), "done": torch.zeros(2, dtype=torch.int32)} if handoff
-             else {"skip": torch.zeros(1, dtype=torch.int32)})
     decode_attention(q, k, v, cos, sin, torch.zeros(2, B, KV, L, D, dtype=torch.half), torch.tensor([200]),
-                     counters, torch.zeros(L, dtype=torch.half) if drop else None, pdl=True, **flags)
+                     torch.zeros(B * KV, dtype=torch.int32), torch.zeros(L, dtype=torch.half) if drop else None,
+                     pdl=True, skip=torch.zeros(1, dtype=torch.int32))
 
 
 def _predictor(control):
@@ -205,18 +203,9 @@ CASES = {
                                                       unroll=2, skip=torch.zeros(1, dtype=torch.int32)),
     "gemv_tc m16 fragments": lambda: _gemv_tc_xfrag(16),
     "gemv_tc m1 ragged stack": lambda: _gemv_tc_ragged(1),
-    "gemv_tc m1 signal": lambda: _gemv_tc(1, split=1, pdl=True, signal=(torch.zeros(4, dtype=torch.int32),
-                                                                         torch.zeros(4, dtype=torch.int32))),
-    "gemv_tc m1 fenceless signal gate": lambda: _gemv_tc(1, split=4, gens=True, pdl=True,
-                                                         signal=(torch.zeros(4, dtype=torch.int32),
-                                                                 torch.zeros(4, dtype=torch.int32)),
-                                                         gate=(torch.zeros(2, dtype=torch.int32), 8)),
     "x_fragments": _x_fragments,
     "gemv_h2 pairs1 early4 flag": lambda: _gemv_h2(1, early4=True, pdl=True, skip=torch.zeros(1, dtype=torch.int32)),
     "gemv_h2 pairs2": lambda: _gemv_h2(2),
-    "gemv_h2 pairs2 signal gate": lambda: _gemv_h2(2, pdl=True, signal=(torch.zeros(4, dtype=torch.int32),
-                                                                        torch.zeros(4, dtype=torch.int32)),
-                                                   gate=(torch.zeros(2, dtype=torch.int32), 8)),
     "gemv_mixed flag": _gemv_mixed,
     "gemm fp16": lambda: _gemm(torch.float16),
     "gemm bf16": lambda: _gemm(torch.bfloat16),
@@ -225,7 +214,6 @@ CASES = {
     "silu_mul": _silu,
     "decode_attention fill": lambda: _attention(False),
     "decode_attention drop": lambda: _attention(True),
-    "decode_attention handoff": lambda: _attention(False, handoff=True),
     "exit_probability": lambda: _predictor(False),
     "exit_probability control": lambda: _predictor(True),
     "exit_head": lambda: _exit_head(False),

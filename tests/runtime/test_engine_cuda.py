@@ -105,37 +105,6 @@ def test_programmatic_dependent_launch_changes_no_token(tmp_path, byte_tokenizer
     assert runs[0] == runs[1]
 
 
-def test_attention_handoff_changes_no_token(tmp_path, byte_tokenizer):
-    """compile_small_ops links the layers whose k/v/q and o GEMVs run on the tensor-core kernel: q/k/v, then the
-    attention's output, handed over through arrival counters instead of grid waits (`kernels.handoff`). A count
-    that came short would hang, one that came early would read a stale activation: the graph-replayed decode must
-    give the same tokens and logits as the same kernels unlinked."""
-    import dataclasses
-
-    from kernels import dispatch
-    from mpq.artifact import load_artifact
-
-    if not dispatch.pdl_enabled(CUDA):
-        pytest.skip("the hand-over is set up with programmatic dependent launch (sm_90+)")
-    hf = tiny_hf_model(tiny_config(**CFG))
-    rtn_artifact(hf, tmp_path / "art", byte_tokenizer)
-    art = load_artifact(tmp_path / "art")
-    model = cuda_engine(hf, packed=art.linears, floats=art.floats)
-    model.compile_small_ops()
-    assert model.ops.handoff and all(layer.handoff is not None for layer in model.layers)
-    prompt = list(range(40, 90))
-    tok, pos = torch.tensor([[9]], device=CUDA), torch.tensor([50], device=CUDA)
-    linked_tokens = Generator(model, 128).generate(prompt, 48).tokens
-    with torch.no_grad():
-        linked = model(tok, pos)
-    model.ops = dataclasses.replace(model.ops, handoff=False)
-    assert Generator(model, 128).generate(prompt, 48).tokens == linked_tokens
-    with torch.no_grad():
-        assert torch.equal(model(tok, pos), linked)
-    for layer in model.layers:
-        assert not layer.handoff.ready.any() and not layer.handoff.done.any()
-
-
 def test_run_cli_on_cuda(tmp_path, byte_tokenizer):
     import json
 
