@@ -5,10 +5,7 @@ reads only the filled prefix. Programs: (batch x KV head, share); each rotates i
 its share of the cached positions [0, pos) in BLOCK_N-key tiles with an online softmax, and writes its partial
 (max, sum, weighted V) to a workspace. The last of a head's programs to arrive (atomic counter, reset by that
 program, so the launch replays in a CUDA graph) merges the shares in a fixed order with the new token's own key,
-which it still holds in registers, and writes the heads' outputs. Where the caller's `counters` scratch has room
-(`attention_scratch_words`), the partials carry the head's generation in each 8-byte word, as the GEMV's fenceless
-split-K epilogue does (`kernels.splitk`): the shares count their arrival without a fence, and the merging program
-re-reads until every partial is of this call. Share 0 writes the new k and v into the cache;
+which it still holds in registers, and writes the heads' outputs. Share 0 writes the new k and v into the cache;
 no program reads position pos from the cache, so nothing waits for that write. The heads of a GQA group share
 their KV head's program, so each cached key and value is read once. Positions are read on the device, so one
 captured graph serves every step; the mask is the causal prefix [0, pos], plus an optional additive bias over the
@@ -29,7 +26,6 @@ import triton
 import triton.language as tl
 
 from kernels.exit_flag import exited
-from kernels.splitk import GENERATIONS
 
 BLOCK_N = 64  # cached positions per tile
 # Triton's CPU interpreter (3.9) computes bf16 tl.dot wrongly; there the bf16 tiles are multiplied in fp32
@@ -70,60 +66,12 @@ def _attend(q, kt, vt, ok, bias, m_i, l_i, acc, scale, DOT_F32: tl.constexpr):
 
 
 @triton.jit
-def _put(ptr, offs, val, tag, mask, TAGGED: tl.constexpr):
-    """Store a partial (fp32), TAGGED: as the word tag | bits."""
-    if TAGGED:
-        tl.store(ptr + offs, tag | (val.to(tl.int32, bitcast=True).to(tl.int64) & 0xFFFFFFFF), mask=mask)
-    else:
-        tl.store(ptr + offs, val, mask=mask)
-
-
-@triton.jit
-def _get(ptr, offs, tag, TAGGED: tl.constexpr):
-    """A partial, and how many of its words do not carry `tag` (TAGGED; else 0)."""
-    if TAGGED:
-        w = tl.load(ptr + offs, volatile=True)
-        val = (w & 0xFFFFFFFF).to(tl.int32).to(tl.float32, bitcast=True)
-        stale = tl.sum(((w & -4294967296) != tag).to(tl.int32))
-    else:
-        val = tl.load(ptr + offs, cache_modifier=".cg")
-        stale = 0
-    return val, stale
-
-
-@triton.jit
-def _merge(m_ws, l_ws, acc_ws, first, offs_g, offs_d, s_new, v_new, tag, SPLITS: tl.constexpr, GP: tl.constexpr,
-           D: tl.constexpr, TAGGED: tl.constexpr):
-    """The shares' partials (rows first + i * GP + offs_g of share i) and the new token's own key merged: the
-    unnormalised output [GP, D], its softmax sum [GP], and the count of partial words not of this call."""
-    stale = 0
-    m_all = s_new
-    for i in tl.static_range(SPLITS):
-        m, st = _get(m_ws, first + i * GP + offs_g, tag, TAGGED)
-        m_all = tl.maximum(m_all, m)
-        stale += st
-    w_new = tl.exp(s_new - m_all)
-    l_all = w_new
-    out = w_new[:, None] * v_new.to(tl.float32)
-    for i in tl.static_range(SPLITS):
-        wi = first + i * GP + offs_g
-        m, st_m = _get(m_ws, wi, tag, TAGGED)
-        lsum, st_l = _get(l_ws, wi, tag, TAGGED)
-        a, st_a = _get(acc_ws, wi[:, None] * D + offs_d[None, :], tag, TAGGED)
-        w = tl.exp(m - m_all)
-        l_all += w * lsum
-        out += w[:, None] * a
-        stale += st_m + st_l + st_a
-    return out, l_all, stale
-
-
-@triton.jit
 def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cache_ptr, bias_ptr, out_ptr,
-                             m_ws, l_ws, acc_ws, cnt_ptr, gen_ptr,
+                             m_ws, l_ws, acc_ws, cnt_ptr,
                              n_kv, stride_c0, stride_cb, stride_ch, scale,
                              G: tl.constexpr, GP: tl.constexpr, MP: tl.constexpr, D: tl.constexpr,
                              SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, BIAS: tl.constexpr, DOT_F32: tl.constexpr,
-                             PDL: tl.constexpr, skip_ptr, SKIP: tl.constexpr, TAGGED: tl.constexpr):
+                             PDL: tl.constexpr, skip_ptr, SKIP: tl.constexpr):
     if PDL:  # the o projection launches now and loads its weights while this kernel runs; q, k, v are the output
         # of the kernel before (this one was launched early too, and waits here for it)
         tl.extra.cuda.gdc_launch_dependents()
@@ -169,56 +117,36 @@ def _decode_attention_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos_ptr, cac
         m_i, l_i, acc = _attend(q, kt, vt, ok, bias, m_i, l_i, acc, scale, DOT_F32)
     ws = (bh * SPLITS + sp) * GP + offs_m
     row_ok = offs_m < GP
-    gen = 0
-    tag = 0
-    if TAGGED:  # the head's generation: fixed until its last share of this call has arrived, which follows ours
-        gen = tl.load(gen_ptr + bh, volatile=True)
-        tag = (gen + 1).to(tl.int64) << 32
-    _put(m_ws, ws, m_i, tag, row_ok, TAGGED)
-    _put(l_ws, ws, l_i, tag, row_ok, TAGGED)
-    _put(acc_ws, ws[:, None] * D + offs_d[None, :], acc, tag, row_ok[:, None], TAGGED)
-    if TAGGED:
-        arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="relaxed")
-    else:
-        tl.debug_barrier()  # every thread's partial is written before the counter is released
-        arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
+    tl.store(m_ws + ws, m_i, mask=row_ok)
+    tl.store(l_ws + ws, l_i, mask=row_ok)
+    tl.store(acc_ws + ws[:, None] * D + offs_d[None, :], acc, mask=row_ok[:, None])
+    tl.debug_barrier()  # every thread's partial is written before the counter is released
+    arrived = tl.atomic_add(cnt_ptr + bh, 1, sem="acq_rel")
     if arrived == SPLITS - 1:  # merge the shares and the new token's own key, for the G heads only
         offs_g = tl.arange(0, GP)
         g_ok = (offs_g < G)[:, None]
         qg = _rotate(q_ptr + (bh * G + offs_g)[:, None] * D, offs_d, cos, sin, D // 2, g_ok).to(dt)
         s_new = tl.sum(qg.to(tl.float32) * k_new.to(tl.float32), axis=1) * scale  # [GP]
-        first = bh * SPLITS * GP
-        out, l_all, stale = _merge(m_ws, l_ws, acc_ws, first, offs_g, offs_d, s_new, v_new, tag, SPLITS, GP, D, TAGGED)
-        while stale > 0:  # a partial not visible yet (TAGGED): read them all again
-            out, l_all, stale = _merge(m_ws, l_ws, acc_ws, first, offs_g, offs_d, s_new, v_new, tag, SPLITS, GP, D,
-                                       TAGGED)
+        m_all = s_new
+        for i in tl.static_range(SPLITS):
+            m_all = tl.maximum(m_all, tl.load(m_ws + (bh * SPLITS + i) * GP + offs_g, cache_modifier=".cg"))
+        w_new = tl.exp(s_new - m_all)
+        l_all = w_new
+        out = w_new[:, None] * v_new.to(tl.float32)
+        for i in tl.static_range(SPLITS):
+            wi = (bh * SPLITS + i) * GP + offs_g
+            w = tl.exp(tl.load(m_ws + wi, cache_modifier=".cg") - m_all)
+            l_all += w * tl.load(l_ws + wi, cache_modifier=".cg")
+            out += w[:, None] * tl.load(acc_ws + wi[:, None] * D + offs_d[None, :], cache_modifier=".cg")
         tl.store(out_ptr + (bh * G + offs_g)[:, None] * D + offs_d[None, :], (out / l_all[:, None]).to(dt),
                  mask=g_ok)
         tl.store(cnt_ptr + bh, 0)
-        if TAGGED:
-            tl.store(gen_ptr + bh, (gen + 1) % GENERATIONS)
 
 
 def attention_splits(cache_len: int, kv_heads: int, batch: int = 1, block_n: int = BLOCK_N) -> int:
     """Shares per KV head: enough programs for ~2 waves of a 132-SM GPU, at most one per block_n cached positions.
     (A sweep of 4-24 shares and 32/64-position tiles on an H100 found nothing better at 384-4096 cached positions.)"""
     return max(1, min(triton.cdiv(cache_len, block_n), triton.cdiv(264, kv_heads * batch), 32))
-
-
-def _merge_layout(heads: int, splits: int, group_pad: int, head_dim: int) -> tuple[int, int, int, int]:
-    """Where the fenceless merge's state lies in a `counters` scratch (int32 words) for `heads` (batch x KV heads):
-    (first generation word, first workspace word (8-byte aligned), partial rows, end)."""
-    ws = 2 * heads  # an even word: 8-byte aligned where the scratch is
-    rows = heads * splits * group_pad
-    return heads, ws, rows, ws + 2 * rows * (head_dim + 2)
-
-
-def attention_scratch_words(batch: int, kv_heads: int, heads: int, cache_len: int, head_dim: int,
-                            splits: int | None = None) -> int:
-    """int32 words of a `counters` scratch with room for the fenceless merge at `splits` shares (default: the
-    default shares of this cache length); zero it once."""
-    splits = splits or attention_splits(cache_len, kv_heads, batch)
-    return _merge_layout(batch * kv_heads, splits, triton.next_power_of_2(heads // kv_heads), head_dim)[3]
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -228,8 +156,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
                      block_n: int = BLOCK_N, skip: torch.Tensor | None = None, num_warps: int = 2) -> torch.Tensor:
     """Attention of one new token per sequence: q [B, 1, heads, D], k/v [B, 1, kv heads, D] (before RoPE),
     cos/sin [1, D] at the new position input_pos [1] (a device tensor), cache [2, B, kv heads, length, D]
-    (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call; with room for the
-    fenceless merge, `attention_scratch_words`, it also keeps that merge's state between calls). bias: None, or an
+    (written at input_pos). counters: int32 zeros, >= B * kv heads (left zero after each call). bias: None, or an
     additive row [length] over the cached positions (SpecEE's drop mode: -inf where this layer skipped a token;
     the new token itself is never masked). splits: shares per KV head (default `attention_splits`). Returns `out`
     (or a new tensor) [B, 1, heads * D] in the cache's dtype. skip: the exit flag (`kernels.exit_flag`); while it is
@@ -243,24 +170,16 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: tor
     G = H // KV
     splits = splits or attention_splits(L, KV, B, block_n)
     out = torch.empty(B, 1, H * D, dtype=cache.dtype, device=q.device) if out is None else out
-    gens, ws, rows, end = _merge_layout(B * KV, splits, triton.next_power_of_2(G), D)
-    tagged = counters.numel() >= end and counters.data_ptr() % 8 == 0
-    if tagged:
-        tw = counters[ws:end].view(torch.int64)
-        m_ws, l_ws, acc_ws = tw[:rows], tw[rows:2 * rows], tw[2 * rows:]
-        gens = counters[gens:gens + B * KV]
-    else:
-        m_ws = torch.empty(rows, dtype=torch.float32, device=q.device)
-        l_ws = torch.empty_like(m_ws)
-        acc_ws = torch.empty(rows * D, dtype=torch.float32, device=q.device)
-        gens = counters
+    m_ws = torch.empty(B * KV * splits * triton.next_power_of_2(G), dtype=torch.float32, device=q.device)
+    l_ws = torch.empty_like(m_ws)
+    acc_ws = torch.empty(m_ws.numel() * D, dtype=torch.float32, device=q.device)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     _decode_attention_kernel[(B * KV, splits)](
-        q, k, v, cos, sin, input_pos, cache, cache if bias is None else bias, out, m_ws, l_ws, acc_ws, counters, gens,
+        q, k, v, cos, sin, input_pos, cache, cache if bias is None else bias, out, m_ws, l_ws, acc_ws, counters,
         KV, cache.stride(0), cache.stride(1), cache.stride(2), D ** -0.5,
         G=G, GP=triton.next_power_of_2(G), MP=max(16, triton.next_power_of_2(G)), D=D, SPLITS=splits,
         BLOCK_N=block_n, BIAS=bias is not None, DOT_F32=INTERPRET and cache.dtype == torch.bfloat16, PDL=pdl,
-        skip_ptr=counters if skip is None else skip, SKIP=skip is not None, TAGGED=tagged,
+        skip_ptr=counters if skip is None else skip, SKIP=skip is not None,
         num_warps=num_warps, **({"launch_pdl": True} if pdl else {}),
     )
     return out

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import step_ops
-from kernels.decode_attention import attention_scratch_words, decode_attention
+from kernels.decode_attention import decode_attention
 from kernels.dispatch import pdl_enabled
 from kernels.gemv_tc import GROUP_SIZE as TC_GROUP, TILE_ROWS as TC_ROWS
 from mpq.errors import ArtifactError, MpqError
@@ -299,13 +299,11 @@ class KVCache(nn.Module):
     """Keys and values in one buffer [2, B, heads, length, D]. The layer writes it through `rope_write` (one
     kernel with the rotation once compiled); `update` is the plain write for callers outside the layer."""
 
-    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device, q_heads: int | None = None):
+    def __init__(self, batch: int, heads: int, length: int, head_dim: int, dtype, device):
         super().__init__()
         self.register_buffer("kv", torch.zeros(2, batch, heads, length, head_dim, dtype=dtype, device=device), persistent=False)
-        # the fused decode attention's scratch: its per-head arrival counters (zero between calls), then the state of
-        # its fenceless merge (`attention_scratch_words`)
-        words = attention_scratch_words(batch, heads, q_heads or heads, length, head_dim)
-        self.register_buffer("counters", torch.zeros(words, dtype=torch.int32, device=device), persistent=False)
+        # the fused decode attention's per-head arrival counters (zero between calls)
+        self.register_buffer("counters", torch.zeros(batch * heads, dtype=torch.int32, device=device), persistent=False)
 
     def update(self, input_pos: torch.Tensor, kv: torch.Tensor):
         """kv [2, B, S, heads, D] for positions input_pos [S]; returns the whole cache's k and v."""
@@ -385,7 +383,7 @@ class Transformer(nn.Module):
             raise MpqError(f"{max_seq_len} positions exceed the model's context of {a.max_position_embeddings}")
         self.max_seq_len = max_seq_len
         for layer in self.layers:
-            layer.kv_cache = KVCache(batch, a.n_kv_heads, max_seq_len, a.head_dim, self.dtype, dev, a.n_heads)
+            layer.kv_cache = KVCache(batch, a.n_kv_heads, max_seq_len, a.head_dim, self.dtype, dev)
         freqs = torch.arange(max_seq_len, dtype=torch.float32)[:, None] * rope_inv_freq(a)[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("rope_cos", emb.cos().to(dev, self.dtype), persistent=False)

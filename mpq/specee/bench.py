@@ -308,7 +308,7 @@ def build_exit_bench(trace_json: Path, prompt_tokens: int = 128, new_tokens: int
     with torch.no_grad():
         for n in ("o", "down"):
             getattr(draft, n).normal_(0, 0.02)
-    draft.bind_rows(model.output.weight)  # its rows gathered on the device (quantize copies them to the CPU)
+    draft.bind_rows(model.output.weight.cpu())
     draft_source = _quantized_draft(draft, dev)
     draft.to(dev, torch.float16)
     draft.bind_rows(model.output.weight)

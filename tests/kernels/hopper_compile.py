@@ -143,15 +143,14 @@ def _silu():
     silu_mul(g, g.clone(), pdl=True, skip=torch.zeros(1, dtype=torch.int32))
 
 
-def _attention(drop, fenceless=False):
-    from kernels.decode_attention import attention_scratch_words, decode_attention
+def _attention(drop):
+    from kernels.decode_attention import decode_attention
 
     B, H, KV, D, L = 1, 32, 8, 128, 384
     q, k, v = torch.randn(B, 1, H, D).half(), torch.randn(B, 1, KV, D).half(), torch.randn(B, 1, KV, D).half()
     cos = sin = torch.randn(1, D).half()
-    counters = torch.zeros(attention_scratch_words(B, KV, H, L, D) if fenceless else B * KV, dtype=torch.int32)
     decode_attention(q, k, v, cos, sin, torch.zeros(2, B, KV, L, D, dtype=torch.half), torch.tensor([200]),
-                     counters, torch.zeros(L, dtype=torch.half) if drop else None,
+                     torch.zeros(B * KV, dtype=torch.int32), torch.zeros(L, dtype=torch.half) if drop else None,
                      pdl=True, skip=torch.zeros(1, dtype=torch.int32))
 
 
@@ -215,7 +214,6 @@ CASES = {
     "silu_mul": _silu,
     "decode_attention fill": lambda: _attention(False),
     "decode_attention drop": lambda: _attention(True),
-    "decode_attention fenceless merge": lambda: _attention(False, fenceless=True),
     "exit_probability": lambda: _predictor(False),
     "exit_probability control": lambda: _predictor(True),
     "exit_head": lambda: _exit_head(False),
