@@ -1,0 +1,138 @@
+"""Would a lane-ordered weight layout speed up the M = 1 tensor-core GEMV? (GPU probe, timing only.)
+
+The tensor-core GEMV's lane issues 8 loads for each 2-bit slot beside its x words: two 8-byte code words (rows g
+and g + 8, 256 bytes apart in format v1), the zeros word, two scale bytes, the group column, an outlier value and
+its offset. In a layout in fragment order (benchmarks/kernels-notes.md, "What is left") the two code words are one
+16-byte load, the two scale codes one 16-bit word, an outlier's value and offset one 32-bit word: 5 loads. This
+probe runs the GEMV's own slot arithmetic (`kernels.gemv_tc`'s `_frag_dot` and `_outlier_dot`, one-slot register
+prefetch, one warp per row tile and share) over random buffers of format v1's sizes, once with format v1's loads
+(`_load_slot`) and once with the lane-ordered ones, 2-bit slots with one outlier each, on the two 7B shapes at the
+issue's splits. The outputs are not checked (the buffers are random; both variants do the same arithmetic).
+Graph-replayed, 8 rotating buffer sets, the variants alternated twice; writes $OUT/lane-layout-probe.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+
+import torch
+import triton
+import triton.language as tl
+
+import kernels.gemv_tc as tc
+
+ROTATE = 8
+# two code words of a lane in one 16-byte load, predicated as a masked load
+LOAD_PAIR = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b64 $0, 0; mov.b64 $1, 0; "
+                         "@p ld.global.v2.u64 {$0, $1}, [$2]; }")
+
+
+@triton.jit
+def _load_lane(q_ptr, s_ptr, z_ptr, idx_ptr, oc_ptr, ts, g, t, valid):
+    """_load_slot's values (2-bit, one outlier, M = 1) from the lane-ordered buffers: codes [slot, g, t, row g /
+    g + 8] int64, scale codes [slot, g, row g / g + 8] uint8, outliers [slot, row] int32 (value bits | offset << 16)."""
+    wa, wb = tl.inline_asm_elementwise(LOAD_PAIR, "=l,=l,l,r", [q_ptr + ((ts * 8 + g) * 4 + t) * 2, valid.to(tl.int32)],
+                                       dtype=(tl.int64, tl.int64), is_pure=True, pack=1)
+    zw = tl.load(z_ptr.to(tl.pointer_type(tl.int32)) + ts + t * 0, mask=valid, other=0)
+    zg = (zw >> (2 * g)) & 3
+    zh = (zw >> (2 * g + 16)) & 3
+    s16 = tl.load(s_ptr.to(tl.pointer_type(tl.int16)) + ts * 8 + g, mask=valid, other=0).to(tl.int32)
+    sg = (s16 & 0xFF).to(tl.uint8)
+    sh = ((s16 >> 8) & 0xFF).to(tl.uint8)
+    col = tl.load(idx_ptr + ts + t * 0, mask=valid, other=0).to(tl.int32)
+    oc = tl.load(oc_ptr + ts * 16 + g + 8 * t, mask=valid & (t < 2), other=0)
+    ovg = (oc & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+    oig = ((oc >> 16) & 0xFF).to(tl.uint8)
+    return wa, wb, wa, wb, zg, zh, sg, sh, col, ovg, ovg, oig, oig, ts, valid
+
+
+@triton.jit
+def _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, LANE: tl.constexpr):
+    if LANE:
+        out = _load_lane(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, ts, g, t, valid)
+    else:
+        out = tc._load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, 2, 1, True)
+    return out
+
+
+@triton.jit
+def _probe_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, y_ptr, n_slots,
+                  SPLIT: tl.constexpr, LANE: tl.constexpr):
+    """LANE: ov_ptr is the lane layout's outlier words (oi_ptr unused)."""
+    tile = tl.program_id(0)
+    sp = tl.program_id(1)
+    lane = tl.arange(0, 32)
+    g = lane // 4
+    t = lane % 4
+    start, end = tc._share(n_slots, sp, SPLIT, 1)
+    first = tile * n_slots
+    nxt = _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + start, g, t, start + t * 0 < end, LANE)
+    z = tl.zeros([32], tl.float32)
+    acc = (z, z, z, z, z, z, z, z)
+    acc_o = (z, z, z, z)
+    for s in range(start, end):
+        cur = nxt
+        nxt = _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s + 1, g, t, s + 1 + t * 0 < end, LANE)
+        acc = tc._add8(acc, tc._frag_dot(q_ptr, x_ptr, xw_ptr, cur, g, t, 1, 0, 0, 2, 1, True, True, False))
+        acc_o = tc._add4(acc_o, tc._outlier_dot(ov_ptr, oi_ptr, x_ptr, x_ptr, cur, g, t, 1, 0, 0, 1, True, 0))
+    a0, a1, a2, a3, a4, a5, a6, a7 = acc
+    o0, o1, o2, o3 = acc_o
+    tl.store(y_ptr + (tile * SPLIT + sp) * 32 + lane, a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + o0 + o1 + o2 + o3)
+
+
+def _buffers(rows: int, k: int, lane: bool, seed: int) -> tuple:
+    """Random buffers of format v1's sizes for a 2-bit, one-outlier layer (all slots 2-bit); lane: the outliers as
+    one int32 word each."""
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    t, n = rows // 16, k // 128
+    r = lambda lo, hi, *shape, dt: torch.randint(lo, hi, shape, generator=gen, device="cuda", dtype=dt)  # noqa: E731
+    q = r(-2**31, 2**31 - 1, t, n, 16, 8, dt=torch.int32)
+    s = r(1, 256, t, n, 16, dt=torch.uint8)
+    z = r(0, 256, t, n, 4, dt=torch.uint8)
+    idx = torch.rand(t, n, generator=gen, device="cuda").argsort(dim=1).to(torch.int16)
+    ov = (torch.randn(t, n, 16, 1, generator=gen, device="cuda") * 0.1).half()
+    oi = r(0, 128, t, n, 16, 1, dt=torch.uint8)
+    if lane:
+        ov = (ov.view(torch.int16).to(torch.int32) & 0xFFFF) | (oi.to(torch.int32) << 16)
+    return q.view(torch.int64), s, z, idx, ov, oi
+
+
+def probe(rows: int, k: int, split: int) -> dict[str, float]:
+    x = (torch.randn(k, device="cuda") * 0.5).half()
+    xw = x.view(torch.int32)
+    times = {"format v1 loads": [], "lane-ordered loads": []}
+    sets = {name: [_buffers(rows, k, name.startswith("lane"), seed) for seed in range(ROTATE)] for name in times}
+    y = torch.empty(rows // 16 * split * 32, device="cuda")
+    for _ in range(2):
+        for name in times:
+            lane = name.startswith("lane")
+
+            def run():
+                for q, s, z, idx, ov, oi in sets[name]:
+                    _probe_kernel[(rows // 16, split)](q, s, z, idx, ov, oi, x, xw, y, k // 128, SPLIT=split,
+                                                       LANE=lane, num_warps=1)
+            run()
+            torch.cuda.synchronize()
+            times[name].append(triton.testing.do_bench_cudagraph(run, rep=40, return_mode="median") * 1000 / ROTATE)
+            print(f"{rows}x{k} split {split} {name:20s} {times[name][-1]:.2f} us", flush=True)
+    return times
+
+
+def main() -> None:
+    rows = [{"shape": f"{n}x{k}", "split": split, "us": probe(n, k, split)}
+            for n, k, split in ((11008, 4096, 8), (4096, 11008, 16), (12288, 4096, 4))]
+    for row in rows:
+        v1, lane = (statistics.median(row["us"][n]) for n in ("format v1 loads", "lane-ordered loads"))
+        print(f"{row['shape']}: format v1 {v1:.2f} us, lane-ordered {lane:.2f} us ({v1 / lane:.3f}x)")
+    out = os.environ.get("OUT", "benchmarks/results")
+    with open(os.path.join(out, "lane-layout-probe.json"), "w") as f:
+        json.dump({"device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT", ""),
+                   "torch": torch.__version__, "triton": triton.__version__,
+                   "what": "the tensor-core GEMV's 2-bit slot loop (one outlier a row, M = 1) over random buffers, "
+                   "format v1's 8 loads a slot against a lane-ordered layout's 5; graph-replayed us a call, 8 "
+                   "rotating buffer sets, two alternations; timing only", "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
