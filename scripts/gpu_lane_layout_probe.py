@@ -5,9 +5,9 @@ and g + 8, 256 bytes apart in format v1), the zeros word, two scale bytes, the g
 its offset. In a layout in fragment order (benchmarks/kernels-notes.md, "What is left") the two code words are one
 16-byte load, the two scale codes one 16-bit word, an outlier's value and offset one 32-bit word: 5 loads. This
 probe runs the GEMV's own slot arithmetic (`kernels.gemv_tc`'s `_frag_dot` and `_outlier_dot`, one-slot register
-prefetch, one warp per row tile and share) over random buffers of format v1's sizes, once with format v1's loads
-(`_load_slot`) and once with the lane-ordered ones, 2-bit slots with one outlier each, on the two 7B shapes at the
-issue's splits. The outputs are not checked (the buffers are random; both variants do the same arithmetic).
+prefetch, one warp per row tile and share) over random buffers of format v1's sizes, with format v1's loads
+(`_load_slot`), with the lane-ordered ones, and with each half of that change; 2-bit slots with one outlier each,
+on the 7B shapes at the table's splits. The outputs are not checked (the buffers are random; both variants do the same arithmetic).
 Graph-replayed, 8 rotating buffer sets, the variants alternated twice; writes $OUT/lane-layout-probe.json."""
 
 from __future__ import annotations
@@ -29,37 +29,31 @@ LOAD_PAIR = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b64 $0, 0; m
 
 
 @triton.jit
-def _load_lane(q_ptr, s_ptr, z_ptr, idx_ptr, oc_ptr, ts, g, t, valid):
-    """_load_slot's values (2-bit, one outlier, M = 1) from the lane-ordered buffers: codes [slot, g, t, row g /
-    g + 8] int64, scale codes [slot, g, row g / g + 8] uint8, outliers [slot, row] int32 (value bits | offset << 16)."""
-    wa, wb = tl.inline_asm_elementwise(LOAD_PAIR, "=l,=l,l,r", [q_ptr + ((ts * 8 + g) * 4 + t) * 2, valid.to(tl.int32)],
-                                       dtype=(tl.int64, tl.int64), is_pure=True, pack=1)
-    zw = tl.load(z_ptr.to(tl.pointer_type(tl.int32)) + ts + t * 0, mask=valid, other=0)
-    zg = (zw >> (2 * g)) & 3
-    zh = (zw >> (2 * g + 16)) & 3
-    s16 = tl.load(s_ptr.to(tl.pointer_type(tl.int16)) + ts * 8 + g, mask=valid, other=0).to(tl.int32)
-    sg = (s16 & 0xFF).to(tl.uint8)
-    sh = ((s16 >> 8) & 0xFF).to(tl.uint8)
-    col = tl.load(idx_ptr + ts + t * 0, mask=valid, other=0).to(tl.int32)
-    oc = tl.load(oc_ptr + ts * 16 + g + 8 * t, mask=valid & (t < 2), other=0)
-    ovg = (oc & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-    oig = ((oc >> 16) & 0xFF).to(tl.uint8)
+def _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, CODES: tl.constexpr, META: tl.constexpr):
+    """_load_slot's values (2-bit, one outlier, M = 1). CODES: the lane's two code words from the lane-ordered
+    layout ([slot, g, t, row g / g + 8] int64) in one load; META: the two scale codes as one 16-bit word
+    ([slot, g, row g / g + 8]) and the outlier as one 32-bit word (value bits | offset << 16, in ov_ptr)."""
+    v1 = tc._load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, 2, 1, True)
+    wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = v1
+    if CODES:
+        wa, wb = tl.inline_asm_elementwise(LOAD_PAIR, "=l,=l,l,r",
+                                           [q_ptr + ((ts * 8 + g) * 4 + t) * 2, valid.to(tl.int32)],
+                                           dtype=(tl.int64, tl.int64), is_pure=True, pack=1)
+    if META:
+        s16 = tl.load(s_ptr.to(tl.pointer_type(tl.int16)) + ts * 8 + g, mask=valid, other=0).to(tl.int32)
+        sg = (s16 & 0xFF).to(tl.uint8)
+        sh = ((s16 >> 8) & 0xFF).to(tl.uint8)
+        oc = tl.load(ov_ptr.to(tl.pointer_type(tl.int32)) + ts * 16 + g + 8 * t, mask=valid & (t < 2), other=0)
+        ovg = (oc & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+        oig = ((oc >> 16) & 0xFF).to(tl.uint8)
     return wa, wb, wa, wb, zg, zh, sg, sh, col, ovg, ovg, oig, oig, ts, valid
 
 
 @triton.jit
-def _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, LANE: tl.constexpr):
-    if LANE:
-        out = _load_lane(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, ts, g, t, valid)
-    else:
-        out = tc._load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, 2, 1, True)
-    return out
-
-
-@triton.jit
 def _probe_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, y_ptr, n_slots,
-                  SPLIT: tl.constexpr, LANE: tl.constexpr):
-    """LANE: ov_ptr is the lane layout's outlier words (oi_ptr unused)."""
+                  SPLIT: tl.constexpr, CODES: tl.constexpr, META: tl.constexpr):
+    """The loads of the loads `_load` replaces are dead and compile away; META: ov_ptr holds the merged outlier
+    words (int32, twice fp16's bytes, so its v1 reads stay in bounds)."""
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -67,18 +61,24 @@ def _probe_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, y
     t = lane % 4
     start, end = tc._share(n_slots, sp, SPLIT, 1)
     first = tile * n_slots
-    nxt = _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + start, g, t, start + t * 0 < end, LANE)
+    nxt = _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + start, g, t, start + t * 0 < end, CODES,
+                META)
     z = tl.zeros([32], tl.float32)
     acc = (z, z, z, z, z, z, z, z)
     acc_o = (z, z, z, z)
     for s in range(start, end):
         cur = nxt
-        nxt = _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s + 1, g, t, s + 1 + t * 0 < end, LANE)
+        nxt = _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s + 1, g, t, s + 1 + t * 0 < end,
+                    CODES, META)
         acc = tc._add8(acc, tc._frag_dot(q_ptr, x_ptr, xw_ptr, cur, g, t, 1, 0, 0, 2, 1, True, True, False))
         acc_o = tc._add4(acc_o, tc._outlier_dot(ov_ptr, oi_ptr, x_ptr, x_ptr, cur, g, t, 1, 0, 0, 1, True, 0))
     a0, a1, a2, a3, a4, a5, a6, a7 = acc
     o0, o1, o2, o3 = acc_o
     tl.store(y_ptr + (tile * SPLIT + sp) * 32 + lane, a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + o0 + o1 + o2 + o3)
+
+
+VARIANTS = {"format v1 loads": (False, False), "code words paired": (True, False),
+            "scales and outlier merged": (False, True), "lane-ordered loads (both)": (True, True)}
 
 
 def _buffers(rows: int, k: int, lane: bool, seed: int) -> tuple:
@@ -101,21 +101,20 @@ def _buffers(rows: int, k: int, lane: bool, seed: int) -> tuple:
 def probe(rows: int, k: int, split: int) -> dict[str, float]:
     x = (torch.randn(k, device="cuda") * 0.5).half()
     xw = x.view(torch.int32)
-    times = {"format v1 loads": [], "lane-ordered loads": []}
-    sets = {name: [_buffers(rows, k, name.startswith("lane"), seed) for seed in range(ROTATE)] for name in times}
+    times = {name: [] for name in VARIANTS}
+    sets = {name: [_buffers(rows, k, meta, seed) for seed in range(ROTATE)] for name, (_, meta) in VARIANTS.items()}
     y = torch.empty(rows // 16 * split * 32, device="cuda")
     for _ in range(2):
-        for name in times:
-            lane = name.startswith("lane")
+        for name, (codes, meta) in VARIANTS.items():
 
             def run():
                 for q, s, z, idx, ov, oi in sets[name]:
                     _probe_kernel[(rows // 16, split)](q, s, z, idx, ov, oi, x, xw, y, k // 128, SPLIT=split,
-                                                       LANE=lane, num_warps=1)
+                                                       CODES=codes, META=meta, num_warps=1)
             run()
             torch.cuda.synchronize()
             times[name].append(triton.testing.do_bench_cudagraph(run, rep=40, return_mode="median") * 1000 / ROTATE)
-            print(f"{rows}x{k} split {split} {name:20s} {times[name][-1]:.2f} us", flush=True)
+            print(f"{rows}x{k} split {split} {name:26s} {times[name][-1]:.2f} us", flush=True)
     return times
 
 
@@ -123,15 +122,17 @@ def main() -> None:
     rows = [{"shape": f"{n}x{k}", "split": split, "us": probe(n, k, split)}
             for n, k, split in ((11008, 4096, 8), (4096, 11008, 16), (12288, 4096, 4))]
     for row in rows:
-        v1, lane = (statistics.median(row["us"][n]) for n in ("format v1 loads", "lane-ordered loads"))
-        print(f"{row['shape']}: format v1 {v1:.2f} us, lane-ordered {lane:.2f} us ({v1 / lane:.3f}x)")
+        v1 = statistics.median(row["us"]["format v1 loads"])
+        print(row["shape"] + ": " + ", ".join(f"{n} {statistics.median(ts):.2f} us ({v1 / statistics.median(ts):.3f}x)"
+                                             for n, ts in row["us"].items()))
     out = os.environ.get("OUT", "benchmarks/results")
     with open(os.path.join(out, "lane-layout-probe.json"), "w") as f:
         json.dump({"device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT", ""),
                    "torch": torch.__version__, "triton": triton.__version__,
                    "what": "the tensor-core GEMV's 2-bit slot loop (one outlier a row, M = 1) over random buffers, "
-                   "format v1's 8 loads a slot against a lane-ordered layout's 5; graph-replayed us a call, 8 "
-                   "rotating buffer sets, two alternations; timing only", "rows": rows}, f, indent=1)
+                   "format v1's 8 loads a slot against a lane-ordered layout's 5 and each half of that change; "
+                   "graph-replayed us a call, 8 rotating buffer sets, two alternations; timing only",
+                   "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
