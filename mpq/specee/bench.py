@@ -92,18 +92,9 @@ class GraphStep:
     def _draft(self, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """The draft head's step at self.pos (cos/sin: the rotation there): LM-head rows [4, D] of its top-4
         tokens."""
-        d, m, a = self.draft, self.model, self.model.args
-        ops, eps = m.ops, a.norm_eps
-        x = d.linears["fc"](self.fc_in.view(1, 1, -1))
-        _, h = ops.add_rms_norm(x, None, d.attn_norm, eps)
-        q, k, v = self.d_qkv(h)
-        q, k, v = (q.view(1, 1, a.n_heads, a.head_dim), k.view(1, 1, a.n_kv_heads, a.head_dim),
-                   v.view(1, 1, a.n_kv_heads, a.head_dim))
-        # the engine's fused kernel (set by compile_small_ops): RoPE, the draft cache's write and attention
-        y = ops.decode_attention(q, k, v, cos, sin, self.dcache[:, None], self.pos, self.d_counters)
-        x, h = ops.add_rms_norm(x, d.linears["o"](y), d.mlp_norm, eps)
-        gate, up = self.d_gate_up(h)
-        _, h = ops.add_rms_norm(x, d.linears["down"](ops.silu_mul(gate, up)), d.norm, eps)
+        d = self.draft
+        h = d.fused_layer(self.fc_in.view(1, 1, -1), self.pos, cos, sin, self.model.ops, self.d_counters,
+                          qkv=self.d_qkv, gate_up=self.d_gate_up, cache=self.dcache)
         draft_top4(d.head_logits(h).view(-1), d.vocab, self.lm_w, self.d_top4, self.d_rows)
         return self.d_rows
 
@@ -308,7 +299,7 @@ def build_exit_bench(trace_json: Path, prompt_tokens: int = 128, new_tokens: int
     with torch.no_grad():
         for n in ("o", "down"):
             getattr(draft, n).normal_(0, 0.02)
-    draft.bind_rows(model.output.weight.cpu())
+    draft.bind_rows(model.output.weight)  # its rows gathered on the device (`quantize` copies them to the CPU)
     draft_source = _quantized_draft(draft, dev)
     draft.to(dev, torch.float16)
     draft.bind_rows(model.output.weight)

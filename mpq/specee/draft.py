@@ -154,20 +154,30 @@ class DraftHead(nn.Module):
         x = self.lin("fc", torch.cat((h_normed, emb), dim=-1))
         return self.head_logits(self._layer(x, cos[pos], sin[pos], attend)[-1])
 
+    def fused_layer(self, x_in: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, ops,
+                    counters: torch.Tensor, qkv=None, gate_up=None, cache: torch.Tensor | None = None) -> torch.Tensor:
+        """The draft layer through the engine's decode kernels (`ops`: a `SmallOps` whose norms, SwiGLU product and
+        fused decode attention are the GPU kernels; counters: int32 zeros [kv heads]) from its input x_in [1, 1, 2D]
+        (the normed hidden state, then the next token's embedding): the final-normed state [1, 1, D]. qkv / gate_up:
+        a module giving (q, k, v) / (gate, up) in one launch (stacked as the engine stacks its own), else the
+        draft's own linears; cache: a KV cache [2, kv heads, length, head dim] other than its own. cos/sin [1, D]
+        at pos."""
+        x = self.lin("fc", x_in)
+        _, h = ops.add_rms_norm(x, None, self.attn_norm, self.eps)
+        q, k, v = qkv(h) if qkv is not None else (self.lin(n, h) for n in ("q", "k", "v"))
+        q = q.view(1, 1, self.n_heads, self.head_dim)
+        k, v = k.view(1, 1, self.n_kv_heads, self.head_dim), v.view(1, 1, self.n_kv_heads, self.head_dim)
+        y = ops.decode_attention(q, k, v, cos, sin, (self.cache if cache is None else cache)[:, None], pos, counters)
+        x, h = ops.add_rms_norm(x, self.lin("o", y), self.mlp_norm, self.eps)
+        gate, up = gate_up(h) if gate_up is not None else (self.lin("gate", h), self.lin("up", h))
+        _, h = ops.add_rms_norm(x, self.lin("down", ops.silu_mul(gate, up)), self.norm, self.eps)
+        return h
+
     def step_fused(self, h_normed: torch.Tensor, emb: torch.Tensor, pos: torch.Tensor, cos: torch.Tensor,
                    sin: torch.Tensor, ops, counters: torch.Tensor) -> torch.Tensor:
-        """As `step_at` with the engine's decode kernels (`ops`: a `SmallOps` whose norms, SwiGLU product and fused
-        decode attention are the GPU kernels; counters: int32 zeros [kv heads]): about 12 launches instead of ~30
-        small ops and an attention over the whole cache. cos/sin [1, D] at pos."""
-        x = self.lin("fc", torch.cat((h_normed, emb), dim=-1)).view(1, 1, -1)
-        _, h = ops.add_rms_norm(x, None, self.attn_norm, self.eps)
-        q = self.lin("q", h).view(1, 1, self.n_heads, self.head_dim)
-        k = self.lin("k", h).view(1, 1, self.n_kv_heads, self.head_dim)
-        v = self.lin("v", h).view(1, 1, self.n_kv_heads, self.head_dim)
-        y = ops.decode_attention(q, k, v, cos, sin, self.cache[:, None], pos, counters)
-        x, h = ops.add_rms_norm(x, self.lin("o", y), self.mlp_norm, self.eps)
-        _, h = ops.add_rms_norm(x, self.lin("down", ops.silu_mul(self.lin("gate", h), self.lin("up", h))), self.norm,
-                                self.eps)
+        """As `step_at` through `fused_layer`: about 12 launches instead of ~30 small ops and an attention over the
+        whole cache."""
+        h = self.fused_layer(torch.cat((h_normed, emb), dim=-1).view(1, 1, -1), pos, cos, sin, ops, counters)
         return self.head_logits(h).view(-1)
 
     def propose(self, logits: torch.Tensor) -> torch.Tensor:
