@@ -6,7 +6,7 @@ its offset. In a layout in fragment order (benchmarks/kernels-notes.md, "What is
 16-byte load, the two scale codes one 16-bit word, an outlier's value and offset one 32-bit word: 5 loads. This
 probe runs the GEMV's own slot arithmetic (`kernels.gemv_tc`'s `_frag_dot` and `_outlier_dot`, one-slot register
 prefetch, one warp per row tile and share) over random buffers of format v1's sizes, with format v1's loads
-(`_load_slot`), with the lane-ordered ones, and with each half of that change; 2-bit slots with one outlier each,
+(`_load_slot`), with the lane-ordered ones, and with each part of that change; 2-bit slots with one outlier each,
 on the 7B shapes at the table's splits. The outputs are not checked (the buffers are random; both variants do the same arithmetic).
 Graph-replayed, 8 rotating buffer sets, the variants alternated twice; writes $OUT/lane-layout-probe.json."""
 
@@ -29,20 +29,22 @@ LOAD_PAIR = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b64 $0, 0; m
 
 
 @triton.jit
-def _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, CODES: tl.constexpr, META: tl.constexpr):
+def _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, CODES: tl.constexpr, SCALES: tl.constexpr,
+          OUTWORD: tl.constexpr):
     """_load_slot's values (2-bit, one outlier, M = 1). CODES: the lane's two code words from the lane-ordered
-    layout ([slot, g, t, row g / g + 8] int64) in one load; META: the two scale codes as one 16-bit word
-    ([slot, g, row g / g + 8]) and the outlier as one 32-bit word (value bits | offset << 16, in ov_ptr)."""
+    layout ([slot, g, t, row g / g + 8] int64) in one load; SCALES: the two scale codes as one 16-bit word
+    ([slot, g, row g / g + 8]); OUTWORD: the outlier as one 32-bit word (value bits | offset << 16, in ov_ptr)."""
     v1 = tc._load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, 2, 1, True)
     wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = v1
     if CODES:
         wa, wb = tl.inline_asm_elementwise(LOAD_PAIR, "=l,=l,l,r",
                                            [q_ptr + ((ts * 8 + g) * 4 + t) * 2, valid.to(tl.int32)],
                                            dtype=(tl.int64, tl.int64), is_pure=True, pack=1)
-    if META:
+    if SCALES:
         s16 = tl.load(s_ptr.to(tl.pointer_type(tl.int16)) + ts * 8 + g, mask=valid, other=0).to(tl.int32)
         sg = (s16 & 0xFF).to(tl.uint8)
         sh = ((s16 >> 8) & 0xFF).to(tl.uint8)
+    if OUTWORD:
         oc = tl.load(ov_ptr.to(tl.pointer_type(tl.int32)) + ts * 16 + g + 8 * t, mask=valid & (t < 2), other=0)
         ovg = (oc & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
         oig = ((oc >> 16) & 0xFF).to(tl.uint8)
@@ -51,8 +53,8 @@ def _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, CODES: 
 
 @triton.jit
 def _probe_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, y_ptr, n_slots,
-                  SPLIT: tl.constexpr, CODES: tl.constexpr, META: tl.constexpr):
-    """The loads of the loads `_load` replaces are dead and compile away; META: ov_ptr holds the merged outlier
+                  SPLIT: tl.constexpr, CODES: tl.constexpr, SCALES: tl.constexpr, OUTWORD: tl.constexpr):
+    """The loads of the loads `_load` replaces are dead and compile away; OUTWORD: ov_ptr holds the merged outlier
     words (int32, twice fp16's bytes, so its v1 reads stay in bounds)."""
     tile = tl.program_id(0)
     sp = tl.program_id(1)
@@ -62,14 +64,14 @@ def _probe_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, y
     start, end = tc._share(n_slots, sp, SPLIT, 1)
     first = tile * n_slots
     nxt = _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + start, g, t, start + t * 0 < end, CODES,
-                META)
+                SCALES, OUTWORD)
     z = tl.zeros([32], tl.float32)
     acc = (z, z, z, z, z, z, z, z)
     acc_o = (z, z, z, z)
     for s in range(start, end):
         cur = nxt
         nxt = _load(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s + 1, g, t, s + 1 + t * 0 < end,
-                    CODES, META)
+                    CODES, SCALES, OUTWORD)
         acc = tc._add8(acc, tc._frag_dot(q_ptr, x_ptr, xw_ptr, cur, g, t, 1, 0, 0, 2, 1, True, True, False))
         acc_o = tc._add4(acc_o, tc._outlier_dot(ov_ptr, oi_ptr, x_ptr, x_ptr, cur, g, t, 1, 0, 0, 1, True, 0))
     a0, a1, a2, a3, a4, a5, a6, a7 = acc
@@ -77,8 +79,9 @@ def _probe_kernel(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, y
     tl.store(y_ptr + (tile * SPLIT + sp) * 32 + lane, a0 + a1 + a2 + a3 + a4 + a5 + a6 + a7 + o0 + o1 + o2 + o3)
 
 
-VARIANTS = {"format v1 loads": (False, False), "code words paired": (True, False),
-            "scales and outlier merged": (False, True), "lane-ordered loads (both)": (True, True)}
+VARIANTS = {"format v1 loads": (False, False, False), "code words paired": (True, False, False),
+            "scale codes paired": (False, True, False), "outlier in one word": (False, False, True),
+            "codes and scales paired (no extra bytes)": (True, True, False), "all three": (True, True, True)}
 
 
 def _buffers(rows: int, k: int, lane: bool, seed: int) -> tuple:
@@ -102,19 +105,19 @@ def probe(rows: int, k: int, split: int) -> dict[str, float]:
     x = (torch.randn(k, device="cuda") * 0.5).half()
     xw = x.view(torch.int32)
     times = {name: [] for name in VARIANTS}
-    sets = {name: [_buffers(rows, k, meta, seed) for seed in range(ROTATE)] for name, (_, meta) in VARIANTS.items()}
+    sets = {name: [_buffers(rows, k, out, seed) for seed in range(ROTATE)] for name, (_, _, out) in VARIANTS.items()}
     y = torch.empty(rows // 16 * split * 32, device="cuda")
     for _ in range(2):
-        for name, (codes, meta) in VARIANTS.items():
+        for name, (codes, scales, outword) in VARIANTS.items():
 
             def run():
                 for q, s, z, idx, ov, oi in sets[name]:
                     _probe_kernel[(rows // 16, split)](q, s, z, idx, ov, oi, x, xw, y, k // 128, SPLIT=split,
-                                                       CODES=codes, META=meta, num_warps=1)
+                                                       CODES=codes, SCALES=scales, OUTWORD=outword, num_warps=1)
             run()
             torch.cuda.synchronize()
             times[name].append(triton.testing.do_bench_cudagraph(run, rep=40, return_mode="median") * 1000 / ROTATE)
-            print(f"{rows}x{k} split {split} {name:26s} {times[name][-1]:.2f} us", flush=True)
+            print(f"{rows}x{k} split {split} {name:40s} {times[name][-1]:.2f} us", flush=True)
     return times
 
 
@@ -130,7 +133,7 @@ def main() -> None:
         json.dump({"device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT", ""),
                    "torch": torch.__version__, "triton": triton.__version__,
                    "what": "the tensor-core GEMV's 2-bit slot loop (one outlier a row, M = 1) over random buffers, "
-                   "format v1's 8 loads a slot against a lane-ordered layout's 5 and each half of that change; "
+                   "format v1's 8 loads a slot against a lane-ordered layout's 5 and each part of that change; "
                    "graph-replayed us a call, 8 rotating buffer sets, two alternations; timing only",
                    "rows": rows}, f, indent=1)
 
