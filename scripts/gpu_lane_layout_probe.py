@@ -21,8 +21,7 @@ import triton
 import triton.language as tl
 
 import kernels.gemv_tc as tc
-
-ROTATE = 8
+from mpq.bench.kernels import ROTATE, random_layer
 # two code words of a lane in one 16-byte load, predicated as a masked load
 LOAD_PAIR = tl.constexpr("{ .reg .pred p; setp.ne.b32 p, $3, 0; mov.b64 $0, 0; mov.b64 $1, 0; "
                          "@p ld.global.v2.u64 {$0, $1}, [$2]; }")
@@ -85,20 +84,13 @@ VARIANTS = {"format v1 loads": (False, False, False), "code words paired": (True
 
 
 def _buffers(rows: int, k: int, lane: bool, seed: int) -> tuple:
-    """Random buffers of format v1's sizes for a 2-bit, one-outlier layer (all slots 2-bit); lane: the outliers as
-    one int32 word each."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    t, n = rows // 16, k // 128
-    r = lambda lo, hi, *shape, dt: torch.randint(lo, hi, shape, generator=gen, device="cuda", dtype=dt)  # noqa: E731
-    q = r(-2**31, 2**31 - 1, t, n, 16, 8, dt=torch.int32)
-    s = r(1, 256, t, n, 16, dt=torch.uint8)
-    z = r(0, 256, t, n, 4, dt=torch.uint8)
-    idx = torch.rand(t, n, generator=gen, device="cuda").argsort(dim=1).to(torch.int16)
-    ov = (torch.randn(t, n, 16, 1, generator=gen, device="cuda") * 0.1).half()
-    oi = r(0, 128, t, n, 16, 1, dt=torch.uint8)
+    """The format tensors of a random all-2-bit, one-outlier layer (`mpq.bench.kernels.random_layer`); lane: the
+    outliers as one int32 word each (value bits | offset << 16)."""
+    p = random_layer(rows, k, 1, "cuda", seed=seed, n4=0)
+    ov = p.ov
     if lane:
-        ov = (ov.view(torch.int16).to(torch.int32) & 0xFFFF) | (oi.to(torch.int32) << 16)
-    return q.view(torch.int64), s, z, idx, ov, oi
+        ov = (ov.view(torch.int16).to(torch.int32) & 0xFFFF) | (p.oi.to(torch.int32) << 16)
+    return p.q2.view(torch.int64), p.s2, p.z2, p.idx2, ov, p.oi
 
 
 def probe(rows: int, k: int, split: int) -> dict[str, float]:

@@ -35,7 +35,7 @@ def scaled_trace(hist: dict, src_layers: int, layers: int, n: int, seed: int = 0
     return [max(1, min(layers, round(keys[i] * layers / src_layers))) for i in draw.tolist()]
 
 
-def _quantized_draft(draft, dev):
+def _run_draft_quantized(draft, dev):
     """The draft quantized as `mpq train-predictors` stores it (`DraftHead.quantize`: the layer data-free at the
     model's budget, the head's rows in 4-bit), run from draft.linears (its own eager path, which the live decoders
     run); the returned source builds the graph step's q/k/v and gate/up as the engine builds its own (stacked where
@@ -300,7 +300,7 @@ def build_exit_bench(trace_json: Path, prompt_tokens: int = 128, new_tokens: int
         for n in ("o", "down"):
             getattr(draft, n).normal_(0, 0.02)
     draft.bind_rows(model.output.weight)  # its rows gathered on the device (`quantize` copies them to the CPU)
-    draft_source = _quantized_draft(draft, dev)
+    draft_source = _run_draft_quantized(draft, dev)
     draft.to(dev, torch.float16)
     draft.bind_rows(model.output.weight)
     first = next(iter(traces.values()))
