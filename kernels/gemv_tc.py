@@ -32,7 +32,6 @@ import triton
 import triton.language as tl
 
 from kernels import half2_decode as half2
-from kernels.gemv_h2 import LOAD_QUAD
 from kernels.exit_flag import skipped_tile
 from kernels.splitk import finish_split, finish_split_tagged
 
@@ -190,74 +189,29 @@ def x_fragments(x: torch.Tensor, *, pdl: bool = False) -> torch.Tensor:
     return xf
 
 
-def lane_order(codes_or_scales: torch.Tensor, bits: int, inverse: bool = False) -> torch.Tensor:
-    """A copy of q2/q4 (int32, 16 x g·bits/32 words a slot) or s2/s4 (uint8, 16 a slot) of 16-row, g = 128 tiles,
-    any leading shape, with each slot in lane order: lane (g, t)'s code word pairs (2-bit: rows g, g + 8 at pair t;
-    4-bit: row g pairs t, t + 4, then row g + 8's) adjacent, and the scale codes of rows g and g + 8 adjacent.
-    `inverse`: back to format v1's order. Same shape; bits: 2 or 4, or 8 for scale codes."""
-    x = codes_or_scales
-    if bits == 8:  # scale codes: [h, g] -> [g, h]
-        split, perm = (2, 8), (0, 2, 1)
-    elif bits == 2:  # words [h, g, t, w] -> [g, t, h, w]
-        split, perm = (2, 8, 4, 2), (0, 2, 3, 1, 4)
-    else:  # words [h, g, u, t, w] -> [g, t, h, u, w] (pair t + 4u)
-        split, perm = (2, 8, 2, 4, 2), (0, 2, 4, 1, 3, 5)
-    if inverse:
-        lane_shape = tuple(split[i - 1] for i in perm[1:])
-        back = tuple(sorted(range(len(perm)), key=lambda i: perm[i]))
-        return x.reshape(-1, *lane_shape).permute(back).reshape(x.shape).contiguous()
-    return x.reshape(-1, *split).permute(perm).reshape(x.shape).contiguous()
-
-
-@triton.jit
-def _pair_load(ptr, valid, FAST: tl.constexpr):
-    """Two adjacent int64 at ptr: one 16-byte load on the GPU, two loads in the interpreter."""
-    if FAST:
-        lo, hi = tl.inline_asm_elementwise(LOAD_QUAD, "=l,=l,l,r", [ptr, valid.to(tl.int32)],
-                                           dtype=(tl.int64, tl.int64), is_pure=True, pack=1)
-    else:
-        lo = tl.load(ptr, mask=valid, other=0)
-        hi = tl.load(ptr + 1, mask=valid, other=0)
-    return lo, hi
-
-
 @triton.jit
 def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BITS: tl.constexpr,
-               OUTLIERS: tl.constexpr, SINGLE: tl.constexpr, LANE: tl.constexpr = False, FAST: tl.constexpr = True):
+               OUTLIERS: tl.constexpr, SINGLE: tl.constexpr):
     """A slot's weights for this lane (rows g, g + 8): code word pairs, zeros, scale codes, group column, and the
-    first outlier of each row (SINGLE: of the one row the lane writes). Weights only: safe before the PDL wait.
-    LANE: codes and scale codes in lane order (`lane_order`): the lane's code words in one (2-bit) or two (4-bit)
-    16-byte loads, its two scale codes in one 16-bit load."""
+    first outlier of each row (SINGLE: of the one row the lane writes). Weights only: safe before the PDL wait."""
     if BITS == 2:
-        if LANE:
-            wa, wb = _pair_load(q_ptr + (ts * 32 + g * 4 + t) * 2, valid, FAST)
-        else:
-            wa = tl.load(q_ptr + (ts * ROWS + g) * 4 + t, mask=valid, other=0)
-            wb = tl.load(q_ptr + (ts * ROWS + g + 8) * 4 + t, mask=valid, other=0)
+        wa = tl.load(q_ptr + (ts * ROWS + g) * 4 + t, mask=valid, other=0)
+        wb = tl.load(q_ptr + (ts * ROWS + g + 8) * 4 + t, mask=valid, other=0)
         wc = wa
         wd = wb
         zw = tl.load(z_ptr.to(tl.pointer_type(tl.int32)) + ts + t * 0, mask=valid, other=0)  # 2 bits per row
         zg = (zw >> (2 * g)) & 3
         zh = (zw >> (2 * g + 16)) & 3
     else:
-        if LANE:
-            wa, wc = _pair_load(q_ptr + (ts * 32 + g * 4 + t) * 4, valid, FAST)
-            wb, wd = _pair_load(q_ptr + (ts * 32 + g * 4 + t) * 4 + 2, valid, FAST)
-        else:
-            wa = tl.load(q_ptr + (ts * ROWS + g) * 8 + t, mask=valid, other=0)
-            wc = tl.load(q_ptr + (ts * ROWS + g) * 8 + t + 4, mask=valid, other=0)
-            wb = tl.load(q_ptr + (ts * ROWS + g + 8) * 8 + t, mask=valid, other=0)
-            wd = tl.load(q_ptr + (ts * ROWS + g + 8) * 8 + t + 4, mask=valid, other=0)
+        wa = tl.load(q_ptr + (ts * ROWS + g) * 8 + t, mask=valid, other=0)
+        wc = tl.load(q_ptr + (ts * ROWS + g) * 8 + t + 4, mask=valid, other=0)
+        wb = tl.load(q_ptr + (ts * ROWS + g + 8) * 8 + t, mask=valid, other=0)
+        wd = tl.load(q_ptr + (ts * ROWS + g + 8) * 8 + t + 4, mask=valid, other=0)
         zw = tl.load(z_ptr.to(tl.pointer_type(tl.int64)) + ts + t * 0, mask=valid, other=0)  # 4 bits per row
         zg = ((zw >> (4 * g)) & 15).to(tl.int32)
         zh = ((zw >> (4 * g + 32)) & 15).to(tl.int32)
-    if LANE:
-        s16 = tl.load(s_ptr.to(tl.pointer_type(tl.int16)) + ts * 8 + g, mask=valid, other=0).to(tl.int32)
-        sg = (s16 & 0xFF).to(tl.uint8)
-        sh = ((s16 >> 8) & 0xFF).to(tl.uint8)
-    else:
-        sg = tl.load(s_ptr + ts * ROWS + g, mask=valid, other=0)
-        sh = tl.load(s_ptr + ts * ROWS + g + 8, mask=valid, other=0)
+    sg = tl.load(s_ptr + ts * ROWS + g, mask=valid, other=0)
+    sh = tl.load(s_ptr + ts * ROWS + g + 8, mask=valid, other=0)
     col = tl.load(idx_ptr + ts + t * 0, mask=valid, other=0).to(tl.int32)
     if OUTLIERS > 0 and SINGLE:  # M = 1: lane t = 0 takes row g's first outlier, t = 1 row g + 8's (it writes it)
         og = (ts * ROWS + g + 8 * t) * OUTLIERS
@@ -281,23 +235,11 @@ def _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, ts, g, t, valid, BI
 
 
 @triton.jit
-def _plain_dot(q_ptr, ts, row, zero, x_ptr, xrow, col, a_ok, BITS: tl.constexpr, LANE: tl.constexpr):
+def _plain_dot(q_ptr, ts, row, zero, x_ptr, xrow, col, a_ok, BITS: tl.constexpr):
     """sum over the group of (c - z) / 16 * x[xrow] for one row per lane, fp32, from the whole group row."""
     W: tl.constexpr = GROUP * BITS // 32
     e = tl.arange(0, GROUP)[None, :]
-    w = e % W
-    if LANE:  # word w of row row = g' + 8h: pair p = w // 2 of lane (g', p % 4), at pair (4 - 4-bit) .. of it
-        gr = (row % 8)[:, None]
-        h = (row // 8)[:, None]
-        p = w // 2
-        if BITS == 2:
-            pair = (gr * 4 + p) * 2 + h
-        else:
-            pair = (gr * 4 + p % 4) * 4 + h * 2 + p // 4
-        offs = ts * (ROWS * W) + pair * 2 + w % 2
-    else:
-        offs = (ts * ROWS + row)[:, None] * W + w
-    words = tl.load(q_ptr.to(tl.pointer_type(tl.int32)) + offs)
+    words = tl.load(q_ptr.to(tl.pointer_type(tl.int32)) + (ts * ROWS + row)[:, None] * W + e % W)
     code = (words >> (BITS * (e // W))) & ((1 << BITS) - 1)
     x = tl.load(x_ptr + xrow[:, None] + col[:, None] * GROUP + e, mask=a_ok[:, None], other=0.0).to(tl.float32)
     return tl.sum((code - zero[:, None]).to(tl.float32) * x, axis=1) * 0.0625
@@ -305,8 +247,7 @@ def _plain_dot(q_ptr, ts, row, zero, x_ptr, xrow, col, a_ok, BITS: tl.constexpr,
 
 @triton.jit
 def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BITS: tl.constexpr,
-              BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, XF: tl.constexpr,
-              LANE: tl.constexpr = False):
+              BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr, XF: tl.constexpr):
     """C of activation block N0 // 8 (and N0 // 8 + 1 when BLOCKS == 2) for one slot: 4 values each (rows g, g + 8
     x activations N0 + 2t, N0 + 2t + 1), scaled by the rows' scale codes. XF: xw_ptr is x_fragments' output."""
     wa, wb, wc, wd, zg, zh, sg, sh, col, ovg, ovh, oig, oih, ts, valid = sl
@@ -356,16 +297,16 @@ def _frag_dot(q_ptr, x_ptr, xw_ptr, sl, g, t, M, stride_xm, N0: tl.constexpr, BI
         a = N0 + 2 * t
         if SINGLE:  # as on the tensor cores: every column of C is activation 0
             a = t * 0
-        c0 = _plain_dot(q_ptr, ts, g, zg, x_ptr, a * stride_xm, col, valid & (a < M), BITS, LANE)
-        c1 = _plain_dot(q_ptr, ts, g, zg, x_ptr, (a + 1) * stride_xm, col, valid & (a + 1 < M), BITS, LANE)
-        c2 = _plain_dot(q_ptr, ts, g + 8, zh, x_ptr, a * stride_xm, col, valid & (a < M), BITS, LANE)
-        c3 = _plain_dot(q_ptr, ts, g + 8, zh, x_ptr, (a + 1) * stride_xm, col, valid & (a + 1 < M), BITS, LANE)
+        c0 = _plain_dot(q_ptr, ts, g, zg, x_ptr, a * stride_xm, col, valid & (a < M), BITS)
+        c1 = _plain_dot(q_ptr, ts, g, zg, x_ptr, (a + 1) * stride_xm, col, valid & (a + 1 < M), BITS)
+        c2 = _plain_dot(q_ptr, ts, g + 8, zh, x_ptr, a * stride_xm, col, valid & (a < M), BITS)
+        c3 = _plain_dot(q_ptr, ts, g + 8, zh, x_ptr, (a + 1) * stride_xm, col, valid & (a + 1 < M), BITS)
         if BLOCKS == 2:
             a = a + 8
-            d0 = _plain_dot(q_ptr, ts, g, zg, x_ptr, a * stride_xm, col, valid & (a < M), BITS, LANE)
-            d1 = _plain_dot(q_ptr, ts, g, zg, x_ptr, (a + 1) * stride_xm, col, valid & (a + 1 < M), BITS, LANE)
-            d2 = _plain_dot(q_ptr, ts, g + 8, zh, x_ptr, a * stride_xm, col, valid & (a < M), BITS, LANE)
-            d3 = _plain_dot(q_ptr, ts, g + 8, zh, x_ptr, (a + 1) * stride_xm, col, valid & (a + 1 < M), BITS, LANE)
+            d0 = _plain_dot(q_ptr, ts, g, zg, x_ptr, a * stride_xm, col, valid & (a < M), BITS)
+            d1 = _plain_dot(q_ptr, ts, g, zg, x_ptr, (a + 1) * stride_xm, col, valid & (a + 1 < M), BITS)
+            d2 = _plain_dot(q_ptr, ts, g + 8, zh, x_ptr, a * stride_xm, col, valid & (a < M), BITS)
+            d3 = _plain_dot(q_ptr, ts, g + 8, zh, x_ptr, (a + 1) * stride_xm, col, valid & (a + 1 < M), BITS)
         else:
             d0, d1, d2, d3 = c0, c1, c2, c3
     return fg * c0, fg * c1, fh * c2, fh * c3, fg * d0, fg * d1, fh * d2, fh * d3
@@ -445,15 +386,14 @@ def _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, sl, g, t, M, stride_xm, N0: tl.c
 
 @triton.jit
 def _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s, end, g, t, BITS: tl.constexpr,
-               OUTLIERS: tl.constexpr, U: tl.constexpr, SINGLE: tl.constexpr, LANE: tl.constexpr, FAST: tl.constexpr):
+               OUTLIERS: tl.constexpr, U: tl.constexpr, SINGLE: tl.constexpr):
     """Slots s .. s + U - 1 (U = 1 or 2) of a program's share."""
     sv = s + t * 0  # as a [32] vector: the masks must be (the interpreter does not broadcast a scalar mask)
-    a = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s, g, t, sv < end, BITS, OUTLIERS, SINGLE,
-                   LANE, FAST)
+    a = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s, g, t, sv < end, BITS, OUTLIERS, SINGLE)
     b = a
     if U == 2:
         b = _load_slot(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first + s + 1, g, t, sv + 1 < end, BITS,
-                       OUTLIERS, SINGLE, LANE, FAST)
+                       OUTLIERS, SINGLE)
     return a, b
 
 
@@ -474,19 +414,17 @@ def _add4(acc, part):
 @triton.jit
 def _accumulate(acc, acc_o, acc_o2, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, it, g, t, M, stride_xm,
                 BITS: tl.constexpr, OUTLIERS: tl.constexpr, U: tl.constexpr, BLOCKS: tl.constexpr, FAST: tl.constexpr,
-                SINGLE: tl.constexpr, XF: tl.constexpr, LANE: tl.constexpr):
+                SINGLE: tl.constexpr, XF: tl.constexpr):
     """One loop step's U slots added into the stream's sums (acc: C of both activation blocks; acc_o, acc_o2: the
     outliers of blocks 0 and 1)."""
     XP: tl.constexpr = 4 * BLOCKS if XF and not SINGLE else 0  # x_fragments' pair words a column (outliers)
     a, b = it
-    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF,
-                                    LANE))
+    acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, a, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
     if OUTLIERS > 0:
         acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, a, g, t, M, stride_xm, 0, OUTLIERS, SINGLE,
                                                   XP))
     if U == 2:
-        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF,
-                                    LANE))
+        acc = _add8(acc, _frag_dot(q_ptr, x_ptr, xw_ptr, b, g, t, M, stride_xm, 0, BITS, BLOCKS, SINGLE, FAST, XF))
         if OUTLIERS > 0:
             acc_o = _add4(acc_o, _outlier_dot(ov_ptr, oi_ptr, x_ptr, xp_ptr, b, g, t, M, stride_xm, 0, OUTLIERS,
                                                       SINGLE, XP))
@@ -540,14 +478,14 @@ def _prefetch_share(q_ptr, s_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, lane, BITS:
 @triton.jit
 def _all_loads(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, g, t, BITS: tl.constexpr,
                OUTLIERS: tl.constexpr, SPLIT: tl.constexpr, U: tl.constexpr, SINGLE: tl.constexpr,
-               STEPS: tl.constexpr, LANE: tl.constexpr, FAST: tl.constexpr):
+               STEPS: tl.constexpr):
     """Every loop step's loads of a program's share of one stream (STEPS steps of U slots; those past the share
     masked), as one tuple."""
     start, end = _share(n_slots, sp, SPLIT, U)
     loads = ()
     for i in tl.static_range(STEPS):
         loads = loads + (_load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile * n_slots, start + i * U, end,
-                                    g, t, BITS, OUTLIERS, U, SINGLE, LANE, FAST),)
+                                    g, t, BITS, OUTLIERS, U, SINGLE),)
     return loads
 
 
@@ -555,7 +493,7 @@ def _all_loads(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp, 
 def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, gen_ptr, tile, n_slots, sp, g,
             t, M, stride_xm, pre, skip_ptr, keep_tiles, BITS: tl.constexpr, OUTLIERS: tl.constexpr,
             SPLIT: tl.constexpr, U: tl.constexpr, PF: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr,
-            FAST: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr, STEPS: tl.constexpr, LANE: tl.constexpr):
+            FAST: tl.constexpr, PDL: tl.constexpr, XF: tl.constexpr, STEPS: tl.constexpr = -1):
     """This program's share of one stream: 8 scaled sums (C of up to two activation blocks) and the outlier sums
     of block 0 (4) and block 1 (4), fp32 [32] each. With PF the next U slots' loads are issued before this U's
     arithmetic; with PDL the first loads are issued before the wait for the previous kernel; `pre`, unless None:
@@ -572,10 +510,10 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
     acc_o2 = (z, z, z, z)
     if STEPS >= 0:
         nxt = pre if pre is not None else _all_loads(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, tile, n_slots, sp,
-                                                     g, t, BITS, OUTLIERS, SPLIT, U, SINGLE, STEPS, LANE, FAST)
+                                                     g, t, BITS, OUTLIERS, SPLIT, U, SINGLE, STEPS)
     elif pre is None:
         nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, start, end, g, t, BITS, OUTLIERS, U,
-                         SINGLE, LANE, FAST)
+                         SINGLE)
     else:
         nxt = pre
     if PDL:  # weights are in flight; x is the previous kernel's output
@@ -591,18 +529,18 @@ def _stream(x_ptr, xw_ptr, xp_ptr, q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr,
     if STEPS >= 0:  # a skipped tile's sums are computed and dropped
         for i in tl.static_range(STEPS):
             acc, acc_o, acc_o2 = _accumulate(acc, acc_o, acc_o2, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, nxt[i],
-                                             g, t, M, stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF, LANE)
+                                             g, t, M, stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
     else:
         for s in range(start, end, U):
             cur = nxt
             if PF:
                 nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
-                                 OUTLIERS, U, SINGLE, LANE, FAST)
+                                 OUTLIERS, U, SINGLE)
             acc, acc_o, acc_o2 = _accumulate(acc, acc_o, acc_o2, q_ptr, ov_ptr, oi_ptr, x_ptr, xw_ptr, xp_ptr, cur, g,
-                                             t, M, stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF, LANE)
+                                             t, M, stride_xm, BITS, OUTLIERS, U, BLOCKS, FAST, SINGLE, XF)
             if not PF:
                 nxt = _load_iter(q_ptr, s_ptr, z_ptr, idx_ptr, ov_ptr, oi_ptr, first, s + U, end, g, t, BITS,
-                                 OUTLIERS, U, SINGLE, LANE, FAST)
+                                 OUTLIERS, U, SINGLE)
     return acc, acc_o, acc_o2, gen, skipped
 
 
@@ -632,7 +570,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
                     PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, TAGGED: tl.constexpr,
                     GEN_EARLY: tl.constexpr, SKIP: tl.constexpr, STEPS2: tl.constexpr, STEPS4: tl.constexpr,
-                    RAGGED: tl.constexpr, LANE: tl.constexpr):
+                    RAGGED: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -663,21 +601,21 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
     pre4 = None
     if STEPS4 >= 0:  # unrolled: every 4-bit load in flight before the 2-bit stream's
         pre4 = _all_loads(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile, n4, sp, g, t, 4, 0, SPLIT, 1, SINGLE,
-                          STEPS4, LANE, FAST)
+                          STEPS4)
     elif EARLY4:  # the 4-bit stream's first slot in flight while the 2-bit stream runs (and before the PDL wait)
         start4, end4 = _share(n4, sp, SPLIT, 1)
         pre4 = _load_iter(q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, tile * n4, start4, end4, g, t, 4, 0, 1,
-                          SINGLE, LANE, FAST)
+                          SINGLE)
     p2, o2, o2b, gen, skipped = _stream(x_ptr, xw_ptr, xp_ptr, q2_ptr, s2_ptr, z2_ptr, idx2_ptr, ov_ptr, oi_ptr,
                                         gen_ptr + tile if TAGGED and GEN_EARLY else None, tile, n2, sp, g, t, M,
                                         stride_xm, None, skip_ptr if SKIP else None, keep_tiles, 2, OUTLIERS, SPLIT,
-                                        U, PF, BLOCKS, SINGLE, FAST, PDL, XF, STEPS2, LANE)
+                                        U, PF, BLOCKS, SINGLE, FAST, PDL, XF, STEPS2)
     if SKIP:  # the exit flag is set (read in the 2-bit stream, after the PDL wait): no work, y left as it is
         if skipped:
             return
     p4, _, _, _, _ = _stream(x_ptr, xw_ptr, xp_ptr, q4_ptr, s4_ptr, z4_ptr, idx4_ptr, ov_ptr, oi_ptr, None, tile, n4,
                              sp, g, t, M, stride_xm, pre4, None, 0, 4, 0, SPLIT, 1, PF, BLOCKS, SINGLE, FAST, False,
-                             XF, STEPS4, LANE)
+                             XF, STEPS4)
     rg = tile * ROWS + g
     s2g = tl.load(ss2_ptr + rg).to(tl.float32)
     s2h = tl.load(ss2_ptr + rg + 8).to(tl.float32)
@@ -716,7 +654,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
             early4: bool = False, gens: torch.Tensor | None = None, gen_early: bool = False, fast: bool,
             pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0, unrolled: bool = False,
-            parts: tuple[tuple[int, int, int], ...] | None = None, lane: bool = False):
+            parts: tuple[tuple[int, int, int], ...] | None = None):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
@@ -730,7 +668,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     (`kernels.exit_flag`): skipped row tiles leave y unwritten; `unrolled`: each program's loop unrolled, every
     load of both streams issued before any arithmetic (one compiled kernel per slot count of a share); `parts`:
     a ragged stack (`ragged_layout`), ((row tiles, n2, n4) of each of up to three parts), whose tensors are the
-    parts' flattened and concatenated (not `unrolled`); `lane`: q2, q4, s2 and s4 in lane order (`lane_order`)."""
+    parts' flattened and concatenated (not `unrolled`)."""
     M, N = x.shape[0], y.shape[1]
     assert 1 <= M <= MAX_M and unroll in (1, 2)
     if parts is None:
@@ -755,7 +693,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
         FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, TAGGED=tagged, GEN_EARLY=gen_early, SKIP=skip is not None,
         STEPS2=triton.cdiv(triton.cdiv(n2, split), unroll) if unrolled else -1,
-        STEPS4=triton.cdiv(n4, split) if unrolled else -1, RAGGED=parts is not None, LANE=lane, num_warps=1,
+        STEPS4=triton.cdiv(n4, split) if unrolled else -1, RAGGED=parts is not None, num_warps=1,
         **({"launch_pdl": True} if pdl else {}),
     )
     return y

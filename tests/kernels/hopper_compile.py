@@ -199,8 +199,6 @@ CASES = {
                                                       skip=torch.zeros(1, dtype=torch.int32), keep_tiles=2),
     "gemv_tc m1 fenceless split": lambda: _gemv_tc(1, split=4, gens=True, gen_early=True, pdl=True),
     "gemv_tc m3 unroll2": lambda: _gemv_tc(3, unroll=2, prefetch=False),
-    "gemv_tc m1 lane order early4 fenceless": lambda: _gemv_tc(1, split=4, gens=True, pdl=True, early4=True,
-                                                               lane=True),
     "gemv_tc m1 unrolled fenceless": lambda: _gemv_tc(1, split=4, gens=True, gen_early=True, pdl=True, unrolled=True,
                                                       unroll=2, skip=torch.zeros(1, dtype=torch.int32)),
     "gemv_tc m16 fragments": lambda: _gemv_tc_xfrag(16),

@@ -115,56 +115,6 @@ def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4, unrolle
         assert not counters.any()
 
 
-def _lane_ordered(tensors):
-    """The format tensors (TENSOR_ORDER) with codes and scale codes in the tensor-core GEMV's lane order."""
-    from kernels.gemv_tc import lane_order
-
-    bits = {"q2": 2, "q4": 4, "s2": 8, "s4": 8}
-    return tuple(lane_order(t, bits[name]) if name in bits else t for name, t in zip(TENSOR_ORDER, tensors))
-
-
-@pytest.mark.parametrize("layer", TC_LAYERS)
-@pytest.mark.parametrize("m, split, unroll, early4, unrolled", [(1, 1, 1, False, False), (1, 3, 2, True, False),
-                                                                (5, 2, 1, True, False), (16, 1, 2, False, False),
-                                                                (1, 2, 1, False, True)])
-def test_gemv_tc_reads_lane_order(make_packed, layer, m, split, unroll, early4, unrolled):
-    """`lane=True` over lane-ordered codes and scale codes: the same sums as format v1's order (on CUDA bit for bit,
-    on the mma path too)."""
-    packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=70 + m + split)
-    lane = _lane_ordered(tensors)
-    for fast in [False] + ([True] if not INTERPRET else []):
-        ys = []
-        for ts, is_lane in ((tensors, False), (lane, True)):
-            y = torch.full((m, layer[0]), float("nan"), dtype=torch.float16, device=DEVICE)
-            ws, counters = scratch(m, layer[0], split, packed.row_tiles)
-            gemv_tc(x, y, ws, counters, *ts, outliers=packed.outliers, split=split, unroll=unroll, early4=early4,
-                    fast=fast, unrolled=unrolled, lane=is_lane)
-            check(y, ref, torch.float16)
-            ys.append(y)
-        if not INTERPRET:
-            assert torch.equal(ys[0], ys[1])
-
-
-def test_lane_order_puts_a_lanes_words_side_by_side():
-    from kernels.gemv_tc import lane_order
-
-    q2 = torch.arange(2 * 128, dtype=torch.int32).reshape(2, 1, 16, 8)
-    q4 = torch.arange(2 * 256, dtype=torch.int32).reshape(1, 2, 16, 16)
-    s = torch.arange(32, dtype=torch.int32).reshape(1, 2, 16)
-    lane2, lane4, lane_s = lane_order(q2, 2), lane_order(q4, 4), lane_order(s, 8)
-    g, t = 5, 3  # lane 23; second slot
-    at = ((g * 4 + t) * 2) * 2 + 128
-    assert lane2.flatten()[at:at + 4].tolist() == q2[1, 0, g, 2 * t:2 * t + 2].tolist() + q2[1, 0, g + 8, 2 * t:2 * t + 2].tolist()
-    at = ((g * 4 + t) * 4) * 2 + 256
-    w = q4[0, 1]
-    assert lane4.flatten()[at:at + 8].tolist() == (w[g, 2 * t:2 * t + 2].tolist() + w[g, 2 * t + 8:2 * t + 10].tolist()
-                                                   + w[g + 8, 2 * t:2 * t + 2].tolist()
-                                                   + w[g + 8, 2 * t + 8:2 * t + 10].tolist())
-    assert lane_s[0, 1, 2 * g:2 * g + 2].tolist() == [16 + g, 16 + g + 8]
-    for x, bits in ((q2, 2), (q4, 4), (s, 8)):
-        assert torch.equal(lane_order(lane_order(x, bits), bits, inverse=True), x)
-
-
 # ragged stacks: (rows, 4-bit tiles per row tile) of each part, all of K = 384 and g = 128; outliers per 2-bit group
 RAGGED = [([(48, 1), (32, 0), (64, 2)], 1), ([(32, 3), (48, 1)], 0), ([(16, 0), (16, 3)], 2)]
 
