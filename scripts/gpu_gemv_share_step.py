@@ -1,0 +1,74 @@
+"""How much of the decode step moves with the quantized GEMVs' work? (GPU, timing only: wrong outputs.)
+
+Kernel changes that made a GEMV 4-9% faster alone have moved the 7B step by nothing (the lane order, fdb33a8; run
+23's unrolled rows). This measures the step's sensitivity to the GEMVs' work directly: every quantized linear of
+the random-layer 7B engine (`gpu_e2e_profile.random_engine`, committed table) runs its committed kernel over only
+a fraction of each row tile's slots (the 2-bit and 4-bit streams alike; the first slots of the buffers, so the
+bytes read scale with the fraction), while the launches, the PDL hand-overs, the split-K epilogues and every other
+kernel of the step stay as they are. Fraction 0: the GEMVs do no slot work at all (their node cost alone).
+Graph-replayed decode, median of 3 x 256 tokens after 128, fractions alternated twice. Writes
+$OUT/gemv-share-step.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from gpu_e2e_profile import random_engine  # noqa: E402
+from gpu_engine_table import alternate  # noqa: E402
+from kernels import dispatch  # noqa: E402
+
+FRACTION = [1.0]  # the slot fraction the wrapped kernels run now
+FRACTIONS = (1.0, 0.5, 0.25, 0.0)
+
+
+def _first_slots(tensors: tuple) -> tuple:
+    """The format tensors cut to the first FRACTION of each row tile's 2-bit and 4-bit slots (views: the kernels
+    index slots as if the cut tensors were contiguous, so they read the buffers' first slots)."""
+    q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4 = tensors
+    a2, a4 = round(q2.shape[1] * FRACTION[0]), round(q4.shape[1] * FRACTION[0])
+    return (q2[:, :a2], s2[:, :a2], z2[:, :a2], ss2, idx2[:, :a2], ov[:, :a2], oi[:, :a2],
+            q4[:, :a4], s4[:, :a4], z4[:, :a4], ss4, idx4[:, :a4])
+
+
+def _wrap_tc(run_tc):
+    def run(x, y, ws, gens, counters, tensors, cfg, outliers, fast, skip, keep_tiles, parts=None):
+        assert parts is None, "ragged stacks are not cut"
+        return run_tc(x, y, ws, gens, counters, _first_slots(tensors), cfg, outliers, fast, skip, keep_tiles)
+    return run
+
+
+def _wrap_h2(gemv_h2):
+    def run(x, y, ws, counters, *tensors, **kw):
+        return gemv_h2(x, y, ws, counters, *_first_slots(tensors), **kw)
+    return run
+
+
+def main() -> None:
+    dispatch._run_tc = _wrap_tc(dispatch._run_tc)
+    dispatch.gemv_h2 = _wrap_h2(dispatch.gemv_h2)
+    out = Path(os.environ.get("OUT", "benchmarks/results"))
+    model = random_engine(True)
+    model.compile_small_ops()
+
+    def install(fraction: float) -> None:
+        FRACTION[0] = fraction
+
+    times = alternate(model, {f"slot fraction {f}": f for f in FRACTIONS}, install)
+    FRACTION[0] = 1.0
+    for name, ts in times.items():
+        print(f"{name}: {statistics.median(ts):.4f} ms/token ({', '.join(f'{t:.4f}' for t in ts)})", flush=True)
+    result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT", "unknown"),
+              "torch": torch.__version__, "ms_per_token": times}
+    (out / "gemv-share-step.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
