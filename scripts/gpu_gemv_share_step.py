@@ -5,12 +5,15 @@ Kernel changes that made a GEMV 4-9% faster alone have moved the 7B step by noth
 the random-layer 7B engine (`gpu_e2e_profile.random_engine`, committed table) runs its committed kernel over only
 a fraction of each row tile's slots (the 2-bit and 4-bit streams alike; the first slots of the buffers, so the
 bytes read scale with the fraction), while the launches, the PDL hand-overs, the split-K epilogues and every other
-kernel of the step stay as they are. Fraction 0: the GEMVs do no slot work at all (their node cost alone).
-Graph-replayed decode, median of 3 x 256 tokens after 128, fractions alternated twice. Writes
+kernel of the step stay as they are. Fraction 0: the GEMVs do no slot work at all (their node cost alone); then,
+still without slot work, what the rest of that cost is made of: the GEMVs without split-K (one program a row tile,
+no partials hand-over), and with a grid of one row tile (its split programs only; the other rows unwritten).
+Graph-replayed decode, median of 3 x 256 tokens after 128, variants alternated twice. Writes
 $OUT/gemv-share-step.json."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
@@ -26,7 +29,11 @@ from gpu_engine_table import alternate  # noqa: E402
 from kernels import dispatch  # noqa: E402
 
 FRACTION = [1.0]  # the slot fraction the wrapped kernels run now
-FRACTIONS = (1.0, 0.5, 0.25, 0.0)
+CUT = {"split1": False, "one_tile": False}  # the grid changes of the wrapped kernels now
+VARIANTS = {"slot fraction 1.0": (1.0, False, False), "slot fraction 0.5": (0.5, False, False),
+            "slot fraction 0.25": (0.25, False, False), "slot fraction 0.0": (0.0, False, False),
+            "no slots, split-K off": (0.0, True, False), "no slots, one row tile": (0.0, False, True),
+            "no slots, one row tile, split-K off": (0.0, True, True)}
 
 
 def _first_slots(tensors: tuple) -> tuple:
@@ -34,19 +41,24 @@ def _first_slots(tensors: tuple) -> tuple:
     index slots as if the cut tensors were contiguous, so they read the buffers' first slots)."""
     q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4 = tensors
     a2, a4 = round(q2.shape[1] * FRACTION[0]), round(q4.shape[1] * FRACTION[0])
-    return (q2[:, :a2], s2[:, :a2], z2[:, :a2], ss2, idx2[:, :a2], ov[:, :a2], oi[:, :a2],
-            q4[:, :a4], s4[:, :a4], z4[:, :a4], ss4, idx4[:, :a4])
+    t = 1 if CUT["one_tile"] else q2.shape[0]
+    return (q2[:t, :a2], s2[:t, :a2], z2[:t, :a2], ss2, idx2[:t, :a2], ov[:t, :a2], oi[:t, :a2],
+            q4[:t, :a4], s4[:t, :a4], z4[:t, :a4], ss4, idx4[:t, :a4])
 
 
 def _wrap_tc(run_tc):
     def run(x, y, ws, gens, counters, tensors, cfg, outliers, fast, skip, keep_tiles, parts=None):
         assert parts is None, "ragged stacks are not cut"
+        if CUT["split1"]:
+            cfg, gens, ws = dataclasses.replace(cfg, split=1), None, y
         return run_tc(x, y, ws, gens, counters, _first_slots(tensors), cfg, outliers, fast, skip, keep_tiles)
     return run
 
 
 def _wrap_h2(gemv_h2):
     def run(x, y, ws, counters, *tensors, **kw):
+        if CUT["split1"]:
+            kw, ws = {**kw, "split": 1}, y
         return gemv_h2(x, y, ws, counters, *_first_slots(tensors), **kw)
     return run
 
@@ -58,11 +70,11 @@ def main() -> None:
     model = random_engine(True)
     model.compile_small_ops()
 
-    def install(fraction: float) -> None:
-        FRACTION[0] = fraction
+    def install(variant: tuple) -> None:
+        FRACTION[0], CUT["split1"], CUT["one_tile"] = variant
 
-    times = alternate(model, {f"slot fraction {f}": f for f in FRACTIONS}, install)
-    FRACTION[0] = 1.0
+    times = alternate(model, VARIANTS, install)
+    install(VARIANTS["slot fraction 1.0"])
     for name, ts in times.items():
         print(f"{name}: {statistics.median(ts):.4f} ms/token ({', '.join(f'{t:.4f}' for t in ts)})", flush=True)
     result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT", "unknown"),
