@@ -570,7 +570,7 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
                     L2: tl.constexpr, BLOCKS: tl.constexpr, SINGLE: tl.constexpr, FAST: tl.constexpr,
                     PDL: tl.constexpr, XF: tl.constexpr, EARLY4: tl.constexpr, TAGGED: tl.constexpr,
                     GEN_EARLY: tl.constexpr, SKIP: tl.constexpr, STEPS2: tl.constexpr, STEPS4: tl.constexpr,
-                    RAGGED: tl.constexpr):
+                    RAGGED: tl.constexpr, ATOMIC: tl.constexpr):
     tile = tl.program_id(0)
     sp = tl.program_id(1)
     lane = tl.arange(0, 32)
@@ -642,7 +642,9 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
             rows = tl.join(rows, rows)
             acts = tl.join(acts, acts + 8)
         mask = (acts < M) & (rows < N)
-    if TAGGED:
+    if ATOMIC:  # every share adds its partial into fp32 ws [M, N] (zeroed by the caller); no hand-over
+        tl.atomic_add(ws_ptr + acts * N + rows, val, mask=mask, sem="relaxed")
+    elif TAGGED:
         finish_split_tagged(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile,
                             gen_ptr + tile, gen if GEN_EARLY else None, sp, M * N, SPLIT)
     else:
@@ -654,7 +656,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
             split: int, unroll: int = 1, prefetch: bool = True, l2: bool = False, xfrag: bool = False,
             early4: bool = False, gens: torch.Tensor | None = None, gen_early: bool = False, fast: bool,
             pdl: bool = False, skip: torch.Tensor | None = None, keep_tiles: int = 0, unrolled: bool = False,
-            parts: tuple[tuple[int, int, int], ...] | None = None):
+            parts: tuple[tuple[int, int, int], ...] | None = None, atomic: bool = False):
     """y [M, N] = x [M, K] @ W.T, M <= 16, for format-v1 tensors with 16-row tiles and g = 128; ws fp32
     [split, M, N]; counters int32 [>= N / 16], zero. `fast`: the tensor-core path (fp16 x, CUDA sm_80+, x rows
     of whole 4-byte words); else the plain fp32 path. `unroll`: 1 or 2 slots per loop step; `prefetch`: the next
@@ -668,7 +670,8 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     (`kernels.exit_flag`): skipped row tiles leave y unwritten; `unrolled`: each program's loop unrolled, every
     load of both streams issued before any arithmetic (one compiled kernel per slot count of a share); `parts`:
     a ragged stack (`ragged_layout`), ((row tiles, n2, n4) of each of up to three parts), whose tensors are the
-    parts' flattened and concatenated (not `unrolled`)."""
+    parts' flattened and concatenated (not `unrolled`); `atomic`: each share adds its partial sums into ws, fp32
+    [M, N], zero before the call (no split-K hand-over; y is not written)."""
     M, N = x.shape[0], y.shape[1]
     assert 1 <= M <= MAX_M and unroll in (1, 2)
     if parts is None:
@@ -683,7 +686,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
         part_args = (full[0][0], full[0][0] + full[1][0] if len(parts) == 3 else T, full[1][1], full[1][2],
                      full[2][1], full[2][2])
     xfrag = xfrag and fast
-    tagged = gens is not None and split > 1
+    tagged = gens is not None and split > 1 and not atomic
     assert not tagged or (ws.dtype == torch.int64 and ws.numel() >= split * M * N and gens.numel() >= T)
     xw = x_fragments(x, pdl=pdl) if xfrag else x.view(torch.int32) if fast else x
     _gemv_tc_kernel[(T, split)](
@@ -693,7 +696,7 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
         OUTLIERS=outliers, SPLIT=split, U=unroll, PF=prefetch, L2=l2, BLOCKS=_blocks(M), SINGLE=M == 1,
         FAST=fast, PDL=pdl, XF=xfrag, EARLY4=early4, TAGGED=tagged, GEN_EARLY=gen_early, SKIP=skip is not None,
         STEPS2=triton.cdiv(triton.cdiv(n2, split), unroll) if unrolled else -1,
-        STEPS4=triton.cdiv(n4, split) if unrolled else -1, RAGGED=parts is not None, num_warps=1,
+        STEPS4=triton.cdiv(n4, split) if unrolled else -1, RAGGED=parts is not None, ATOMIC=atomic, num_warps=1,
         **({"launch_pdl": True} if pdl else {}),
     )
     return y

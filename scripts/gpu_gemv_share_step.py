@@ -7,7 +7,8 @@ a fraction of each row tile's slots (the 2-bit and 4-bit streams alike; the firs
 bytes read scale with the fraction), while the launches, the PDL hand-overs, the split-K epilogues and every other
 kernel of the step stay as they are. Fraction 0: the GEMVs do no slot work at all (their node cost alone); then,
 still without slot work, what the rest of that cost is made of: the GEMVs without split-K (one program a row tile,
-no partials hand-over), and with a grid of one row tile (its split programs only; the other rows unwritten).
+no partials hand-over), with a grid of one row tile (its split programs only; the other rows unwritten), and with
+each split share adding its partial sums into an fp32 buffer by atomics (`gemv_tc(atomic=True)`; y unwritten).
 Graph-replayed decode, median of 3 x 256 tokens after 128, variants alternated twice. Writes
 $OUT/gemv-share-step.json."""
 
@@ -29,11 +30,12 @@ from gpu_engine_table import alternate  # noqa: E402
 from kernels import dispatch  # noqa: E402
 
 FRACTION = [1.0]  # the slot fraction the wrapped kernels run now
-CUT = {"split1": False, "one_tile": False}  # the grid changes of the wrapped kernels now
-VARIANTS = {"slot fraction 1.0": (1.0, False, False), "slot fraction 0.5": (0.5, False, False),
-            "slot fraction 0.25": (0.25, False, False), "slot fraction 0.0": (0.0, False, False),
-            "no slots, split-K off": (0.0, True, False), "no slots, one row tile": (0.0, False, True),
-            "no slots, one row tile, split-K off": (0.0, True, True)}
+CUT = {"split1": False, "one_tile": False, "atomic": False}  # the changes the wrapped kernels run now
+VARIANTS = {  # (slot fraction, split-K off, one row tile, shares add atomically into fp32)
+    "committed": (1.0, False, False, False), "split-K shares added atomically": (1.0, False, False, True),
+    "slot fraction 0.5": (0.5, False, False, False), "no slots": (0.0, False, False, False),
+    "no slots, split-K off": (0.0, True, False, False), "no slots, added atomically": (0.0, False, False, True),
+    "no slots, one row tile, split-K off": (0.0, True, True, False)}
 
 
 def _first_slots(tensors: tuple) -> tuple:
@@ -51,6 +53,13 @@ def _wrap_tc(run_tc):
         assert parts is None, "ragged stacks are not cut"
         if CUT["split1"]:
             cfg, gens, ws = dataclasses.replace(cfg, split=1), None, y
+        if CUT["atomic"] and cfg.split > 1:  # the shares add into an fp32 buffer (never zeroed: timing only)
+            from kernels.gemv_tc import gemv_tc
+
+            acc = torch.empty(y.shape, dtype=torch.float32, device=y.device)
+            return gemv_tc(x, y, acc, counters, *_first_slots(tensors), outliers=outliers, split=cfg.split,
+                           unroll=cfg.unroll, prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4,
+                           fast=fast, unrolled=cfg.unrolled, pdl=fast and dispatch.pdl_enabled(x.device), atomic=True)
         return run_tc(x, y, ws, gens, counters, _first_slots(tensors), cfg, outliers, fast, skip, keep_tiles)
     return run
 
@@ -71,10 +80,10 @@ def main() -> None:
     model.compile_small_ops()
 
     def install(variant: tuple) -> None:
-        FRACTION[0], CUT["split1"], CUT["one_tile"] = variant
+        FRACTION[0], CUT["split1"], CUT["one_tile"], CUT["atomic"] = variant
 
     times = alternate(model, VARIANTS, install)
-    install(VARIANTS["slot fraction 1.0"])
+    install(VARIANTS["committed"])
     for name, ts in times.items():
         print(f"{name}: {statistics.median(ts):.4f} ms/token ({', '.join(f'{t:.4f}' for t in ts)})", flush=True)
     result = {"device": torch.cuda.get_device_name(), "commit": os.environ.get("MPQ_COMMIT", "unknown"),
