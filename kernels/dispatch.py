@@ -248,6 +248,37 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
                       block_m=cfg.block_m, split=cfg.split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def sums_in_place(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_size: int, outliers: int,
+                  parts: tuple[tuple[int, int, int], ...] | None = None) -> bool:
+    """Whether `mixed_matmul_add` runs for this x (contiguous [M, K]): where the chosen configuration is the
+    tensor-core GEMV with split-K, whose shares can then add into an fp32 sum instead of handing their partials to
+    the last one (which costs the decode step ~0.1 ms a token on the 7B shapes, benchmarks/e2e-notes.md run 31)."""
+    m, k = x.shape
+    tiles = tensors[0].shape[0] if parts is None else sum(p[0] for p in parts)
+    cfg = choose_config(m, tensors[3].shape[0], k, group_size, x.device, outliers, ragged=parts is not None)
+    rows = tensors[0].shape[2] if parts is None else tensors[3].shape[0] // tiles
+    runs = ragged_runs(x, tensors, group_size, rows) if parts is not None else (
+        _tc_fast(x, tensors, group_size) or (INTERPRET and _tc_layout(x, group_size, rows)))
+    return cfg.kind == "tc" and cfg.split > 1 and runs
+
+
+def mixed_matmul_add(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], acc: torch.Tensor, *, group_size: int,
+                     outliers: int, skip: torch.Tensor | None = None, keep_tiles: int = 0,
+                     parts: tuple[tuple[int, int, int], ...] | None = None) -> None:
+    """acc [M, N] (fp32, contiguous) += x [M, K] @ W.T, where `sums_in_place` holds: the tensor-core GEMV's split
+    shares add their partial sums into acc by atomics, so the order of the additions varies from call to call.
+    skip, keep_tiles, parts: as for `mixed_matmul`."""
+    if not sums_in_place(x, tensors, group_size=group_size, outliers=outliers, parts=parts):
+        raise ValueError("mixed_matmul_add: this call does not run the split-K tensor-core GEMV (sums_in_place)")
+    if acc.dtype != torch.float32 or not acc.is_contiguous() or acc.shape != (x.shape[0], tensors[3].shape[0]):
+        raise ValueError(f"mixed_matmul_add: acc must be contiguous fp32 {x.shape[0]} x {tensors[3].shape[0]}")
+    cfg = choose_config(x.shape[0], acc.shape[1], x.shape[1], group_size, x.device, outliers, ragged=parts is not None)
+    fast = not INTERPRET
+    gemv_tc(x, acc, acc, acc, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll, prefetch=cfg.prefetch,
+            l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, fast=fast, pdl=fast and pdl_enabled(x.device), skip=skip,
+            keep_tiles=keep_tiles, unrolled=cfg.unrolled, parts=parts, atomic=True)
+
+
 def _ragged_matmul(x, y, tensors, cfg, group_size, outliers, counters, skip, keep_tiles, parts):
     """mixed_matmul of a ragged stack: the tensor-core GEMV over all parts at once."""
     tiles = sum(p[0] for p in parts)

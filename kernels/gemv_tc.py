@@ -642,8 +642,8 @@ def _gemv_tc_kernel(x_ptr, xw_ptr, y_ptr, ws_ptr, cnt_ptr, gen_ptr, skip_ptr, ke
             rows = tl.join(rows, rows)
             acts = tl.join(acts, acts + 8)
         mask = (acts < M) & (rows < N)
-    if ATOMIC:  # every share adds its partial into fp32 ws [M, N] (zeroed by the caller); no hand-over
-        tl.atomic_add(ws_ptr + acts * N + rows, val, mask=mask, sem="relaxed")
+    if ATOMIC:  # every share adds its partial sums into y (fp32): no hand-over between the shares
+        tl.atomic_add(y_ptr + acts * stride_ym + rows, val, mask=mask, sem="relaxed")
     elif TAGGED:
         finish_split_tagged(val, y_ptr, acts * stride_ym + rows, ws_ptr, acts * N + rows, mask, cnt_ptr + tile,
                             gen_ptr + tile, gen if GEN_EARLY else None, sp, M * N, SPLIT)
@@ -670,8 +670,9 @@ def gemv_tc(x, y, ws, counters, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, 
     (`kernels.exit_flag`): skipped row tiles leave y unwritten; `unrolled`: each program's loop unrolled, every
     load of both streams issued before any arithmetic (one compiled kernel per slot count of a share); `parts`:
     a ragged stack (`ragged_layout`), ((row tiles, n2, n4) of each of up to three parts), whose tensors are the
-    parts' flattened and concatenated (not `unrolled`); `atomic`: each share adds its partial sums into ws, fp32
-    [M, N], zero before the call (no split-K hand-over; y is not written)."""
+    parts' flattened and concatenated (not `unrolled`); `atomic`: y is fp32 and the product is added to it, each
+    split share adding its partial sums by atomics (no hand-over between the shares, so the kernel ends when its
+    last share does; the order of the additions varies; ws and counters unused)."""
     M, N = x.shape[0], y.shape[1]
     assert 1 <= M <= MAX_M and unroll in (1, 2)
     if parts is None:

@@ -57,9 +57,10 @@ def _wrap_tc(run_tc):
             from kernels.gemv_tc import gemv_tc
 
             acc = torch.empty(y.shape, dtype=torch.float32, device=y.device)
-            return gemv_tc(x, y, acc, counters, *_first_slots(tensors), outliers=outliers, split=cfg.split,
-                           unroll=cfg.unroll, prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4,
-                           fast=fast, unrolled=cfg.unrolled, pdl=fast and dispatch.pdl_enabled(x.device), atomic=True)
+            gemv_tc(x, acc, acc, counters, *_first_slots(tensors), outliers=outliers, split=cfg.split,
+                    unroll=cfg.unroll, prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4,
+                    fast=fast, unrolled=cfg.unrolled, pdl=fast and dispatch.pdl_enabled(x.device), atomic=True)
+            return y
         return run_tc(x, y, ws, gens, counters, _first_slots(tensors), cfg, outliers, fast, skip, keep_tiles)
     return run
 

@@ -7,7 +7,9 @@ gate/up are concatenated into one matmul each; quantized ones stack into one lin
 so the decode step keeps fixed shapes and can be captured in one CUDA graph. The small ops between matmuls are
 plain functions (`add_rms_norm`, `rope_write`, `silu_mul`) that `compile_small_ops` swaps on CUDA for GPU
 kernels, with one fused kernel for a one-token step's RoPE, cache write and attention; on sm_90+ the step's
-kernels launch as programmatic dependents (each starts while the one before finishes).
+kernels launch as programmatic dependents (each starts while the one before finishes). In a one-token step on
+CUDA, the quantized linears whose GEMV splits K add their shares into fp32 sums (`PendingSums`) that the next small
+op reads and zeroes, rather than handing the shares' partials over inside the GEMV.
 """
 
 from __future__ import annotations
@@ -97,10 +99,14 @@ def rope_inv_freq(args: ModelArgs) -> torch.Tensor:
 
 
 # ---- the small ops between matmuls (eager reference; CUDA may use compiled copies) ------------------------
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float):
-    """Residual add then RMSNorm, with HF's rounding: normalise in fp32, cast back, then scale."""
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 consume: bool = False):
+    """Residual add then RMSNorm, with HF's rounding: normalise in fp32, cast back, then scale. consume: delta is a
+    pending sum (`PendingSums`): read rounded to x's dtype, then zeroed."""
     if delta is not None:
-        x = x + delta
+        x = x + (delta.to(x.dtype, copy=True) if consume else delta)
+        if consume:
+            delta.zero_()
     h = x.float()
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
     return x, weight * h.to(x.dtype)
@@ -128,8 +134,43 @@ def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Ten
     return q
 
 
-def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, consume: bool = False,
+             dtype: torch.dtype | None = None) -> torch.Tensor:
+    """consume: gate and up are pending sums (`PendingSums`): read rounded to dtype, then zeroed."""
+    if consume:
+        g, u = gate.to(dtype or gate.dtype, copy=True), up.to(dtype or up.dtype, copy=True)
+        gate.zero_()
+        up.zero_()
+        return F.silu(g) * u
     return F.silu(gate) * up
+
+
+@dataclass
+class PendingSums:
+    """fp32 sums that the one-token step's split-K GEMVs add their shares into (`QuantLinear.add_into`), one per
+    projection, shared by the layers. Zero at rest: the small op after each GEMV reads its sum and zeroes it. This
+    takes the hand-over of the shares' partials out of every such GEMV (0.094 ms a token on the 7B step, where
+    the partials' hand-over was all of the split-K epilogue: benchmarks/e2e-notes.md, run 31)."""
+
+    o: torch.Tensor
+    gate_up: torch.Tensor
+    down: torch.Tensor
+
+    def holds(self, t: torch.Tensor | None) -> bool:
+        return any(t is s for s in (self.o, self.gate_up, self.down))
+
+    def zero_(self) -> None:
+        for s in (self.o, self.gate_up, self.down):
+            s.zero_()
+
+
+def _project(linear: nn.Module, x: torch.Tensor, acc: torch.Tensor | None):
+    """linear(x); or, where acc (fp32, zero) is given and the linear adds into it (`QuantLinear.add_into`), acc
+    itself, as a pending sum for the next small op to consume."""
+    if (acc is not None and acc.shape[:-1] == x.shape[:-1] and hasattr(linear, "add_into")
+            and linear.add_into(x, acc)):
+        return acc
+    return linear(x)
 
 
 @dataclass
@@ -334,24 +375,33 @@ class Block(nn.Module):
                 v.view(B, S, a.n_kv_heads, a.head_dim))
 
     def attention(self, h, input_pos, cos, sin, mask, ops: SmallOps, causal_prefix: bool = False,
-                  dropped: torch.Tensor | None = None):
+                  dropped: torch.Tensor | None = None, sums: PendingSums | None = None):
         """causal_prefix: the mask is the causal one (positions 0..input_pos) plus `dropped` (None, or an additive
         row over the cache: SpecEE's drop mode), so a one-token step may run the fused decode kernel, which
-        ignores `mask`."""
+        ignores `mask`. sums: the o projection may return `sums.o`, pending (`_project`)."""
         a = self.args
         B, S, _ = h.shape
         q, k, v = self.qkv(h)
         cache = self.kv_cache.kv
         if causal_prefix and S == 1 and ops.decode_attention is not None:
-            return self.o(ops.decode_attention(q, k, v, cos, sin, cache, input_pos, self.kv_cache.counters, dropped))
+            y = ops.decode_attention(q, k, v, cos, sin, cache, input_pos, self.kv_cache.counters, dropped)
+            return _project(self.o, y, None if sums is None else sums.o)
         q = ops.rope_write(q, k, v, cos, sin, cache, input_pos)
         k, v = cache[0], cache[1]
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
-        return self.o(y.transpose(1, 2).reshape(B, S, a.n_heads * a.head_dim))
+        return _project(self.o, y.transpose(1, 2).reshape(B, S, a.n_heads * a.head_dim), None if sums is None else sums.o)
 
-    def mlp(self, h, ops: SmallOps):
-        gate, up = self.gate_up(h)
-        return self.down(ops.silu_mul(gate, up))
+    def mlp(self, h, ops: SmallOps, sums: PendingSums | None = None):
+        """sums: gate/up may add into `sums.gate_up` (consumed by the SwiGLU product) and down return `sums.down`,
+        pending (`_project`)."""
+        acc = None if sums is None or not hasattr(self.gate_up, "splits") else sums.gate_up
+        out = _project(self.gate_up, h, acc)
+        if out is acc:
+            gate, up = acc.split(self.gate_up.splits, dim=-1)
+            act = ops.silu_mul(gate, up, consume=True, dtype=h.dtype)
+        else:
+            act = ops.silu_mul(*out)
+        return _project(self.down, act, None if sums is None else sums.down)
 
 
 class Transformer(nn.Module):
@@ -367,6 +417,8 @@ class Transformer(nn.Module):
             self.output = DenseLinear(self.embed)
         self.ops = SmallOps()
         self.max_seq_len = 0
+        self.sums: PendingSums | None = None  # CUDA, from setup_caches
+        self.sum_in_place = True  # one-token steps use `sums` (False: every GEMV hands its partials over itself)
 
     @property
     def device(self) -> torch.device:
@@ -391,6 +443,9 @@ class Transformer(nn.Module):
         # additive (0 / -inf) rather than bool: SDPA would otherwise convert the mask in every layer
         causal = torch.full((max_seq_len, max_seq_len), float("-inf"), dtype=self.dtype, device=dev).triu(1)
         self.register_buffer("causal", causal, persistent=False)
+        if dev.type == "cuda":
+            width = {"o": a.dim, "gate_up": 2 * a.intermediate_size, "down": a.dim}
+            self.sums = PendingSums(**{k: torch.zeros(batch, 1, n, device=dev) for k, n in width.items()})
 
     def parallel_linears(self, on: bool) -> None:
         """Overlap the quantized q/k/v and gate/up calls on side streams (CUDA), or run them one after another."""
@@ -415,28 +470,35 @@ class Transformer(nn.Module):
 
     def blocks(self, x: torch.Tensor, delta: torch.Tensor | None, first: int, end: int, input_pos: torch.Tensor,
                cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor, ops: SmallOps,
-               dropped: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+               dropped: torch.Tensor | None = None,
+               sums: PendingSums | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Layers [first, end) on the residual x + delta (delta None: x alone), each residual add fused into the
         next norm. Returns the last layer's (x, delta): its output is their sum. dropped: None, or additive rows
-        [n_layers, cache length] masking the positions each layer skipped (SpecEE's drop mode)."""
+        [n_layers, cache length] masking the positions each layer skipped (SpecEE's drop mode). sums: the GEMVs
+        may leave pending sums (`PendingSums`), consumed here, except that the returned delta may be one."""
         for i in range(first, end):
             layer, skipped = self.layers[i], None if dropped is None else dropped[i]
-            x, h = ops.add_rms_norm(x, delta, layer.attn_norm, self.args.norm_eps)
+            pending = sums is not None and sums.holds(delta)
+            x, h = ops.add_rms_norm(x, delta, layer.attn_norm, self.args.norm_eps, consume=pending)
             delta = layer.attention(h, input_pos, cos, sin, mask if skipped is None else mask + skipped, ops,
-                                    causal_prefix=True, dropped=skipped)
-            x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.args.norm_eps)
-            delta = layer.mlp(h, ops)
+                                    causal_prefix=True, dropped=skipped, sums=sums)
+            pending = sums is not None and sums.holds(delta)
+            x, h = ops.add_rms_norm(x, delta, layer.mlp_norm, self.args.norm_eps, consume=pending)
+            delta = layer.mlp(h, ops, sums)
         return x, delta
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """Logits [B, S or 1, vocab] for tokens [B, S] at positions input_pos [S]; writes the KV cache."""
         S = tokens.shape[1]
         ops = self.ops if S == 1 else SmallOps()  # compiled ops are specialised to the decode shape
+        sums = self.sums if S == 1 and self.sum_in_place else None
+        if S > 1 and self.sums is not None:  # a step stopped between a GEMV and its reader left a sum behind
+            self.sums.zero_()
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         mask = self.causal[input_pos].view(1, 1, S, self.max_seq_len)  # unused where the fused kernel runs
         x, delta = self.blocks(F.embedding(tokens, self.embed), None, 0, len(self.layers), input_pos, cos, sin,
-                               mask, ops)
-        _, h = ops.add_rms_norm(x, delta, self.norm, self.args.norm_eps)
+                               mask, ops, sums=sums)
+        _, h = ops.add_rms_norm(x, delta, self.norm, self.args.norm_eps, consume=sums is not None and sums.holds(delta))
         return self.output(h[:, -1:] if last_only else h)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import mixed_matmul
+from kernels.dispatch import mixed_matmul, mixed_matmul_add
 
 
 @torch.library.custom_op("mpq::mixed_linear", mutates_args=())
@@ -30,3 +30,16 @@ def mixed_linear(x: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, z2: torch.
 def _(x, q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4, counters, group_size, outliers, skip=None,
       keep_tiles=0, parts=None):
     return x.new_empty(*x.shape[:-1], ss2.shape[0])
+
+
+@torch.library.custom_op("mpq::mixed_linear_add", mutates_args=("acc",))
+def mixed_linear_add(x: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, z2: torch.Tensor, ss2: torch.Tensor,
+                     idx2: torch.Tensor, ov: torch.Tensor, oi: torch.Tensor, q4: torch.Tensor, s4: torch.Tensor,
+                     z4: torch.Tensor, ss4: torch.Tensor, idx4: torch.Tensor, acc: torch.Tensor, group_size: int,
+                     outliers: int, skip: torch.Tensor | None = None, keep_tiles: int = 0,
+                     parts: list[int] | None = None) -> None:
+    """acc [..., N] (fp32) += x [..., K] @ W.T, where `kernels.dispatch.sums_in_place` holds for x."""
+    tensors = (q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4)
+    mixed_matmul_add(x.reshape(-1, x.shape[-1]).contiguous(), tensors, acc.view(-1, acc.shape[-1]),
+                     group_size=group_size, outliers=outliers, skip=skip, keep_tiles=keep_tiles,
+                     parts=None if parts is None else tuple(tuple(parts[i:i + 3]) for i in range(0, len(parts), 3)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 
 import torch
 from torch import nn
@@ -13,6 +14,10 @@ from mpq.quant.format import TENSOR_NAMES, PackedLinear, stack_biases
 
 KERNEL_TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
 SPLIT_COUNTERS_PER_ROW_TILE = 16  # split-K scratch of the kernels (kernels.dispatch.COUNTERS_PER_ROW_TILE)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _scratch_words(packed: PackedLinear, ragged: bool = False) -> int:
@@ -35,6 +40,24 @@ def _cuda_matmul(x: torch.Tensor, holder, counters: torch.Tensor, group_size: in
     flag, keep = exit_flag or (None, 0)
     return ops.mixed_linear(x, *(getattr(holder, n) for n in KERNEL_TENSOR_ORDER), counters, group_size, outliers,
                             flag, keep, parts)
+
+
+def _cuda_add(x: torch.Tensor, holder, acc: torch.Tensor, group_size: int, outliers: int,
+              exit_flag: tuple[torch.Tensor, int] | None, parts: list[int] | None = None) -> bool:
+    """acc += x @ W.T through `mpq::mixed_linear_add` where its kernel runs for x (`sums_in_place`); else False."""
+    from kernels.dispatch import sums_in_place
+
+    tensors = tuple(getattr(holder, n) for n in KERNEL_TENSOR_ORDER)
+    x2 = x.reshape(-1, x.shape[-1])
+    grouped = None if parts is None else tuple(tuple(parts[i:i + 3]) for i in range(0, len(parts), 3))
+    if not (x2.is_contiguous() and sums_in_place(x2, tensors, group_size=group_size, outliers=outliers,
+                                                 parts=grouped)):
+        return False
+    from mpq.runtime import ops
+
+    flag, keep = exit_flag or (None, 0)
+    ops.mixed_linear_add(x, *tensors, acc, group_size, outliers, flag, keep, parts)
+    return True
 
 
 class QuantLinear(nn.Module):
@@ -80,6 +103,19 @@ class QuantLinear(nn.Module):
         y = _cuda_matmul(x, self, self.split_counters, self.geometry["group_size"], self.geometry["outliers"],
                          self.exit_flag)
         return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def add_into(self, x: torch.Tensor, acc: torch.Tensor) -> bool:
+        """acc (fp32, contiguous, [..., out_features]) += this linear of x, where its kernel adds its split-K shares
+        straight into acc (`kernels.dispatch.sums_in_place`: the decode GEMV on CUDA, or under the interpreter);
+        else False, with nothing done. Skips the hand-over of the shares' partial sums, which the decode step pays
+        in every such GEMV (benchmarks/e2e-notes.md, run 31); the sum's reader rounds it."""
+        if self.bias is not None or not (x.is_cuda or _interpreting()):
+            return False
+        return _cuda_add(x, self, acc, self.geometry["group_size"], self.geometry["outliers"], self.exit_flag,
+                         self._parts())
+
+    def _parts(self) -> list[int] | None:
+        return None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
@@ -137,6 +173,9 @@ class RaggedQuantLinear(StackedQuantLinear):
     def packed(self) -> PackedLinear:
         raise TypeError("a ragged stack is not one format-v1 linear; see packed_parts()")
 
+    def _parts(self) -> list[int]:
+        return [v for slots in self.part_slots for v in slots]
+
     def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self._dense is None or self._dense.dtype != dtype or self._dense.device != self.q2.device:
             self._dense = torch.cat([p.dequantize(dtype) for p in self.packed_parts()])
@@ -151,8 +190,7 @@ class RaggedQuantLinear(StackedQuantLinear):
 
         g, rows = self.geometry["group_size"], self.geometry["tile_rows"]
         if ragged_runs(x.reshape(-1, x.shape[-1]), tuple(getattr(self, n) for n in KERNEL_TENSOR_ORDER), g, rows):
-            y = _cuda_matmul(x, self, self.split_counters, g, self.geometry["outliers"], self.exit_flag,
-                             [v for slots in self.part_slots for v in slots])
+            y = _cuda_matmul(x, self, self.split_counters, g, self.geometry["outliers"], self.exit_flag, self._parts())
         else:  # one by one; the counters alone (no fenceless epilogue state: that is laid out for the whole stack)
             outs = []
             flag, keep = self.exit_flag or (None, 0)

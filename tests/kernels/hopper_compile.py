@@ -136,6 +136,26 @@ def _norm():
     add_rms_norm(x, x.clone(), torch.rand(4096).half(), 1e-5, pdl=True, skip=torch.zeros(1, dtype=torch.int32))
 
 
+def _consumers():
+    from kernels.step_ops import add_rms_norm, silu_mul
+
+    pending = torch.randn(1, 4096)
+    try:
+        add_rms_norm(torch.randn(1, 4096).half(), pending, torch.rand(4096).half(), 1e-5, pdl=True, consume=True)
+    except Compiled:
+        pass
+    silu_mul(pending[:, :2048], pending[:, 2048:], pdl=True, consume=True, dtype=torch.half)
+
+
+def _gemv_tc_atomic():
+    from kernels.gemv_tc import gemv_tc
+
+    packed, tensors = _packed()
+    acc = torch.zeros(1, 64)
+    gemv_tc(torch.randn(1, 512).half(), acc, acc, acc, *tensors, outliers=packed.outliers, split=4, unroll=2,
+            unrolled=True, fast=True, pdl=True, atomic=True)
+
+
 def _silu():
     from kernels.step_ops import silu_mul
 
@@ -203,6 +223,7 @@ CASES = {
                                                       unroll=2, skip=torch.zeros(1, dtype=torch.int32)),
     "gemv_tc m16 fragments": lambda: _gemv_tc_xfrag(16),
     "gemv_tc m1 ragged stack": lambda: _gemv_tc_ragged(1),
+    "gemv_tc m1 atomic unrolled": _gemv_tc_atomic,
     "x_fragments": _x_fragments,
     "gemv_h2 pairs1 early4 flag": lambda: _gemv_h2(1, early4=True, pdl=True, skip=torch.zeros(1, dtype=torch.int32)),
     "gemv_h2 pairs2": lambda: _gemv_h2(2),
@@ -212,6 +233,7 @@ CASES = {
     "dequantize": _dequantize,
     "add_rms_norm": _norm,
     "silu_mul": _silu,
+    "add_rms_norm and silu_mul consuming pending sums": _consumers,
     "decode_attention fill": lambda: _attention(False),
     "decode_attention drop": lambda: _attention(True),
     "exit_probability": lambda: _predictor(False),

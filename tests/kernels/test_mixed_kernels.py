@@ -115,6 +115,39 @@ def test_gemv_tc(make_packed, layer, m, split, unroll, prefetch, early4, unrolle
         assert not counters.any()
 
 
+@pytest.mark.parametrize("layer", TC_LAYERS)
+@pytest.mark.parametrize("m, split, unroll, unrolled", [(1, 2, 1, False), (1, 3, 2, True), (3, 2, 2, False)])
+def test_gemv_tc_adds_its_shares_into_an_fp32_sum(make_packed, layer, m, split, unroll, unrolled):
+    """`atomic`: each split share adds its partial sums into y (fp32): y grows by x @ W.T. Bound: fp32 sums of fp16
+    products against float64, 1e-4 relative."""
+    packed, x, ref, tensors = setup(make_packed, layer, m, torch.float16, seed=90 + m + split)
+    runs = [False] + ([True] if not INTERPRET else [])
+    for fast in runs:
+        start = torch.randn(m, layer[0], generator=torch.Generator().manual_seed(3)).to(DEVICE)
+        acc = start.clone()
+        gemv_tc(x, acc, acc, acc, *tensors, outliers=packed.outliers, split=split, unroll=unroll, fast=fast,
+                unrolled=unrolled, pdl=fast, atomic=True)
+        added = (acc - start).double().cpu()
+        assert (added - ref).norm() / ref.norm() < 1e-4
+
+
+def test_mixed_matmul_add_runs_where_the_split_k_gemv_would(make_packed):
+    """sums_in_place holds where the configuration is the split-K tensor-core GEMV (K = 1024: 8 groups, split 2
+    by the heuristic), and mixed_matmul_add then adds the product; elsewhere (K = 384: split 1) it refuses."""
+    from kernels.dispatch import choose_config, mixed_matmul_add, sums_in_place
+
+    packed, x, ref, tensors = setup(make_packed, (48, 1024, 128, 2, 1), 1, torch.float16, seed=5)
+    assert choose_config(1, 48, 1024, 128, x.device).split > 1
+    assert sums_in_place(x, tensors, group_size=128, outliers=1)
+    acc = torch.zeros(1, 48, device=DEVICE)
+    mixed_matmul_add(x, tensors, acc, group_size=128, outliers=1)
+    assert (acc.double().cpu() - ref).norm() / ref.norm() < 1e-4
+    _, x1, _, tensors1 = setup(make_packed, (48, 384, 128, 1, 1), 1, torch.float16, seed=6)
+    assert not sums_in_place(x1, tensors1, group_size=128, outliers=1)
+    with pytest.raises(ValueError, match="sums_in_place"):
+        mixed_matmul_add(x1, tensors1, torch.zeros(1, 48, device=DEVICE), group_size=128, outliers=1)
+
+
 # ragged stacks: (rows, 4-bit tiles per row tile) of each part, all of K = 384 and g = 128; outliers per 2-bit group
 RAGGED = [([(48, 1), (32, 0), (64, 2)], 1), ([(32, 3), (48, 1)], 0), ([(16, 0), (16, 3)], 2)]
 

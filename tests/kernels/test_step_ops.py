@@ -7,6 +7,7 @@ element may land one rounding step away (at most 1 in 1000 elements, each within
 CUDA: the interpreter (Triton 3.9) rounds fp32 -> bf16 casts differently from the GPU and torch.
 """
 
+import functools
 import os
 
 import pytest
@@ -70,3 +71,38 @@ def test_silu_mul_on_the_halves_of_a_stacked_output(dtype, rows, n, pdl):
     got = silu_mul(gate, up, pdl=pdl)
     assert got.is_contiguous()
     assert_nearly_equal(got, eager.silu_mul(gate, up))
+
+
+@pytest.mark.parametrize("pdl", PDL)
+@pytest.mark.parametrize("n", [100, 4096])
+def test_add_rms_norm_consumes_a_pending_sum(n, pdl):
+    """A GEMV's pending fp32 sum as delta: read as the fp16 output it stands for (the same results as that output
+    gives), and left zero for the GEMV's next call; the eager op does the same."""
+    gen = torch.Generator().manual_seed(n + 1)
+    x = (torch.randn(1, 1, n, generator=gen) * 4).half().to(DEVICE)
+    w = (torch.rand(n, generator=gen) + 0.5).half().to(DEVICE)
+    pending = (torch.randn(1, 1, n, generator=gen) * 3).to(DEVICE)
+    x_want, h_want = add_rms_norm(x, pending.half(), w, 1e-5, pdl=pdl)
+    for op in (functools.partial(add_rms_norm, pdl=pdl), eager.add_rms_norm):
+        delta = pending.clone()
+        x_got, h_got = op(x, delta, w, 1e-5, consume=True)
+        assert torch.equal(x_got, x_want) and x_got.dtype == torch.float16
+        assert_nearly_equal(h_got, h_want)
+        assert not delta.any()
+
+
+@pytest.mark.parametrize("pdl", PDL)
+def test_silu_mul_consumes_the_pending_gate_up_sums(pdl):
+    """The gate/up GEMV's pending fp32 sums (two halves of one buffer): the product of the fp16 outputs they stand
+    for, in fp16, and both halves zeroed; the eager op does the same."""
+    n = 1500
+    pending = (torch.randn(1, 1, 2 * n, generator=torch.Generator().manual_seed(9)) * 3).to(DEVICE)
+    want = silu_mul(*pending.half().split(n, dim=-1), pdl=pdl)
+    for op in (functools.partial(silu_mul, pdl=pdl), eager.silu_mul):
+        acc = pending.clone()
+        gate, up = acc.split(n, dim=-1)
+        got = op(gate, up, consume=True, dtype=torch.float16)
+        assert_nearly_equal(got, want)
+        assert not acc.any()
+    with pytest.raises(ValueError, match="unconsumed"):
+        silu_mul(gate, up, consume=True, skip=torch.zeros(1, dtype=torch.int32, device=DEVICE))

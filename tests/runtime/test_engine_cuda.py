@@ -1,5 +1,7 @@
 """The engine on CUDA (skipped without a GPU): fp16 against the fp32 CPU reference, graph == eager, compiled ops."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -118,3 +120,45 @@ def test_run_cli_on_cuda(tmp_path, byte_tokenizer):
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert out["peak_mem_gb"] > 0 and out["device"] != "cpu" and out["tokens"] >= 1
+
+
+def test_pending_sums_change_no_token(monkeypatch):
+    """With 128-column groups and K of 8 groups or more the decode GEMVs split K; their shares then add into the
+    engine's pending fp32 sums (`PendingSums`), which the next small op reads and zeroes. Against the same engine
+    with each GEMV handing its partials over itself: the same greedy tokens (graph-replayed, small ops compiled),
+    one-token logits within 1e-3, and every sum zero after a step."""
+    from engine_testlib import LINEAR_SUFFIXES
+    from mpq.bench.kernels import random_layer
+    from mpq.runtime.quant_linear import QuantLinear
+
+    hf = tiny_hf_model(tiny_config(hidden_size=1024, intermediate_size=2816, num_attention_heads=8,
+                                   num_key_value_heads=8))
+    sd = hf.state_dict()
+    packed = {}
+    for i in range(hf.config.num_hidden_layers):
+        for s in LINEAR_SUFFIXES:
+            n, k = sd[f"model.layers.{i}.{s}.weight"].shape
+            p = random_layer(n, k, 1, "cpu", seed=10 * i + len(s))  # scaled to weights of ~0.02
+            packed[f"model.layers.{i}.{s}"] = dataclasses.replace(p, ss2=p.ss2 * 0.05, ss4=p.ss4 * 0.1, ov=p.ov * 0.02)
+    floats = {name: t for name, t in sd.items() if name.rsplit(".", 1)[0] not in packed}
+    model = cuda_engine(hf, packed=packed, floats=floats)
+    model.compile_small_ops()
+    added = []
+    add_into = QuantLinear.add_into
+    monkeypatch.setattr(QuantLinear, "add_into", lambda self, x, acc: added.append(add_into(self, x, acc)) or added[-1])
+    tokens = {}
+    for on in (True, False):
+        model.sum_in_place = on
+        added.clear()
+        tokens[on] = Generator(model, 128).generate(list(range(10, 40)), 24).tokens
+        assert added.count(True) >= 3 * hf.config.num_hidden_layers if on else not added
+    assert tokens[True] == tokens[False]
+    tok, pos = torch.tensor([[7]], device=CUDA), torch.tensor([40], device=CUDA)
+    logits = {}
+    with torch.no_grad():
+        for on in (True, False):
+            model.sum_in_place = on
+            logits[on] = model(tok, pos).float()
+            assert not any(s.any() for s in (model.sums.o, model.sums.gate_up, model.sums.down))
+    assert torch.isfinite(logits[True]).all() and logits[True].std() > 0.1
+    assert rel_err(logits[True], logits[False]) < 1e-3
