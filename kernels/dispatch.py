@@ -252,7 +252,7 @@ def sums_in_place(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_s
                   parts: tuple[tuple[int, int, int], ...] | None = None) -> bool:
     """Whether `mixed_matmul_add` runs for this x (contiguous [M, K]): where the chosen configuration is the
     tensor-core GEMV with split-K, whose shares can then add into an fp32 sum instead of handing their partials to
-    the last one (which costs the decode step ~0.1 ms a token on the 7B shapes, benchmarks/e2e-notes.md run 31)."""
+    the last one (which costs the 7B decode step ~0.08 ms a token: benchmarks/e2e-notes.md, runs 32 and 33)."""
     m, k = x.shape
     tiles = tensors[0].shape[0] if parts is None else sum(p[0] for p in parts)
     cfg = choose_config(m, tensors[3].shape[0], k, group_size, x.device, outliers, ragged=parts is not None)

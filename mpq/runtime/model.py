@@ -149,8 +149,8 @@ def silu_mul(gate: torch.Tensor, up: torch.Tensor, consume: bool = False,
 class PendingSums:
     """fp32 sums that the one-token step's split-K GEMVs add their shares into (`QuantLinear.add_into`), one per
     projection, shared by the layers. Zero at rest: the small op after each GEMV reads its sum and zeroes it. This
-    takes the hand-over of the shares' partials out of every such GEMV (0.094 ms a token on the 7B step, where
-    the partials' hand-over was all of the split-K epilogue: benchmarks/e2e-notes.md, run 31)."""
+    takes the hand-over of the shares' partials out of every such GEMV: 1.918 against 1.997 ms a token on the 7B
+    step (benchmarks/e2e-notes.md, run 33)."""
 
     o: torch.Tensor
     gate_up: torch.Tensor

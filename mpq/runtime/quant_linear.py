@@ -108,7 +108,7 @@ class QuantLinear(nn.Module):
         """acc (fp32, contiguous, [..., out_features]) += this linear of x, where its kernel adds its split-K shares
         straight into acc (`kernels.dispatch.sums_in_place`: the decode GEMV on CUDA, or under the interpreter);
         else False, with nothing done. Skips the hand-over of the shares' partial sums, which the decode step pays
-        in every such GEMV (benchmarks/e2e-notes.md, run 31); the sum's reader rounds it."""
+        in every such GEMV (benchmarks/e2e-notes.md, run 33); the sum's reader rounds it."""
         if self.bias is not None or not (x.is_cuda or _interpreting()):
             return False
         return _cuda_add(x, self, acc, self.geometry["group_size"], self.geometry["outliers"], self.exit_flag,

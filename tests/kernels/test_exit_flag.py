@@ -95,7 +95,7 @@ def test_norm_and_swiglu_under_the_flag():
     g, u = (torch.randn(3, 300, generator=gen).half().to(DEVICE) for _ in range(2))
     assert torch.equal(silu_mul(g, u, skip=flag(False)), silu_mul(g, u))
     y = torch.full_like(g, float("nan"))
-    _silu_mul_kernel[(1, 3)](g, u, y, flag(True), 300, 300, 300, BLOCK=512, PDL=False, SKIP=True)
+    _silu_mul_kernel[(1, 3)](g, u, y, flag(True), 300, 300, 300, BLOCK=512, PDL=False, SKIP=True, CONSUME=False)
     assert torch.isnan(y.float()).all()
 
 
