@@ -389,7 +389,8 @@ class Block(nn.Module):
         q = ops.rope_write(q, k, v, cos, sin, cache, input_pos)
         k, v = cache[0], cache[1]
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask, enable_gqa=a.n_heads != a.n_kv_heads)
-        return _project(self.o, y.transpose(1, 2).reshape(B, S, a.n_heads * a.head_dim), None if sums is None else sums.o)
+        y = y.transpose(1, 2).reshape(B, S, a.n_heads * a.head_dim)
+        return _project(self.o, y, None if sums is None else sums.o)
 
     def mlp(self, h, ops: SmallOps, sums: PendingSums | None = None):
         """sums: gate/up may add into `sums.gate_up` (consumed by the SwiGLU product) and down return `sums.down`,
