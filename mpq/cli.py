@@ -179,13 +179,15 @@ def run(
     raw: bool = typer.Option(False, help="skip the chat template"),
     device: str = typer.Option("auto", help="auto | cpu | cuda"),
     no_exit: bool = typer.Option(False, "--no-exit", help="ignore the artifact's SpecEE predictors (full depth)"),
+    deterministic: bool = typer.Option(False, help="bit-identical runs: split-K GEMVs add their shares in a fixed "
+                                                   "order (on the 7B shape ~4% slower decode)"),
 ):
     """Generate text with the decode engine (one CUDA graph per decode step on the GPU), streamed, with timings."""
     from mpq.runtime.run import RunOptions, run as run_prompt
 
     result = run_prompt(RunOptions(model=model, prompt=prompt, prompt_file=prompt_file, max_new_tokens=max_new_tokens,
                                    temperature=temperature, top_p=top_p, seed=seed, raw=raw, device=device,
-                                   stream=not json_out, no_exit=no_exit))
+                                   stream=not json_out, no_exit=no_exit, deterministic=deterministic))
     if json_out:
         print_json_last(result)
 

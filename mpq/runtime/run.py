@@ -27,6 +27,7 @@ class RunOptions:
     device: str = "auto"
     stream: bool = True  # print text to stdout as it is generated
     no_exit: bool = False  # ignore SpecEE predictors in the artifact (full depth)
+    deterministic: bool = False  # no pending sums: each split-K GEMV sums its shares in one fixed order
 
 
 def read_prompt(opts: RunOptions) -> str:
@@ -88,6 +89,7 @@ def run(opts: RunOptions) -> dict:
     if opts.max_new_tokens < 1:
         raise MpqError("--max-new-tokens must be at least 1")
     engine = load_engine(opts.model, opts.device)
+    engine.model.sum_in_place = not opts.deterministic
     cuda = engine.model.device.type == "cuda"
     prompt = encode_prompt(engine.tokenizer, text, opts.raw)
     gen = Generator(engine.model, len(prompt) + opts.max_new_tokens)

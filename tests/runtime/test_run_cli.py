@@ -52,3 +52,18 @@ def test_bad_input_is_one_line(artifact, args, message):
 def test_cuda_without_gpu_is_refused(artifact):
     res = CliRunner().invoke(app, ["run", str(artifact), "--prompt", "x", "--device", "cuda"])
     assert res.exit_code == 2 and "no CUDA GPU" in res.stderr
+
+
+@pytest.mark.parametrize("flag, in_place", [([], True), (["--deterministic"], False)])
+def test_deterministic_turns_pending_sums_off(artifact, monkeypatch, flag, in_place):
+    """--deterministic: the engine's split-K GEMVs hand their partials over in one fixed order (no pending sums,
+    whose atomic additions come in a varying order); the engine it ran is checked."""
+    from mpq.runtime import run as run_module
+
+    engines = []
+    load = run_module.load_engine
+    monkeypatch.setattr(run_module, "load_engine", lambda *a: engines.append(load(*a)) or engines[-1])
+    res = CliRunner().invoke(app, ["run", str(artifact), "--prompt", "hi", "--max-new-tokens", "2", "--device", "cpu",
+                                   *flag])
+    assert res.exit_code == 0, res.output
+    assert engines[0].model.sum_in_place is in_place
