@@ -154,6 +154,9 @@ def bench_e2e(json_out: Path | None = None, prompt_tokens: int = 128, new_tokens
             model.parallel_linears(False)
             extra["ms_per_token_serial_linears"] = time_engine(model, prompt, new_tokens)["ms_per_token"]
             model.parallel_linears(True)
+            model.sum_in_place = False  # `mpq run --deterministic`: each split-K GEMV sums its shares itself
+            extra["ms_per_token_deterministic"] = time_engine(model, prompt, new_tokens)["ms_per_token"]
+            model.sum_in_place = True
         rows.append({"impl": impl, **time_engine(model, prompt, new_tokens), "weight_gb": weight_bytes(model) / 1e9,
                      "allocated_gb": mem, "floor_ms_per_token": streamed_bytes(model) / bandwidth * 1000,
                      "ms_per_token_uncompiled_small_ops": eager["ms_per_token"], **extra})
