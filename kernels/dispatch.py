@@ -248,18 +248,31 @@ def mixed_matmul(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_si
                       block_m=cfg.block_m, split=cfg.split, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
+def grouped_parts(flat: list[int] | None) -> tuple[tuple[int, int, int], ...] | None:
+    """A ragged stack's parts as the kernels take them, from the flat list a torch custom op can carry."""
+    return None if flat is None else tuple(tuple(flat[i:i + 3]) for i in range(0, len(flat), 3))
+
+
+def _split_tc_config(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], group_size: int, outliers: int,
+                     parts: tuple[tuple[int, int, int], ...] | None) -> KernelConfig | None:
+    """The chosen configuration where it is the tensor-core GEMV with split-K and that kernel runs for x, else None."""
+    m, k = x.shape
+    cfg = choose_config(m, tensors[3].shape[0], k, group_size, x.device, outliers, ragged=parts is not None)
+    if cfg.kind != "tc" or cfg.split == 1:
+        return None
+    if parts is not None:
+        runs = ragged_runs(x, tensors, group_size, tensors[3].shape[0] // sum(p[0] for p in parts))
+    else:
+        runs = _tc_fast(x, tensors, group_size) or (INTERPRET and _tc_layout(x, group_size, tensors[0].shape[2]))
+    return cfg if runs else None
+
+
 def sums_in_place(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], *, group_size: int, outliers: int,
                   parts: tuple[tuple[int, int, int], ...] | None = None) -> bool:
     """Whether `mixed_matmul_add` runs for this x (contiguous [M, K]): where the chosen configuration is the
     tensor-core GEMV with split-K, whose shares can then add into an fp32 sum instead of handing their partials to
     the last one (which costs the 7B decode step ~0.08 ms a token: benchmarks/e2e-notes.md, runs 32 and 33)."""
-    m, k = x.shape
-    tiles = tensors[0].shape[0] if parts is None else sum(p[0] for p in parts)
-    cfg = choose_config(m, tensors[3].shape[0], k, group_size, x.device, outliers, ragged=parts is not None)
-    rows = tensors[0].shape[2] if parts is None else tensors[3].shape[0] // tiles
-    runs = ragged_runs(x, tensors, group_size, rows) if parts is not None else (
-        _tc_fast(x, tensors, group_size) or (INTERPRET and _tc_layout(x, group_size, rows)))
-    return cfg.kind == "tc" and cfg.split > 1 and runs
+    return _split_tc_config(x, tensors, group_size, outliers, parts) is not None
 
 
 def mixed_matmul_add(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], acc: torch.Tensor, *, group_size: int,
@@ -268,15 +281,12 @@ def mixed_matmul_add(x: torch.Tensor, tensors: tuple[torch.Tensor, ...], acc: to
     """acc [M, N] (fp32, contiguous) += x [M, K] @ W.T, where `sums_in_place` holds: the tensor-core GEMV's split
     shares add their partial sums into acc by atomics, so the order of the additions varies from call to call.
     skip, keep_tiles, parts: as for `mixed_matmul`."""
-    if not sums_in_place(x, tensors, group_size=group_size, outliers=outliers, parts=parts):
+    cfg = _split_tc_config(x, tensors, group_size, outliers, parts)
+    if cfg is None:
         raise ValueError("mixed_matmul_add: this call does not run the split-K tensor-core GEMV (sums_in_place)")
     if acc.dtype != torch.float32 or not acc.is_contiguous() or acc.shape != (x.shape[0], tensors[3].shape[0]):
         raise ValueError(f"mixed_matmul_add: acc must be contiguous fp32 {x.shape[0]} x {tensors[3].shape[0]}")
-    cfg = choose_config(x.shape[0], acc.shape[1], x.shape[1], group_size, x.device, outliers, ragged=parts is not None)
-    fast = not INTERPRET
-    gemv_tc(x, acc, acc, acc, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll, prefetch=cfg.prefetch,
-            l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, fast=fast, pdl=fast and pdl_enabled(x.device), skip=skip,
-            keep_tiles=keep_tiles, unrolled=cfg.unrolled, parts=parts, atomic=True)
+    _run_tc(x, acc, acc, None, acc, tensors, cfg, outliers, not INTERPRET, skip, keep_tiles, parts, atomic=True)
 
 
 def _ragged_matmul(x, y, tensors, cfg, group_size, outliers, counters, skip, keep_tiles, parts):
@@ -301,9 +311,10 @@ def _split_scratch(y: torch.Tensor, counters: torch.Tensor, tiles: int, cfg: Ker
     return None, torch.empty(cfg.split, m, n, dtype=torch.float32, device=y.device) if cfg.split > 1 else y
 
 
-def _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, fast, skip, keep_tiles, parts=None):
-    """The tensor-core GEMV launch with a configuration's knobs (fast False: its plain path, the interpreter's)."""
+def _run_tc(x, y, ws, gens, counters, tensors, cfg, outliers, fast, skip, keep_tiles, parts=None, atomic=False):
+    """The tensor-core GEMV launch with a configuration's knobs (fast False: its plain path, the interpreter's;
+    atomic: y fp32, the product added to it)."""
     return gemv_tc(x, y, ws, counters, *tensors, outliers=outliers, split=cfg.split, unroll=cfg.unroll,
                    prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4, gens=gens,
                    gen_early=cfg.gen_early, fast=fast, unrolled=cfg.unrolled, pdl=fast and pdl_enabled(x.device),
-                   skip=skip, keep_tiles=keep_tiles, parts=parts)
+                   skip=skip, keep_tiles=keep_tiles, parts=parts, atomic=atomic)

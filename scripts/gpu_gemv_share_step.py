@@ -54,12 +54,9 @@ def _wrap_tc(run_tc):
         if CUT["split1"]:
             cfg, gens, ws = dataclasses.replace(cfg, split=1), None, y
         if CUT["atomic"] and cfg.split > 1:  # the shares add into an fp32 buffer (never zeroed: timing only)
-            from kernels.gemv_tc import gemv_tc
-
             acc = torch.empty(y.shape, dtype=torch.float32, device=y.device)
-            gemv_tc(x, acc, acc, counters, *_first_slots(tensors), outliers=outliers, split=cfg.split,
-                    unroll=cfg.unroll, prefetch=cfg.prefetch, l2=cfg.l2, xfrag=cfg.xfrag, early4=cfg.early4,
-                    fast=fast, unrolled=cfg.unrolled, pdl=fast and dispatch.pdl_enabled(x.device), atomic=True)
+            run_tc(x, acc, acc, None, counters, _first_slots(tensors), cfg, outliers, fast, skip, keep_tiles,
+                   atomic=True)
             return y
         return run_tc(x, y, ws, gens, counters, _first_slots(tensors), cfg, outliers, fast, skip, keep_tiles)
     return run

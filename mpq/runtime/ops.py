@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.dispatch import mixed_matmul, mixed_matmul_add
+from kernels.dispatch import grouped_parts, mixed_matmul, mixed_matmul_add
 
 
 @torch.library.custom_op("mpq::mixed_linear", mutates_args=())
@@ -21,8 +21,7 @@ def mixed_linear(x: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, z2: torch.
     x2 = x.reshape(-1, x.shape[-1]).contiguous()
     tensors = (q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4)
     y = mixed_matmul(x2, tensors, group_size=group_size, outliers=outliers, counters=counters, skip=skip,
-                     keep_tiles=keep_tiles, parts=None if parts is None else
-                     tuple(tuple(parts[i:i + 3]) for i in range(0, len(parts), 3)))
+                     keep_tiles=keep_tiles, parts=grouped_parts(parts))
     return y.reshape(*x.shape[:-1], ss2.shape[0])
 
 
@@ -42,4 +41,4 @@ def mixed_linear_add(x: torch.Tensor, q2: torch.Tensor, s2: torch.Tensor, z2: to
     tensors = (q2, s2, z2, ss2, idx2, ov, oi, q4, s4, z4, ss4, idx4)
     mixed_matmul_add(x.reshape(-1, x.shape[-1]).contiguous(), tensors, acc.view(-1, acc.shape[-1]),
                      group_size=group_size, outliers=outliers, skip=skip, keep_tiles=keep_tiles,
-                     parts=None if parts is None else tuple(tuple(parts[i:i + 3]) for i in range(0, len(parts), 3)))
+                     parts=grouped_parts(parts))

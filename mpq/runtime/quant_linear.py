@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 
 import torch
 from torch import nn
@@ -14,10 +13,6 @@ from mpq.quant.format import TENSOR_NAMES, PackedLinear, stack_biases
 
 KERNEL_TENSOR_ORDER = ("q2", "s2", "z2", "ss2", "idx2", "ov", "oi", "q4", "s4", "z4", "ss4", "idx4")
 SPLIT_COUNTERS_PER_ROW_TILE = 16  # split-K scratch of the kernels (kernels.dispatch.COUNTERS_PER_ROW_TILE)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _scratch_words(packed: PackedLinear, ragged: bool = False) -> int:
@@ -45,13 +40,12 @@ def _cuda_matmul(x: torch.Tensor, holder, counters: torch.Tensor, group_size: in
 def _cuda_add(x: torch.Tensor, holder, acc: torch.Tensor, group_size: int, outliers: int,
               exit_flag: tuple[torch.Tensor, int] | None, parts: list[int] | None = None) -> bool:
     """acc += x @ W.T through `mpq::mixed_linear_add` where its kernel runs for x (`sums_in_place`); else False."""
-    from kernels.dispatch import sums_in_place
+    from kernels.dispatch import grouped_parts, sums_in_place
 
     tensors = tuple(getattr(holder, n) for n in KERNEL_TENSOR_ORDER)
     x2 = x.reshape(-1, x.shape[-1])
-    grouped = None if parts is None else tuple(tuple(parts[i:i + 3]) for i in range(0, len(parts), 3))
     if not (x2.is_contiguous() and sums_in_place(x2, tensors, group_size=group_size, outliers=outliers,
-                                                 parts=grouped)):
+                                                 parts=grouped_parts(parts))):
         return False
     from mpq.runtime import ops
 
@@ -109,7 +103,7 @@ class QuantLinear(nn.Module):
         straight into acc (`kernels.dispatch.sums_in_place`: the decode GEMV on CUDA, or under the interpreter);
         else False, with nothing done. Skips the hand-over of the shares' partial sums, which the decode step pays
         in every such GEMV (benchmarks/e2e-notes.md, run 33); the sum's reader rounds it."""
-        if self.bias is not None or not (x.is_cuda or _interpreting()):
+        if self.bias is not None:  # (off CUDA, sums_in_place holds only under the interpreter)
             return False
         return _cuda_add(x, self, acc, self.geometry["group_size"], self.geometry["outliers"], self.exit_flag,
                          self._parts())

@@ -75,3 +75,31 @@ def rtn_artifact(hf_model, out, tokenizer) -> dict[str, PackedLinear]:
     config = dict(cfg.to_dict(), quantization_config={"quant_method": "mpq", "note": "test RTN"})
     save_artifact(out, config=config, tokenizer=tokenizer, linears=linears, floats=floats, manifest={})
     return linears
+
+
+def random_packed_layers(hf_model, ss2: float, ss4: float, ov: float) -> tuple[dict, dict]:
+    """(packed, floats) for hf_model with every decoder linear a random format-v1 layer of 128-column groups
+    (`mpq.bench.kernels.random_layer`), its 2-bit / 4-bit super-scales and outliers multiplied by ss2 / ss4 / ov so
+    that the weights stay small; floats: the rest of its state dict."""
+    import dataclasses
+
+    from mpq.bench.kernels import random_layer
+
+    sd = hf_model.state_dict()
+    packed = {}
+    for i in range(hf_model.config.num_hidden_layers):
+        for s in LINEAR_SUFFIXES:
+            n, k = sd[f"model.layers.{i}.{s}.weight"].shape
+            p = random_layer(n, k, 1, "cpu", seed=10 * i + len(s))
+            packed[f"model.layers.{i}.{s}"] = dataclasses.replace(p, ss2=p.ss2 * ss2, ss4=p.ss4 * ss4, ov=p.ov * ov)
+    return packed, {name: t for name, t in sd.items() if name.rsplit(".", 1)[0] not in packed}
+
+
+def record_in_place_adds(monkeypatch) -> list[bool]:
+    """What each `QuantLinear.add_into` call returned (True: it added in place), in order."""
+    from mpq.runtime.quant_linear import QuantLinear
+
+    added = []
+    add_into = QuantLinear.add_into
+    monkeypatch.setattr(QuantLinear, "add_into", lambda self, x, acc: added.append(add_into(self, x, acc)) or added[-1])
+    return added

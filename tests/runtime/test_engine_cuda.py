@@ -1,7 +1,5 @@
 """The engine on CUDA (skipped without a GPU): fp16 against the fp32 CPU reference, graph == eager, compiled ops."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -127,25 +125,14 @@ def test_pending_sums_change_no_token(monkeypatch):
     engine's pending fp32 sums (`PendingSums`), which the next small op reads and zeroes. Against the same engine
     with each GEMV handing its partials over itself: the same greedy tokens (graph-replayed, small ops compiled),
     one-token logits within 1e-3, and every sum zero after a step."""
-    from engine_testlib import LINEAR_SUFFIXES
-    from mpq.bench.kernels import random_layer
-    from mpq.runtime.quant_linear import QuantLinear
+    from engine_testlib import random_packed_layers, record_in_place_adds
 
     hf = tiny_hf_model(tiny_config(hidden_size=1024, intermediate_size=2816, num_attention_heads=8,
                                    num_key_value_heads=8))
-    sd = hf.state_dict()
-    packed = {}
-    for i in range(hf.config.num_hidden_layers):
-        for s in LINEAR_SUFFIXES:
-            n, k = sd[f"model.layers.{i}.{s}.weight"].shape
-            p = random_layer(n, k, 1, "cpu", seed=10 * i + len(s))  # scaled to weights of ~0.02
-            packed[f"model.layers.{i}.{s}"] = dataclasses.replace(p, ss2=p.ss2 * 0.05, ss4=p.ss4 * 0.1, ov=p.ov * 0.02)
-    floats = {name: t for name, t in sd.items() if name.rsplit(".", 1)[0] not in packed}
+    packed, floats = random_packed_layers(hf, 0.05, 0.1, 0.02)  # weights of ~0.02
     model = cuda_engine(hf, packed=packed, floats=floats)
     model.compile_small_ops()
-    added = []
-    add_into = QuantLinear.add_into
-    monkeypatch.setattr(QuantLinear, "add_into", lambda self, x, acc: added.append(add_into(self, x, acc)) or added[-1])
+    added = record_in_place_adds(monkeypatch)
     tokens = {}
     for on in (True, False):
         model.sum_in_place = on

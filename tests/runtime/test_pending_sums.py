@@ -3,13 +3,12 @@ shares into the engine's fp32 sums and the small-op kernels consume them (the la
 against the same engine without them (every GEMV forced to the split-K configuration the 7B table picks for o,
 gate/up and down; the CUDA counterpart is tests/runtime/test_engine_cuda.py::test_pending_sums_change_no_token)."""
 
-import dataclasses
 import os
 
 import pytest
 import torch
 
-from engine_testlib import LINEAR_SUFFIXES, rel_err, tiny_config, tiny_hf_model
+from engine_testlib import random_packed_layers, record_in_place_adds, rel_err, tiny_config, tiny_hf_model
 from mpq.runtime.model import ModelArgs, PendingSums, SmallOps, Transformer, WeightSource
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -18,21 +17,12 @@ if os.environ.get("TRITON_INTERPRET") != "1":
 
 from kernels import dispatch, step_ops  # noqa: E402
 from kernels.dispatch import KernelConfig  # noqa: E402
-from mpq.bench.kernels import random_layer  # noqa: E402
-from mpq.runtime.quant_linear import QuantLinear  # noqa: E402
 
 
 def test_one_token_steps_consume_what_the_gemvs_add(monkeypatch):
     monkeypatch.setattr(dispatch, "choose_config", lambda *a, **kw: KernelConfig("tc", split=2))
     hf = tiny_hf_model(tiny_config(hidden_size=256, intermediate_size=256, num_hidden_layers=1))
-    sd = hf.state_dict()
-    packed = {}
-    for i in range(hf.config.num_hidden_layers):
-        for s in LINEAR_SUFFIXES:
-            n, k = sd[f"model.layers.{i}.{s}.weight"].shape
-            p = random_layer(n, k, 1, "cpu", seed=10 * i + len(s))  # 128-column groups, scaled to weights of ~0.04
-            packed[f"model.layers.{i}.{s}"] = dataclasses.replace(p, ss2=p.ss2 * 0.1, ss4=p.ss4 * 0.2, ov=p.ov * 0.05)
-    floats = {name: t for name, t in sd.items() if name.rsplit(".", 1)[0] not in packed}
+    packed, floats = random_packed_layers(hf, 0.1, 0.2, 0.05)  # weights of ~0.04
     model = Transformer(ModelArgs.from_hf_config(hf.config.to_dict()),
                         WeightSource(floats, packed, device=torch.device("cpu"), dtype=torch.float16)).eval()
     model.setup_caches(64)
@@ -40,9 +30,7 @@ def test_one_token_steps_consume_what_the_gemvs_add(monkeypatch):
     model.sums = PendingSums(o=torch.zeros(1, 1, a.dim), gate_up=torch.zeros(1, 1, 2 * a.intermediate_size),
                              down=torch.zeros(1, 1, a.dim))
     model.ops = SmallOps(add_rms_norm=step_ops.add_rms_norm, silu_mul=step_ops.silu_mul)
-    added = []
-    add_into = QuantLinear.add_into
-    monkeypatch.setattr(QuantLinear, "add_into", lambda self, x, acc: added.append(add_into(self, x, acc)) or added[-1])
+    added = record_in_place_adds(monkeypatch)
     tok, pos = torch.tensor([[7]]), torch.tensor([12])
     with torch.no_grad():
         model(torch.arange(20, 32)[None], torch.arange(12))  # prefill: the float path, no sums
